@@ -1,0 +1,75 @@
+"""The bridge to the Rust extension: tensor descriptors, thread count, instruction set."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _kdfast
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.int64: "int64",
+}
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def num_threads() -> int:
+    """Worker threads for the Rust kernels: ``KDFAST_NUM_THREADS`` or ``torch.get_num_threads()``."""
+    env = os.environ.get("KDFAST_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"KDFAST_NUM_THREADS: expected a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"KDFAST_NUM_THREADS: expected a positive integer, got {env!r}")
+        return n
+    return max(1, torch.get_num_threads())
+
+
+def isa() -> str:
+    """Instruction set of the kernels: ``KDFAST_ISA`` (auto, scalar, baseline, avx2, avx512)."""
+    return os.environ.get("KDFAST_ISA", "auto")
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D CPU tensor whose rows the kernels can read in place (unit column stride)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    rows, cols = x.shape
+    if (cols > 1 and x.stride(1) != 1) or (rows > 1 and x.stride(0) < cols):
+        x = x.contiguous()  # transposed or broadcast (stride-0) rows: the kernels need unit stride
+    return x
+
+
+def desc(x: torch.Tensor) -> tuple:
+    """``(data_ptr, rows, cols, row_stride, dtype)`` of a 2-D (or 1-D) CPU tensor."""
+    if x.dim() == 1:
+        return (x.data_ptr(), 1, x.shape[0], x.shape[0], _DTYPE_NAMES[x.dtype])
+    rows, cols = x.shape
+    stride = x.stride(0) if rows > 1 else cols
+    return (x.data_ptr(), rows, cols, stride, _DTYPE_NAMES[x.dtype])
+
+
+def dense_call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad):
+    """Run the Rust dense kernel: per-row losses into ``rows``, the gradient into ``grad``."""
+    _kdfast.dense_loss(
+        loss,
+        param,
+        desc(s2),
+        desc(t2),
+        None if labels is None else desc(labels),
+        ignore_index,
+        temperature,
+        t2_scale,
+        grad_scale,
+        desc(rows),
+        None if grad is None else desc(grad),
+        0 if grad is None else grad.shape[1],
+        isa(),
+        num_threads(),
+    )

@@ -1,0 +1,91 @@
+"""The ``kdfast`` command line.
+
+Each subcommand is one ``_register_<name>(subparsers)`` function that adds its parser and sets
+``func`` (called with the parsed arguments, returns the exit status); add new ones to
+``SUBCOMMANDS``. Heavy imports happen inside the handlers so ``kdfast --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+# ``kdfast bench`` default: about a minute on a 2-core CPU (plus one-off torch.compile
+# compilation the first time, which Inductor caches on disk).
+BENCH_SIZES = ((1024, 32000),)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kdfast")
+    except Exception:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# kdfast bench
+
+
+def _register_bench(subparsers: argparse._SubParsersAction) -> None:
+    from kdfast.benchmarks import dense  # light: torch is imported by kdfast anyway
+
+    p = subparsers.add_parser(
+        "bench",
+        help="time kdfast's losses against PyTorch eager and torch.compile on this machine",
+        description=(
+            "kdfast against PyTorch eager and torch.compile (the same reference code), "
+            "forward+backward, each case in a fresh process; prints times, ratios, the "
+            "memory-bandwidth floor and extra peak memory. Default sizes: "
+            + ",".join(f"{n}x{v}" for n, v in BENCH_SIZES)
+            + "; --full runs the sizes recorded in BENCHMARKS.md."
+        ),
+    )
+    dense.add_arguments(p, default_sizes=BENCH_SIZES)
+    p.add_argument("--full", action="store_true",
+                   help="the full sizes: " + ",".join(f"{n}x{v}" for n, v in dense.FULL_SIZES)
+                   + " (about 10 minutes on 2 cores)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from kdfast.benchmarks import dense
+
+    if args.full and (args.sizes or args.quick):
+        print("kdfast bench: error: --full cannot be combined with --sizes or --quick", file=sys.stderr)
+        return 2
+    default_sizes = dense.FULL_SIZES if args.full else BENCH_SIZES
+    return dense.run_from_args(args, default_sizes=default_sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdfast", description="kdfast: fast knowledge-distillation losses."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kdfast`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+//! Rows per second of the dense kernels per instruction set:
+//! `cargo run --release -p kdfast-core --example throughput -- [rows] [vocab]`.
+
+use kdfast_core::{dense_loss, DenseConfig, Divergence, Isa, Rows};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("integer")).collect();
+    let (rows, cols) = (args.first().copied().unwrap_or(512), args.get(1).copied().unwrap_or(32000));
+    let threads = std::env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let zs: Vec<f32> = (0..rows * cols).map(|i| ((i * 2654435761) % 1000) as f32 * 0.01).collect();
+    let zt: Vec<f32> = (0..rows * cols).map(|i| ((i * 40503) % 997) as f32 * 0.01).collect();
+    let mut loss = vec![0.0f32; rows];
+    let mut grad = vec![0.0f32; rows * cols];
+    for div in [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }, Divergence::Tvd] {
+        let only = std::env::var("KDFAST_ISA").ok();
+        for isa in [Isa::Scalar, Isa::Baseline, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported() && only.as_deref().is_none_or(|o| o == i.name()))
+        {
+            let cfg = DenseConfig { divergence: div, temperature: 1.0, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+            let t0 = Instant::now();
+            dense_loss(
+                Rows::new(&zs, rows, cols, cols, "s").unwrap(),
+                Rows::new(&zt, rows, cols, cols, "t").unwrap(),
+                None,
+                &cfg,
+                &mut loss,
+                Some(&mut grad),
+                isa,
+                threads,
+            )
+            .unwrap();
+            best = best.min(t0.elapsed().as_secs_f64());
+            }
+            let dt = best;
+            println!("{div:?} {:>8} {:>8.1} ms  {:>6.2} ns/element", isa.name(), dt * 1e3, dt * 1e9 / (rows * cols) as f64 * threads as f64);
+        }
+    }
+}

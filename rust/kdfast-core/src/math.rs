@@ -1,0 +1,181 @@
+//! Branch-free `exp` and `ln_1p` in plain `f32` arithmetic.
+//!
+//! Written with selects and bit casts only, so that LLVM vectorises a loop calling them with
+//! whatever SIMD width the enclosing function is compiled for (see [`crate::isa`]). [`Libm`]
+//! is the scalar reference used by the scalar path and by tests.
+
+/// The elementary functions a kernel needs.
+pub trait Math: Copy + Send + Sync + 'static {
+    /// `e^x`; exactly 0 for `x = -inf` and for results below the smallest normal float.
+    fn exp(x: f32) -> f32;
+    /// `ln(1 + u)` for `u` in `[0, 1]`.
+    fn ln_1p(u: f32) -> f32;
+
+    /// `ln(e^x + e^y)` without overflow or NaN; `-inf` when both are `-inf`.
+    #[inline(always)]
+    fn log_add_exp(x: f32, y: f32) -> f32 {
+        let hi = if x > y { x } else { y };
+        let lo = if x > y { y } else { x };
+        let r = hi + Self::ln_1p(Self::exp(lo - hi));
+        if hi == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            r
+        }
+    }
+}
+
+/// Polynomial approximations (Cephes `expf`/`logf` coefficients), ~1-2 ulp, vectorisable.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Poly;
+
+/// The platform's scalar libm: the reference the vectorised path is tested against.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Libm;
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_375;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 · 2^23: adding it rounds to the nearest integer and leaves the integer in the low bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+/// Below this, e^x is subnormal; we flush to 0 (relative to the row's max term it is < 1e-38).
+const EXP_LO: f32 = -87.336_55;
+/// Above this 2^n would overflow the exponent field; e^88.3 = 2e38 is still finite.
+const EXP_HI: f32 = 88.3;
+
+impl Math for Poly {
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        let xc = x.max(EXP_LO).min(EXP_HI);
+        let t = xc * LOG2E + ROUND_MAGIC;
+        let n = t - ROUND_MAGIC;
+        let r = xc - n * LN2_HI - n * LN2_LO;
+        let mut p = 1.987_569_2e-4_f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 1.666_666_5e-1;
+        p = p * r + 5.000_000_1e-1;
+        let e = p * (r * r) + r + 1.0;
+        // 2^n from the integer left in t's mantissa by the magic-number rounding.
+        let k = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
+        let pow2n = f32::from_bits(k.wrapping_add(127) << 23);
+        let y = e * pow2n;
+        let y = if x < EXP_LO { 0.0 } else { y };
+        let y = if x > EXP_HI { f32::INFINITY } else { y };
+        if x.is_nan() {
+            x
+        } else {
+            y
+        }
+    }
+
+    #[inline(always)]
+    fn ln_1p(u: f32) -> f32 {
+        // ln(w) for w = 1 + u in [1, 2], corrected by u / (w - 1) so tiny u keep full precision.
+        let w = 1.0 + u;
+        let l = ln_normal(w);
+        let d = w - 1.0;
+        if d == 0.0 {
+            u
+        } else {
+            l * (u / d)
+        }
+    }
+}
+
+/// Natural log of a positive normal float (Cephes `logf`).
+#[inline(always)]
+fn ln_normal(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 126;
+    // Mantissa in [0.5, 1).
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let small = m < SQRT_HALF;
+    e -= small as i32;
+    let f = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = f * f;
+    let mut y = 7.037_683_6e-2_f32;
+    y = y * f - 1.151_461e-1;
+    y = y * f + 1.167_699_9e-1;
+    y = y * f - 1.242_014_1e-1;
+    y = y * f + 1.424_932_3e-1;
+    y = y * f - 1.666_805_8e-1;
+    y = y * f + 2.000_071_4e-1;
+    y = y * f - 2.499_999_4e-1;
+    y = y * f + 3.333_333_1e-1;
+    let mut r = y * f * z;
+    let ef = e as f32;
+    r += LN2_LO * ef;
+    r -= 0.5 * z;
+    f + r + LN2_HI * ef
+}
+
+impl Math for Libm {
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        x.exp()
+    }
+
+    #[inline(always)]
+    fn ln_1p(u: f32) -> f32 {
+        u.ln_1p()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(a: f32, b: f64) -> f64 {
+        if b == 0.0 {
+            (a as f64).abs()
+        } else {
+            ((a as f64 - b) / b).abs()
+        }
+    }
+
+    #[test]
+    fn exp_matches_f64() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            worst = worst.max(rel(Poly::exp(x), (x as f64).exp()));
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn exp_edges() {
+        assert_eq!(Poly::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(Poly::exp(-1e4), 0.0);
+        assert_eq!(Poly::exp(0.0), 1.0);
+        assert_eq!(Poly::exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(Poly::exp(1e4), f32::INFINITY);
+        assert!(Poly::exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn ln_1p_matches_f64() {
+        let mut worst = 0.0f64;
+        for i in 0..=100_000 {
+            let u = i as f32 / 100_000.0;
+            worst = worst.max(rel(Poly::ln_1p(u), (u as f64).ln_1p()));
+        }
+        for e in 1..40 {
+            let u = 2f32.powi(-e);
+            worst = worst.max(rel(Poly::ln_1p(u), (u as f64).ln_1p()));
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn log_add_exp_edges() {
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(Poly::log_add_exp(ninf, ninf), ninf);
+        assert_eq!(Poly::log_add_exp(ninf, -3.0), -3.0);
+        assert!((Poly::log_add_exp(-200.0, -200.0) - (-200.0 + std::f32::consts::LN_2)).abs() < 1e-5);
+    }
+}

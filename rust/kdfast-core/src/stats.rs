@@ -1,0 +1,100 @@
+//! Per-row softmax statistics: the running maximum and the sum of exponentials below it.
+//!
+//! `LseStats` of vocabulary slices merge exactly, which is what a vocabulary-sharded
+//! (tensor-parallel) loss needs: each rank computes the stats of its slice, the stats are
+//! all-reduced with [`LseStats::merge`], and the later passes run per slice with the global
+//! log-sum-exp.
+
+use crate::math::Math;
+
+/// `max = max_i x_i` and `sum = Σ_i exp(x_i − max)`, so `logsumexp(x) = max + ln(sum)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LseStats {
+    pub max: f32,
+    pub sum: f32,
+}
+
+impl Default for LseStats {
+    fn default() -> Self {
+        LseStats::EMPTY
+    }
+}
+
+impl LseStats {
+    /// The statistics of an empty set (logsumexp = −inf).
+    pub const EMPTY: LseStats = LseStats { max: f32::NEG_INFINITY, sum: 0.0 };
+
+    /// Combine the statistics of two disjoint sets.
+    #[inline]
+    pub fn merge(self, other: LseStats) -> LseStats {
+        if other.max == f32::NEG_INFINITY {
+            return self;
+        }
+        if self.max == f32::NEG_INFINITY {
+            return other;
+        }
+        let max = self.max.max(other.max);
+        LseStats {
+            max,
+            sum: self.sum * (self.max - max).exp() + other.sum * (other.max - max).exp(),
+        }
+    }
+
+    /// `ln Σ exp(x_i)`.
+    #[inline]
+    pub fn logsumexp(self) -> f32 {
+        self.max + self.sum.ln()
+    }
+
+    /// Statistics of one block of already-scaled values, in two sweeps over the (L1-resident)
+    /// block: the max, then the sum of exponentials, so each element costs one `exp`.
+    #[inline(always)]
+    pub fn of_block<M: Math>(x: &[f32]) -> LseStats {
+        let max = lane_max(x);
+        if max == f32::NEG_INFINITY || max.is_nan() {
+            return LseStats { max, sum: if max.is_nan() { f32::NAN } else { 0.0 } };
+        }
+        let mut acc = [0.0f32; LANES];
+        for c in x.chunks_exact(LANES) {
+            for l in 0..LANES {
+                acc[l] += M::exp(c[l] - max);
+            }
+        }
+        LseStats { max, sum: acc.iter().sum() }
+    }
+}
+
+/// Lanes of the accumulators in the vectorised loops (a multiple of every SIMD width we target).
+pub const LANES: usize = 16;
+
+/// Maximum of a block whose length is a multiple of [`LANES`]; NaN if any element is NaN.
+#[inline(always)]
+pub fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut nan = [false; LANES];
+    for c in x.chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+            nan[l] |= c[l].is_nan();
+        }
+    }
+    if nan.iter().any(|&b| b) {
+        return f32::NAN;
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::Libm;
+
+    #[test]
+    fn merge_equals_whole() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37) % 23) as f32 - 11.0).collect();
+        let whole = LseStats::of_block::<Libm>(&x);
+        let parts = LseStats::of_block::<Libm>(&x[..32]).merge(LseStats::of_block::<Libm>(&x[32..]));
+        assert!((whole.logsumexp() - parts.logsumexp()).abs() < 1e-6);
+        assert_eq!(LseStats::EMPTY.merge(whole), whole);
+    }
+}

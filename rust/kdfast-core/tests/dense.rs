@@ -1,0 +1,225 @@
+//! The SIMD paths agree with the scalar (libm) path, and all agree with an f64 reference.
+
+use half::{bf16, f16};
+use kdfast_core::{dense_loss, DenseConfig, Divergence, Elem, Isa, Rows};
+
+/// Deterministic wide-spread logits with some `-inf` entries (never a whole row).
+fn logits(rows: usize, cols: usize, seed: u64, spread: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..rows * cols)
+        .map(|i| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = ((state >> 40) as f32) / (1u64 << 24) as f32; // [0, 1)
+            if i % cols != 0 && (state >> 20) % 53 == 0 {
+                f32::NEG_INFINITY
+            } else {
+                (u - 0.5) * 2.0 * spread
+            }
+        })
+        .collect()
+}
+
+/// Student and teacher logits with `-inf` at the same places (so every divergence is finite).
+fn pair(rows: usize, cols: usize, seed: u64, spread: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut zs = logits(rows, cols, seed, spread);
+    let mut zt = logits(rows, cols, seed + 100, spread);
+    for (a, b) in zs.iter_mut().zip(zt.iter_mut()) {
+        if *a == f32::NEG_INFINITY || *b == f32::NEG_INFINITY {
+            (*a, *b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+        }
+    }
+    (zs, zt)
+}
+
+/// f64 reference of one row: (loss, gradient w.r.t. z_s), by the closed forms.
+fn reference(div: Divergence, zs: &[f32], zt: &[f32], t: f64) -> (f64, Vec<f64>) {
+    let lsm = |z: &[f32]| {
+        let a: Vec<f64> = z.iter().map(|&x| x as f64 / t).collect();
+        let m = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let l = m + a.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        a.iter().map(|x| x - l).collect::<Vec<f64>>()
+    };
+    let (lq, lp) = (lsm(zs), lsm(zt));
+    let q: Vec<f64> = lq.iter().map(|x| x.exp()).collect();
+    let p: Vec<f64> = lp.iter().map(|x| x.exp()).collect();
+    let xlog = |a: f64, la: f64, lb: f64| if a == 0.0 { 0.0 } else { a * (la - lb) };
+    let lae = |x: f64, y: f64| {
+        let m = x.max(y);
+        if m == f64::NEG_INFINITY { m } else { m + ((x - m).exp() + (y - m).exp()).ln() }
+    };
+    let v = zs.len();
+    // g_i = dℓ/dq_i (entries with q_i = 0 get no gradient anyway).
+    let (loss, g): (f64, Vec<f64>) = match div {
+        Divergence::ForwardKl => ((0..v).map(|i| xlog(p[i], lp[i], lq[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { -p[i] / q[i] }).collect()),
+        Divergence::ReverseKl => ((0..v).map(|i| xlog(q[i], lq[i], lp[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { lq[i] - lp[i] }).collect()),
+        Divergence::Jsd { beta } => {
+            let b = beta as f64;
+            let lm: Vec<f64> = (0..v).map(|i| lae(lp[i] + b.ln(), lq[i] + (1.0 - b).ln())).collect();
+            ((0..v).map(|i| b * xlog(p[i], lp[i], lm[i]) + (1.0 - b) * xlog(q[i], lq[i], lm[i])).sum(),
+             (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { (1.0 - b) * (lq[i] - lm[i]) }).collect())
+        }
+        Divergence::SkewForwardKl { skew } => {
+            let l = skew as f64;
+            let lm: Vec<f64> = (0..v).map(|i| lae(lp[i] + l.ln(), lq[i] + (1.0 - l).ln())).collect();
+            ((0..v).map(|i| xlog(p[i], lp[i], lm[i])).sum(), (0..v).map(|i| if q[i] == 0.0 || p[i] == 0.0 { 0.0 } else { -(1.0 - l) * (lp[i] - lm[i]).exp() }).collect())
+        }
+        Divergence::SkewReverseKl { skew } => {
+            let l = skew as f64;
+            let lm: Vec<f64> = (0..v).map(|i| lae(lq[i] + l.ln(), lp[i] + (1.0 - l).ln())).collect();
+            ((0..v).map(|i| xlog(q[i], lq[i], lm[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { lq[i] - lm[i] - l * (lq[i] - lm[i]).exp() }).collect())
+        }
+        Divergence::Tvd => ((0..v).map(|i| 0.5 * (p[i] - q[i]).abs()).sum(), (0..v).map(|i| 0.5 * (q[i] - p[i]).signum() * ((q[i] - p[i]) != 0.0) as i32 as f64).collect()),
+    };
+    let s: f64 = (0..v).map(|i| q[i] * g[i]).sum();
+    (loss, (0..v).map(|i| q[i] * (g[i] - s) / t).collect())
+}
+
+fn run<E: Elem>(div: Divergence, zs: &[E], zt: &[E], rows: usize, cols: usize, t: f32, isa: Isa, threads: usize) -> (Vec<f32>, Vec<E>) {
+    let cfg = DenseConfig { divergence: div, temperature: t, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
+    let mut loss = vec![0.0; rows];
+    let mut grad = vec![E::zero(); rows * cols];
+    dense_loss(
+        Rows::new(zs, rows, cols, cols, "student").unwrap(),
+        Rows::new(zt, rows, cols, cols, "teacher").unwrap(),
+        None,
+        &cfg,
+        &mut loss,
+        Some(&mut grad),
+        isa,
+        threads,
+    )
+    .unwrap();
+    (loss, grad)
+}
+
+const DIVS: [Divergence; 8] = [
+    Divergence::ForwardKl,
+    Divergence::ReverseKl,
+    Divergence::Jsd { beta: 0.5 },
+    Divergence::Jsd { beta: 0.1 },
+    Divergence::SkewForwardKl { skew: 0.1 },
+    Divergence::SkewReverseKl { skew: 0.1 },
+    Divergence::SkewForwardKl { skew: 0.0 },
+    Divergence::Tvd,
+];
+
+fn isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Baseline, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
+}
+
+#[test]
+fn every_isa_matches_f64_reference() {
+    for &(rows, cols) in &[(3usize, 1usize), (4, 2), (5, 127), (3, 1500), (2, 4099)] {
+        for &t in &[0.5f32, 1.0, 2.0] {
+            let (zs, zt) = pair(rows, cols, 1, 8.0);
+            for div in DIVS {
+                for isa in isas() {
+                    let (loss, grad) = run(div, &zs, &zt, rows, cols, t, isa, 2);
+                    for r in 0..rows {
+                        let (l64, g64) = reference(div, &zs[r * cols..(r + 1) * cols], &zt[r * cols..(r + 1) * cols], t as f64);
+                        assert!((loss[r] as f64 - l64).abs() <= 2e-5 * l64.abs() + 1e-6, "{div:?} {isa:?} V={cols} T={t} row {r}: {} vs {l64}", loss[r]);
+                        let gmax = g64.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                        for c in 0..cols {
+                            let d = (grad[r * cols + c] as f64 - g64[c]).abs();
+                            // q_j (g_j − S) cancels where g_j ≈ S: allow f32 rounding of the
+                            // log-ratios (|a| ≤ 8/T) on top of the relative error.
+                            let z = zs[r * cols + c] as f64 / t as f64;
+                            let cancel = if !z.is_finite() { 0.0 } else { 4e-7 * (z.abs() + 1.0) * (z - loss[r] as f64).exp().min(1.0) / t as f64 };
+                            assert!(d <= 1e-5 * g64[c].abs() + 1e-6 * gmax.max(1e-30) + cancel + 1e-9, "{div:?} {isa:?} V={cols} T={t} loss {} {l64} grad[{r},{c}] {} vs {} zs {} zt {}", loss[r], grad[r * cols + c], g64[c], zs[r*cols+c], zt[r*cols+c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_paths_agree_with_scalar_in_half_precision() {
+    let (rows, cols) = (4, 3001);
+    let (zs, zt) = pair(rows, cols, 3, 20.0);
+    let bs: Vec<bf16> = zs.iter().map(|&x| bf16::from_f32(x)).collect();
+    let bt: Vec<bf16> = zt.iter().map(|&x| bf16::from_f32(x)).collect();
+    let hs: Vec<f16> = zs.iter().map(|&x| f16::from_f32(x / 10.0)).collect();
+    let ht: Vec<f16> = zt.iter().map(|&x| f16::from_f32(x / 10.0)).collect();
+    for div in DIVS {
+        let (l0, g0) = run(div, &bs, &bt, rows, cols, 1.0, Isa::Scalar, 1);
+        let (h0, k0) = run(div, &hs, &ht, rows, cols, 1.0, Isa::Scalar, 1);
+        for isa in isas() {
+            let (l1, g1) = run(div, &bs, &bt, rows, cols, 1.0, isa, 2);
+            let (h1, k1) = run(div, &hs, &ht, rows, cols, 1.0, isa, 2);
+            for r in 0..rows {
+                assert!((l0[r] - l1[r]).abs() <= 1e-5 * l0[r].abs() + 1e-6, "{div:?} {isa:?}");
+                assert!((h0[r] - h1[r]).abs() <= 1e-5 * h0[r].abs() + 1e-6, "{div:?} {isa:?}");
+            }
+            let close = |a: f32, b: f32| (a - b).abs() <= 8e-3 * a.abs().max(b.abs()) + 1e-7;
+            assert!(g0.iter().zip(&g1).all(|(a, b)| close(a.to_f32(), b.to_f32())), "{div:?} {isa:?} bf16 grad");
+            assert!(k0.iter().zip(&k1).all(|(a, b)| close(a.to_f32(), b.to_f32())), "{div:?} {isa:?} f16 grad");
+        }
+    }
+}
+
+#[test]
+fn extreme_log_probs_give_no_nan() {
+    // Both log-probabilities of column 1 are about -200 (naive f32 exp underflows), T < 1.
+    let cols = 64;
+    let mut zs = vec![0.0f32; cols];
+    let mut zt = vec![1.0f32; cols];
+    zs[1] = -100.0;
+    zt[1] = -99.0;
+    for div in DIVS {
+        for isa in isas() {
+            let (loss, grad) = run(div, &zs, &zt, 1, cols, 0.5, isa, 1);
+            assert!(loss[0].is_finite(), "{div:?} {isa:?}");
+            assert!(grad.iter().all(|g| g.is_finite()), "{div:?} {isa:?}");
+        }
+    }
+}
+
+#[test]
+fn masked_rows_and_padding_columns() {
+    let (rows, cols, grad_cols) = (3, 50, 53);
+    let (zs, zt) = pair(rows, cols, 5, 4.0);
+    let labels = [1i64, -100, 7];
+    let cfg = DenseConfig { divergence: Divergence::Jsd { beta: 0.5 }, temperature: 1.0, t2_scale: true, grad_scale: 0.5, grad_cols };
+    let mut loss = vec![9.0; rows];
+    let mut grad = vec![7.0f32; rows * grad_cols];
+    dense_loss(
+        Rows::new(&zs, rows, cols, cols, "s").unwrap(),
+        Rows::new(&zt, rows, cols, cols, "t").unwrap(),
+        Some((&labels, -100)),
+        &cfg,
+        &mut loss,
+        Some(&mut grad),
+        Isa::detect(),
+        2,
+    )
+    .unwrap();
+    assert_eq!(loss[1], 0.0);
+    assert!(grad[grad_cols..2 * grad_cols].iter().all(|&g| g == 0.0));
+    for r in [0, 2] {
+        assert!(loss[r] > 0.0);
+        assert!(grad[r * grad_cols + cols..(r + 1) * grad_cols].iter().all(|&g| g == 0.0));
+        let s: f32 = grad[r * grad_cols..r * grad_cols + cols].iter().sum();
+        assert!(s.abs() < 1e-6, "gradient of a softmax input sums to 0, got {s}");
+    }
+}
+
+#[test]
+fn non_finite_rows_are_errors() {
+    let zs = vec![f32::NEG_INFINITY; 8];
+    let zt = vec![0.0f32; 8];
+    let cfg = DenseConfig { divergence: Divergence::ForwardKl, temperature: 1.0, t2_scale: false, grad_scale: 1.0, grad_cols: 8 };
+    let mut loss = vec![0.0; 1];
+    let err = dense_loss(Rows::new(&zs, 1, 8, 8, "s").unwrap(), Rows::new(&zt, 1, 8, 8, "t").unwrap(), None, &cfg, &mut loss, None, Isa::detect(), 1);
+    assert!(err.unwrap_err().to_string().contains("entirely -inf"));
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    let (rows, cols) = (37, 700);
+    let (zs, zt) = pair(rows, cols, 7, 10.0);
+    let one = run(Divergence::Jsd { beta: 0.3 }, &zs, &zt, rows, cols, 1.3, Isa::detect(), 1);
+    let two = run(Divergence::Jsd { beta: 0.3 }, &zs, &zt, rows, cols, 1.3, Isa::detect(), 2);
+    assert_eq!(one, two);
+}
