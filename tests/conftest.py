@@ -59,6 +59,11 @@ settings.load_profile(os.environ.get("KDFAST_HYPOTHESIS_PROFILE", "kdfast"))
 def pytest_configure(config):
     # style.md item 9: warnings are errors in the test suite.
     config.addinivalue_line("filterwarnings", "error")
+    # Third-party noise, not kdfast's: hypothesis imports libcst (-> mypy_extensions) to
+    # suggest a patch when a property fails; that deprecation must not abort the session.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

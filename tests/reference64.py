@@ -93,7 +93,8 @@ def row_losses(
         lam = float(skew)
         logr = _log_mix(lam, logq, logp)
         loss = _kl_terms(logq, logr).sum(-1)
-        h = torch.where(q > 0, q * (logq - logr - lam * (logq - logr).exp()), zero)
+        lam_q_over_r = (_log(lam) + logq - logr).exp()  # λq/r ≤ 1, exactly 0 at λ = 0
+        h = torch.where(q > 0, q * (logq - logr - lam_q_over_r), zero)
         grad = _project(q, h)
     elif name == "tvd":  # ½ Σ|p − q|; g = ½ sign(q − p)
         loss = 0.5 * (p - q).abs().sum(-1)

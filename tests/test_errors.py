@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import LOSSES, extra_kwargs, loss_fn, make_logits
@@ -240,6 +240,7 @@ def fuzz_kwargs(draw, student):
     return kw
 
 
+@settings(max_examples=200)
 @given(data=st.data(), name=st.sampled_from(LOSSES))
 def test_fuzz_only_value_or_type_errors(data, name):
     """Random shapes, dtypes and (often garbage) arguments: a result or ValueError/TypeError,

@@ -173,6 +173,68 @@ def test_log_probs_below_minus_104(loss_name, backend, dtype, temperature):
         assert_all_finite(loss, grad)
 
 
+@pytest.mark.parametrize(
+    "name,param,underflowing",
+    [
+        ("forward_kl", 0.0, "student"),
+        ("jsd", 0.0, "student"),  # = forward KL
+        ("skew_forward_kl", 0.0, "student"),  # = forward KL
+        ("reverse_kl", 0.0, "teacher"),
+        ("jsd", 1.0, "teacher"),  # = reverse KL
+        ("skew_reverse_kl", 0.0, "teacher"),  # = reverse KL
+    ],
+)
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_plain_kl_where_one_side_underflows(name, param, underflowing, temperature, backend,
+                                            dtype):
+    """Finite logits where the second distribution of the KL underflows float32 (log-prob
+    below −104) where the first has mass: the KL is large but finite, and so is its gradient
+    (for forward KL simply (q − p)/T); the parameter edges must agree with the plain KLs."""
+    low = torch.tensor([[6.0, -1.0, 0.0, -150.0], [0.0, -130.0, -140.0, 2.0]])
+    high = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, -2.0, 0.5]])
+    student, teacher = (low, high) if underflowing == "student" else (high, low)
+    loss, grad = check_against_reference(
+        name, student.to(dtype), teacher.to(dtype), backend=backend, temperature=temperature,
+        reduction="none", **extra_kwargs(name, beta=param, skew=param),
+    )
+    assert_all_finite(loss, grad)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_large_divergence_gradient_accuracy(loss_name, backend, temperature):
+    """Rows whose divergence is ~100–200 nats while the student is nearly one-hot: reverse-KL
+    style gradients q (log q − log p − ℓ) / T cancel to O(1e-3), so ℓ must be accurate to a
+    few float32 ulps for the gradient to be right (found by hypothesis)."""
+    student = torch.tensor(
+        [[-24.799, -4.0033, 8.0002, -26.957, 52.968, -24.012, 9.162, -8.3843],
+         [13.572, -18.746, -9.9678, -17.707, 18.867, -0.050859, -6.9769, -14.673]]
+    )
+    teacher = torch.tensor(
+        [[1.9188, -7.1228, -17.84, -34.9085, 1.319, -17.9223, -4.8585, -5.452],
+         [-3.6866, -15.066, -6.431, -32.4025, -63.4563, 26.6001, -1.1959, -23.3669]]
+    )
+    for s, t in ((student, teacher), (teacher, student)):
+        check_against_reference(
+            loss_name, s, t, backend=backend, temperature=temperature, reduction="none",
+            **extra_kwargs(loss_name),
+        )
+
+
+@pytest.mark.parametrize("offsets", [(-40.0, 20.0), (300.0, -300.0), (0.0, 1000.0)], ids=str)
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_large_common_offsets(loss_name, backend, offsets, temperature):
+    """Softmax is shift-invariant, and a row offset must not cost more accuracy than float32
+    rounding of the shifted logits themselves (found by hypothesis: a uniform student at −40
+    against a teacher at +20, T = 0.05)."""
+    student, teacher = make_logits((4, 8), seed=17, scale=3.0)
+    student[0] = 0.0
+    teacher[0] = torch.tensor([-2.877, -1.6134, -2.3865, 0.7281, -3.4267, 4.4024, -4.2847, 0.4908])
+    check_against_reference(
+        loss_name, student + offsets[0], teacher + offsets[1], backend=backend,
+        temperature=temperature, reduction="none", **extra_kwargs(loss_name),
+    )
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_mixture_underflow_two_columns(backend, beta):
     # V = 2: the second column has log p ≈ −150, log q ≈ −200 at T = 1 and far lower at T = 0.1.

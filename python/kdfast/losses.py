@@ -126,8 +126,9 @@ def _dense(
     n = pair.s2.shape[0]
 
     if n == 0:
-        zero = pair.student.to(out_dtype).sum() * 0.0
-        return zero.reshape(0).reshape(pair.lead_shape) if reduction == "none" else zero
+        # Still connected to the graph, so backward gives a (empty) zero gradient.
+        zeros = pair.student.to(out_dtype).sum(-1) * 0.0
+        return zeros if reduction == "none" else zeros.sum()
 
     reduce_scale: Optional[float] = None
     if reduction == "sum":

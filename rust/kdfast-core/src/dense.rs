@@ -1,11 +1,11 @@
 //! Dense (full-vocabulary) distillation losses: loss and student-logit gradient, fused.
 //!
-//! Per row, three streaming passes over blocks of `BLOCK` columns (each block converted to
-//! f32 in an L1-resident buffer, never a copy of the row):
-//! 1. online log-sum-exp of the scaled student and teacher logits ([`LseStats`]);
-//! 2. the loss `Σ t_i` and `S = Σ q_i g_i` (see [`crate::divergence`]); for forward KL the
-//!    gradient `q − p` is written here too;
-//! 3. the gradient `(q_i g_i − q_i S) · grad_scale`, when `S` is not known in closed form.
+//! Per row, the inputs are read in blocks of `BLOCK` columns, each converted to f32 in an
+//! L1-resident buffer (never a copy of the tensor), and every `exp` of the inputs is taken once:
+//! 1. per-block maxima and exponentials into a per-thread scratch row, giving the row's
+//!    log-sum-exps ([`LseStats`]) and `q`, `p` without further `exp`s (forward KL: its loss too);
+//! 2. (other divergences) the loss `Σ t_i` and `S = Σ q_i g_i` (see [`crate::divergence`]);
+//! 3. the gradient `(q_i g_i − q_i S) · grad_scale` from the scratch (forward KL: `q − p`).
 //!
 //! Accumulation is in f32 lanes within a block and in f64 across blocks. The tail of the last
 //! block is padded with `-inf` on both sides, which every divergence maps to a zero term.
@@ -15,7 +15,7 @@ use crate::elem::Elem;
 use crate::error::{KdError, Result};
 use crate::isa::{Isa, Kernel};
 use crate::math::Math;
-use crate::stats::{LseStats, LANES};
+use crate::stats::{lane_max, LseStats, LANES};
 use crate::threads;
 
 /// Columns per block: three f32 buffers of this size stay in L1.
@@ -175,7 +175,13 @@ fn run<D: Div, S: Elem, T: Elem>(
             return Ok(());
         }
         let (s_row, t_row) = (student.row(r), teacher.row(r));
-        *loss = isa.run(RowJob { p, s_row, t_row, grad, row: r })?;
+        *loss = SCRATCH.with_borrow_mut(|buf| {
+            let need = scratch_len(s_row.len());
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            isa.run(RowJob { p, s_row, t_row, grad, row: r, scratch: &mut buf[..need] })
+        })?;
         Ok(())
     };
     threads::for_each_row(loss_out, grad_out, cfg.grad_cols, num_threads, body)
@@ -188,17 +194,38 @@ struct RowJob<'a, D, S, T> {
     t_row: &'a [T],
     grad: Option<&'a mut [S]>,
     row: usize,
+    scratch: &'a mut [f32],
 }
 
 impl<D: Div, S: Elem, T: Elem> Kernel for RowJob<'_, D, S, T> {
     type Output = Result<f32>;
     #[inline(always)]
     fn run<M: Math>(self) -> Result<f32> {
-        row_kernel::<M, D, S, T>(self.p, self.s_row, self.t_row, self.grad, self.row)
+        row_kernel::<M, D, S, T>(self.p, self.s_row, self.t_row, self.grad, self.row, self.scratch)
     }
 }
 
+thread_local! {
+    /// Per-thread row scratch: unnormalised exponentials, then `q` and `q·g` (2 × V f32).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Floats of scratch a row of `v` columns needs: two padded rows and five per-block statistics.
+fn scratch_len(v: usize) -> usize {
+    let blocks = v.div_ceil(BLOCK);
+    2 * blocks * BLOCK + 5 * blocks
+}
+
 /// Loss of one row, writing its gradient when asked.
+///
+/// Pass 1 reads the inputs once: per block its maxima `ma`, `mb`, the exponentials
+/// `e_a = exp(a − ma)`, `e_b = exp(b − mb)` (kept in `scratch`), their sums, and for forward KL
+/// `Σ e_b (b − a)`. The block statistics then give `lse_a`, `lse_b`, and `q = e_a · exp(ma −
+/// lse_a)` without another `exp`. Forward KL is then complete (its loss is
+/// `Σ_blocks f_b (Σ e_b (b − a) + c Σ e_b)`, `c = lse_a − lse_b`), and its gradient `q − p`
+/// is written from the scratch alone. Other divergences make pass 2 over the inputs and the
+/// scratch (loss and `S = Σ q g`, leaving `q` and `q g` in the scratch) and write the gradient
+/// `q g − q S` from the scratch in pass 3.
 #[inline(always)]
 fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
     p: RowParams<D>,
@@ -206,75 +233,149 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
     t_row: &[T],
     grad: Option<&mut [S]>,
     row: usize,
+    scratch: &mut [f32],
 ) -> Result<f32> {
     let v = s_row.len();
+    let blocks = v.div_ceil(BLOCK);
+    let (ea, rest) = scratch.split_at_mut(blocks * BLOCK);
+    let (eb, stats) = rest.split_at_mut(blocks * BLOCK);
+    // Per block: ma, mb, Σe_a, Σe_b, Σ e_b (b − a).
+    let (bma, stats) = stats.split_at_mut(blocks);
+    let (bmb, stats) = stats.split_at_mut(blocks);
+    let (bza, stats) = stats.split_at_mut(blocks);
+    let (bzb, bkl) = stats.split_at_mut(blocks);
     let mut a = [0.0f32; BLOCK];
     let mut b = [0.0f32; BLOCK];
-    let mut g = [0.0f32; BLOCK];
-
-    // Pass 1: log-sum-exp of both rows.
-    let (mut sa, mut sb) = (LseStats::EMPTY, LseStats::EMPTY);
-    for start in (0..v).step_by(BLOCK) {
-        let n = load_scaled(&s_row[start..v.min(start + BLOCK)], &mut a, p.inv_t);
-        load_scaled(&t_row[start..v.min(start + BLOCK)], &mut b, p.inv_t);
-        sa = sa.merge(LseStats::of_block::<M>(&a[..n]));
-        sb = sb.merge(LseStats::of_block::<M>(&b[..n]));
-    }
-    let lse_a = checked_lse(sa, "student_logits", row)?;
-    let lse_b = checked_lse(sb, "teacher_logits", row)?;
-
-    let c = lse_a - lse_b;
-
-    // Pass 2: loss and S (and the forward-KL gradient).
     let fused = D::KNOWN_S.is_some();
-    let known_s = D::KNOWN_S.unwrap_or(0.0);
-    let mut grad = grad;
-    let (mut loss, mut s_sum) = (0.0f64, 0.0f64);
-    for start in (0..v).step_by(BLOCK) {
+
+    // Pass 1.
+    let (mut sa, mut sb) = (LseStats::EMPTY, LseStats::EMPTY);
+    for (k, start) in (0..v).step_by(BLOCK).enumerate() {
         let end = v.min(start + BLOCK);
         let n = load_scaled(&s_row[start..end], &mut a, p.inv_t);
         load_scaled(&t_row[start..end], &mut b, p.inv_t);
+        let (ma, mb) = (lane_max(&a[..n]), lane_max(&b[..n]));
+        // An all -inf block has sum 0: subtract 0 instead of -inf to avoid -inf − -inf.
+        let (sha, shb) = (finite_or_zero(ma), finite_or_zero(mb));
+        let (xa, xb) = (&mut ea[k * BLOCK..k * BLOCK + n], &mut eb[k * BLOCK..k * BLOCK + n]);
+        let mut acc_a = [0.0f32; LANES];
+        let mut acc_b = [0.0f32; LANES];
+        let mut acc_k = [0.0f32; LANES];
+        for (((ca, cb), xa), xb) in a[..n]
+            .chunks_exact(LANES)
+            .zip(b[..n].chunks_exact(LANES))
+            .zip(xa.chunks_exact_mut(LANES))
+            .zip(xb.chunks_exact_mut(LANES))
+        {
+            for l in 0..LANES {
+                let e_a = M::exp(ca[l] - sha);
+                let e_b = M::exp(cb[l] - shb);
+                xa[l] = e_a;
+                xb[l] = e_b;
+                acc_a[l] += e_a;
+                acc_b[l] += e_b;
+                if fused {
+                    acc_k[l] += if e_b == 0.0 { 0.0 } else { e_b * (cb[l] - ca[l]) };
+                }
+            }
+        }
+        let (za, zb) = (acc_a.iter().sum::<f32>(), acc_b.iter().sum::<f32>());
+        (bma[k], bmb[k], bza[k], bzb[k], bkl[k]) = (sha, shb, za, zb, acc_k.iter().sum());
+        sa = sa.merge(LseStats { max: ma, sum: if ma == f32::NEG_INFINITY && !za.is_nan() { 0.0 } else { za } });
+        sb = sb.merge(LseStats { max: mb, sum: if mb == f32::NEG_INFINITY && !zb.is_nan() { 0.0 } else { zb } });
+    }
+    check_stats(sa, "student_logits", row)?;
+    check_stats(sb, "teacher_logits", row)?;
+    // lse = M + ln Z, kept as two parts: rounding M + ln Z to one f32 would lose most digits
+    // of a small ln Z (a nearly one-hot row), and every q = e_a · exp(ma − M) / Z with it.
+    let (ln_za, ln_zb) = (sa.sum.ln(), sb.sum.ln());
+    let c = ((sa.max as f64 - sb.max as f64) + (ln_za as f64 - ln_zb as f64)) as f32;
+    // The factor from e_a to q (and e_b to p) in block k.
+    let fa = |k: usize| (bma[k] - sa.max).exp() / sa.sum;
+    let fb = |k: usize| (bmb[k] - sb.max).exp() / sb.sum;
+
+    if fused {
+        let mut loss = 0.0f64;
+        for k in 0..blocks {
+            loss += fb(k) as f64 * (bkl[k] as f64 + c as f64 * bzb[k] as f64);
+        }
+        if let Some(gr) = grad {
+            let known_s = D::KNOWN_S.unwrap_or(0.0);
+            let mut g = [0.0f32; BLOCK];
+            for (k, start) in (0..v).step_by(BLOCK).enumerate() {
+                let end = v.min(start + BLOCK);
+                let n = (end - start).div_ceil(LANES) * LANES;
+                let (xa, xb) = (&ea[k * BLOCK..k * BLOCK + n], &eb[k * BLOCK..k * BLOCK + n]);
+                let (sfa, sfb) = (fa(k) * p.grad_scale, fb(k) * p.grad_scale);
+                // With S = −1 (forward KL, q g = −p): grad = (q − p) · grad_scale.
+                let sq = -known_s * sfa;
+                for ((g, &ea), &eb) in g[..n].iter_mut().zip(xa).zip(xb) {
+                    *g = ea * sq - eb * sfb;
+                }
+                S::store(&g[..end - start], &mut gr[start..end]);
+            }
+            gr[v..].fill(S::zero());
+        }
+        return Ok(loss as f32 * p.loss_scale);
+    }
+
+    // Pass 2: loss and S = Σ q g; q and q g replace e_a and e_b in the scratch.
+    let (mut loss, mut s_sum) = (0.0f64, 0.0f64);
+    for (k, start) in (0..v).step_by(BLOCK).enumerate() {
+        let end = v.min(start + BLOCK);
+        let n = load_scaled(&s_row[start..end], &mut a, p.inv_t);
+        load_scaled(&t_row[start..end], &mut b, p.inv_t);
+        let (sfa, sfb) = (fa(k), fb(k));
+        let (xa, xb) = (&mut ea[k * BLOCK..k * BLOCK + n], &mut eb[k * BLOCK..k * BLOCK + n]);
         let mut acc_l = [0.0f32; LANES];
         let mut acc_s = [0.0f32; LANES];
-        for ((ca, cb), cg) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)).zip(g.chunks_exact_mut(LANES)) {
+        for (((ca, cb), xa), xb) in a[..n]
+            .chunks_exact(LANES)
+            .zip(b[..n].chunks_exact(LANES))
+            .zip(xa.chunks_exact_mut(LANES))
+            .zip(xb.chunks_exact_mut(LANES))
+        {
             for l in 0..LANES {
-                let t = p.div.terms::<M>(ca[l] - lse_a, cb[l] - lse_b, (ca[l] - cb[l]) - c);
+                let q = xa[l] * sfa;
+                let pp = xb[l] * sfb;
+                let lq = (ca[l] - sa.max) - ln_za;
+                let lp = (cb[l] - sb.max) - ln_zb;
+                let t = p.div.terms::<M>(lq, lp, lq - lp, q, pp);
                 acc_l[l] += t.loss;
                 acc_s[l] += t.qg;
-                if fused {
-                    cg[l] = (t.qg - t.q * known_s) * p.grad_scale;
-                }
+                xa[l] = q;
+                xb[l] = t.qg;
             }
         }
         loss += acc_l.iter().map(|&x| x as f64).sum::<f64>();
         s_sum += acc_s.iter().map(|&x| x as f64).sum::<f64>();
-        if fused {
-            if let Some(gr) = grad.as_deref_mut() {
-                S::store(&g[..end - start], &mut gr[start..end]);
-            }
-        }
     }
 
+    // Pass 3: the gradient (q g − q S) · grad_scale, from the scratch.
     if let Some(gr) = grad {
-        // Pass 3: the gradient, once S is known.
-        if !fused {
-            let s = s_sum as f32;
-            for start in (0..v).step_by(BLOCK) {
-                let end = v.min(start + BLOCK);
-                let n = load_scaled(&s_row[start..end], &mut a, p.inv_t);
-                load_scaled(&t_row[start..end], &mut b, p.inv_t);
-                for ((ca, cb), cg) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)).zip(g.chunks_exact_mut(LANES)) {
-                    for l in 0..LANES {
-                        let t = p.div.terms::<M>(ca[l] - lse_a, cb[l] - lse_b, (ca[l] - cb[l]) - c);
-                        cg[l] = (t.qg - t.q * s) * p.grad_scale;
-                    }
-                }
-                S::store(&g[..end - start], &mut gr[start..end]);
+        let s = s_sum as f32;
+        let mut g = [0.0f32; BLOCK];
+        for (k, start) in (0..v).step_by(BLOCK).enumerate() {
+            let end = v.min(start + BLOCK);
+            let n = (end - start).div_ceil(LANES) * LANES;
+            let (xa, xb) = (&ea[k * BLOCK..k * BLOCK + n], &eb[k * BLOCK..k * BLOCK + n]);
+            for ((g, &q), &qg) in g[..n].iter_mut().zip(xa).zip(xb) {
+                *g = (qg - q * s) * p.grad_scale;
             }
+            S::store(&g[..end - start], &mut gr[start..end]);
         }
         gr[v..].fill(S::zero());
     }
     Ok(loss as f32 * p.loss_scale)
+}
+
+#[inline(always)]
+fn finite_or_zero(m: f32) -> f32 {
+    if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        m
+    }
 }
 
 /// Convert `src` into `dst[..src.len()]` times `scale`, pad with `-inf` up to a multiple of
@@ -282,16 +383,13 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
 #[inline(always)]
 fn load_scaled<E: Elem>(src: &[E], dst: &mut [f32; BLOCK], scale: f32) -> usize {
     let n = src.len();
-    E::load(src, &mut dst[..n]);
-    for x in dst[..n].iter_mut() {
-        *x *= scale;
-    }
+    E::load_scaled(src, &mut dst[..n], scale);
     let padded = n.div_ceil(LANES) * LANES;
     dst[n..padded].fill(f32::NEG_INFINITY);
     padded
 }
 
-fn checked_lse(s: LseStats, tensor: &'static str, row: usize) -> Result<f32> {
+fn check_stats(s: LseStats, tensor: &'static str, row: usize) -> Result<()> {
     let detail = if s.max.is_nan() || s.sum.is_nan() {
         "contains NaN"
     } else if s.max == f32::INFINITY {
@@ -299,7 +397,7 @@ fn checked_lse(s: LseStats, tensor: &'static str, row: usize) -> Result<f32> {
     } else if s.max == f32::NEG_INFINITY {
         "is entirely -inf"
     } else {
-        return Ok(s.logsumexp());
+        return Ok(());
     };
     Err(KdError::NonFiniteRow { tensor, row, detail })
 }

@@ -7,9 +7,8 @@
 //!     ∂ℓ/∂a_j = q_j g_j − q_j S,   S = Σ_i q_i g_i,   g_i = ∂ℓ/∂q_i
 //! ```
 //!
-//! (the softmax Jacobian). [`Div::terms`] takes `lq`, `lp` and `d = log q − log p`, the latter
-//! computed as `(a − b) − (lse_a − lse_b)`, which keeps full precision where the student and the
-//! teacher are close; mixture log-ratios are written in terms of `d` only (e.g. for
+//! (the softmax Jacobian). [`Div::terms`] takes `lq`, `lp`, `d = log q − log p`, `q` and `p`;
+//! mixture log-ratios are written in terms of `d` only (e.g. for
 //! `m = βp + (1−β)q`, `log q − log m = −ln(β e^{−d} + 1 − β)`).
 //! [`Div::terms`] returns `t_i`, `q_i g_i` and `q_i`; the kernel sums
 //! `t` and `q g` in one pass and writes the gradient in a second one, or in the same pass when
@@ -19,19 +18,18 @@
 
 use crate::math::Math;
 
-/// One element's contribution: loss term, `q·g`, and `q`.
+/// One element's contribution: loss term and `q·g`.
 #[derive(Clone, Copy, Debug)]
 pub struct Terms {
     pub loss: f32,
     pub qg: f32,
-    pub q: f32,
 }
 
 /// A divergence between the teacher `p` and the student `q`.
 pub trait Div: Copy + Send + Sync {
     /// `S = Σ q_i g_i` when it is a constant (so the gradient is written in the loss pass).
     const KNOWN_S: Option<f32>;
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms;
+    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32, q: f32, p: f32) -> Terms;
 }
 
 /// `a · b` with `a = 0 ⇒ 0` (so `0 · ±∞` and `0 · NaN` from `-inf − -inf` vanish).
@@ -51,10 +49,8 @@ pub struct ForwardKl;
 impl Div for ForwardKl {
     const KNOWN_S: Option<f32> = Some(-1.0);
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms {
-        let p = M::exp(lp);
-        let q = M::exp(lq);
-        Terms { loss: xmul(p, -d), qg: -p, q }
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, _q: f32, p: f32) -> Terms {
+        Terms { loss: xmul(p, -d), qg: -p }
     }
 }
 
@@ -65,11 +61,9 @@ pub struct ReverseKl;
 impl Div for ReverseKl {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms {
-        let _ = lp;
-        let q = M::exp(lq);
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, _p: f32) -> Terms {
         let t = xmul(q, d);
-        Terms { loss: t, qg: t, q }
+        Terms { loss: t, qg: t }
     }
 }
 
@@ -91,16 +85,14 @@ impl Jsd {
 impl Div for Jsd {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms {
-        let p = M::exp(lp);
-        let q = M::exp(lq);
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
         // log q − log m, and log p − log m = (log q − log m) − d (−ln β where q = 0).
         let rq = -M::log_add_exp(self.ln_beta - d, self.ln_1m_beta);
         let rp = if d == f32::NEG_INFINITY { -self.ln_beta } else { rq - d };
         let tq = xmul(q, rq);
         let tp = xmul(p, rp);
         let w = 1.0 - self.beta;
-        Terms { loss: self.beta * tp + w * tq, qg: w * tq, q }
+        Terms { loss: self.beta * tp + w * tq, qg: w * tq }
     }
 }
 
@@ -121,15 +113,14 @@ impl SkewForwardKl {
 impl Div for SkewForwardKl {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms {
-        let p = M::exp(lp);
-        let q = M::exp(lq);
+    fn terms<M: Math>(&self, lq: f32, _lp: f32, d: f32, _q: f32, p: f32) -> Terms {
         // log p − log m = −ln(λ + (1−λ) e^d).
         let rp = -M::log_add_exp(self.ln_skew, self.ln_1m_skew + d);
-        // q p / m ≤ p / (1−λ): bounded, computed in log space.
+        // q p / m ≤ p / (1−λ): bounded, computed in log space. Not negligible where q underflows
+        // but m ≈ (1−λ) q (small λ), so only a q that is exactly 0 (-inf logit) is skipped.
         let qpm = M::exp(lq + rp);
-        let qg = if p == 0.0 || q == 0.0 { 0.0 } else { -self.one_m_skew * qpm };
-        Terms { loss: xmul(p, rp), qg, q }
+        let qg = if lq == f32::NEG_INFINITY { 0.0 } else { -self.one_m_skew * qpm };
+        Terms { loss: xmul(p, rp), qg }
     }
 }
 
@@ -150,15 +141,13 @@ impl SkewReverseKl {
 impl Div for SkewReverseKl {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms {
-        let _ = lp;
-        let q = M::exp(lq);
+    fn terms<M: Math>(&self, lq: f32, _lp: f32, d: f32, q: f32, _p: f32) -> Terms {
         // log q − log m = −ln(λ + (1−λ) e^{−d}).
         let rq = -M::log_add_exp(self.ln_skew, self.ln_1m_skew - d);
         let t = xmul(q, rq);
         // q² / m ≤ q / λ: bounded, in log space; zero when λ = 0.
         let q2m = if q == 0.0 || self.skew == 0.0 { 0.0 } else { M::exp(lq + rq) };
-        Terms { loss: t, qg: t - self.skew * q2m, q }
+        Terms { loss: t, qg: t - self.skew * q2m }
     }
 }
 
@@ -169,19 +158,16 @@ pub struct Tvd;
 impl Div for Tvd {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32) -> Terms {
-        let _ = d;
-        let p = M::exp(lp);
-        let q = M::exp(lq);
-        let d = q - p;
-        let half_sign = if d > 0.0 {
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, _d: f32, q: f32, p: f32) -> Terms {
+        let diff = q - p;
+        let half_sign = if diff > 0.0 {
             0.5
-        } else if d < 0.0 {
+        } else if diff < 0.0 {
             -0.5
         } else {
             0.0
         };
-        Terms { loss: 0.5 * d.abs(), qg: q * half_sign, q }
+        Terms { loss: 0.5 * diff.abs(), qg: q * half_sign }
     }
 }
 

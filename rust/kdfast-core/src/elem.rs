@@ -12,6 +12,14 @@ pub trait Elem: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     /// `dst[i] = src[i] as f32`.
     fn load(src: &[Self], dst: &mut [f32]);
+    /// `dst[i] = src[i] as f32 * scale`, in one sweep where the conversion allows.
+    #[inline]
+    fn load_scaled(src: &[Self], dst: &mut [f32], scale: f32) {
+        Self::load(src, dst);
+        for x in dst.iter_mut() {
+            *x *= scale;
+        }
+    }
     /// `dst[i] = src[i]` rounded to nearest-even.
     fn store(src: &[f32], dst: &mut [Self]);
     /// The element `0.0`.
@@ -23,6 +31,12 @@ impl Elem for f32 {
     #[inline]
     fn load(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn load_scaled(src: &[f32], dst: &mut [f32], scale: f32) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s * scale;
+        }
     }
     #[inline]
     fn store(src: &[f32], dst: &mut [f32]) {
@@ -40,6 +54,12 @@ impl Elem for bf16 {
         // bf16 is the top half of an f32: a shift, which LLVM vectorises.
         for (d, s) in dst.iter_mut().zip(src) {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    #[inline]
+    fn load_scaled(src: &[bf16], dst: &mut [f32], scale: f32) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16) * scale;
         }
     }
     #[inline]

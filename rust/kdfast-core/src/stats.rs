@@ -27,10 +27,11 @@ impl LseStats {
     /// Combine the statistics of two disjoint sets.
     #[inline]
     pub fn merge(self, other: LseStats) -> LseStats {
-        if other.max == f32::NEG_INFINITY {
+        // An empty side (sum exactly 0) is the identity; a NaN sum must survive the merge.
+        if other.max == f32::NEG_INFINITY && other.sum == 0.0 {
             return self;
         }
-        if self.max == f32::NEG_INFINITY {
+        if self.max == f32::NEG_INFINITY && self.sum == 0.0 {
             return other;
         }
         let max = self.max.max(other.max);
@@ -51,8 +52,10 @@ impl LseStats {
     #[inline(always)]
     pub fn of_block<M: Math>(x: &[f32]) -> LseStats {
         let max = lane_max(x);
-        if max == f32::NEG_INFINITY || max.is_nan() {
-            return LseStats { max, sum: if max.is_nan() { f32::NAN } else { 0.0 } };
+        if max == f32::NEG_INFINITY {
+            // All -inf, or -inf and NaN: keep the NaN visible.
+            let nan = x.iter().any(|v| v.is_nan());
+            return LseStats { max, sum: if nan { f32::NAN } else { 0.0 } };
         }
         let mut acc = [0.0f32; LANES];
         for c in x.chunks_exact(LANES) {
@@ -67,19 +70,15 @@ impl LseStats {
 /// Lanes of the accumulators in the vectorised loops (a multiple of every SIMD width we target).
 pub const LANES: usize = 16;
 
-/// Maximum of a block whose length is a multiple of [`LANES`]; NaN if any element is NaN.
+/// Maximum of a block whose length is a multiple of [`LANES`], ignoring NaN (a NaN element
+/// still makes the block's sum of exponentials NaN, which the caller detects).
 #[inline(always)]
 pub fn lane_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut nan = [false; LANES];
     for c in x.chunks_exact(LANES) {
         for l in 0..LANES {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-            nan[l] |= c[l].is_nan();
         }
-    }
-    if nan.iter().any(|&b| b) {
-        return f32::NAN;
     }
     acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
@@ -96,5 +95,7 @@ mod tests {
         let parts = LseStats::of_block::<Libm>(&x[..32]).merge(LseStats::of_block::<Libm>(&x[32..]));
         assert!((whole.logsumexp() - parts.logsumexp()).abs() < 1e-6);
         assert_eq!(LseStats::EMPTY.merge(whole), whole);
+        let nan = LseStats { max: f32::NEG_INFINITY, sum: f32::NAN };
+        assert!(whole.merge(nan).sum.is_nan() && nan.merge(whole).sum.is_nan());
     }
 }

@@ -177,6 +177,19 @@ fn extreme_log_probs_give_no_nan() {
 }
 
 #[test]
+fn underflowing_student_probabilities_keep_their_gradient() {
+    // q_1 = e^-147 underflows in f32, but with λ = 0 skew forward KL is forward KL and its
+    // gradient at column 1 is q_1 − p_1 = −0.5, not 0.
+    let (zs, zt) = (vec![6.164f32, -1.1737], vec![0.0f32, 0.0]);
+    for div in [Divergence::ForwardKl, Divergence::SkewForwardKl { skew: 0.0 }] {
+        for isa in isas() {
+            let (_, grad) = run(div, &zs, &zt, 1, 2, 0.05, isa, 1);
+            assert!((grad[1] + 10.0).abs() < 0.1, "{div:?} {isa:?}: {grad:?}");
+        }
+    }
+}
+
+#[test]
 fn masked_rows_and_padding_columns() {
     let (rows, cols, grad_cols) = (3, 50, 53);
     let (zs, zt) = pair(rows, cols, 5, 4.0);

@@ -1,0 +1,30 @@
+use kdfast_core::compress::{compress_sample, compress_topk};
+use kdfast_core::sparse::{sparse_kl, SparseConfig, SparseMode, Targets};
+use kdfast_core::{dense_loss, DenseConfig, Divergence, Isa, Rows};
+use std::time::Instant;
+fn main() {
+    let (rows, cols, k) = (128usize, 151_936usize, 64usize);
+    let mut s = 1u64;
+    let z: Vec<f32> = (0..rows * cols).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 16.0 }).collect();
+    let zs: Vec<f32> = z.iter().map(|x| x * 0.7 + 0.1).collect();
+    let r = Rows::new(&z, rows, cols, cols, "t").unwrap();
+    let (mut ids, mut lp, mut tail, mut w) = (vec![0; rows * k], vec![0.0; rows * k], vec![0.0; rows], vec![0.0; rows * k]);
+    let t0 = Instant::now();
+    compress_topk(r, k, 1.0, &mut ids, &mut lp, &mut tail, Isa::detect(), 1).unwrap();
+    let gb = (rows * cols * 4) as f64 / 1e9;
+    let dt = t0.elapsed().as_secs_f64(); println!("topk     {:.3}s {:.2} GB/s", dt, gb / dt);
+    let t0 = Instant::now();
+    compress_sample(r, k, 1.0, 0, 0, &mut ids, &mut lp, &mut w, Isa::detect(), 1).unwrap();
+    let dt = t0.elapsed().as_secs_f64(); println!("sample   {:.3}s {:.2} GB/s", dt, gb / dt);
+    compress_topk(r, k, 1.0, &mut ids, &mut lp, &mut tail, Isa::detect(), 1).unwrap();
+    let tg = Targets { ids: &ids, logprobs: &lp, weights: None, tail_logprob: Some(&tail), rows, k };
+    let cfg = SparseConfig { mode: SparseMode::Bucket, temperature: 1.0, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
+    let mut loss = vec![0.0; rows]; let mut grad = vec![0.0f32; rows * cols];
+    let t0 = Instant::now();
+    sparse_kl(Rows::new(&zs, rows, cols, cols, "s").unwrap(), &tg, None, &cfg, &mut loss, Some(&mut grad), Isa::detect(), 1).unwrap();
+    let dt = t0.elapsed().as_secs_f64(); println!("sparse   {:.3}s {:.2} GB/s", dt, gb / dt);
+    let dcfg = DenseConfig { divergence: Divergence::ForwardKl, temperature: 1.0, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
+    let t0 = Instant::now();
+    dense_loss(Rows::new(&zs, rows, cols, cols, "s").unwrap(), r, None, &dcfg, &mut loss, Some(&mut grad), Isa::detect(), 1).unwrap();
+    let dt = t0.elapsed().as_secs_f64(); println!("dense    {:.3}s {:.2} GB/s (student bytes)", dt, gb / dt);
+}
