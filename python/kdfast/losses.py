@@ -18,7 +18,7 @@ together in the forward call by the Rust kernels; backward only scales that grad
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -34,6 +34,7 @@ from ._validate import (
     check_real,
     check_reduction,
     check_temperature,
+    reduce_scale,
 )
 
 __all__ = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -117,7 +118,6 @@ def _dense(
     reduction = check_reduction(reduction)
     backend = check_backend(backend)
     ignore_index = check_int(ignore_index, "ignore_index")
-    num_items = check_num_items(num_items_in_batch)
     if not isinstance(t2_scale, (bool, int)):
         raise TypeError(f"t2_scale: expected a bool, got {type(t2_scale).__name__}")
     pair = check_pair(student_logits, teacher_logits, vocab_size=vocab_size, labels=labels)
@@ -130,26 +130,22 @@ def _dense(
         zeros = pair.student.to(out_dtype).sum(-1) * 0.0
         return zeros if reduction == "none" else zeros.sum()
 
-    reduce_scale: Optional[float] = None
-    if reduction == "sum":
-        reduce_scale = 1.0
-    elif reduction == "mean":
-        if num_items is not None:
-            reduce_scale = 1.0 / num_items
-        else:
-            kept = n if pair.labels is None else int((pair.labels != ignore_index).sum())
-            reduce_scale = 1.0 / max(1, kept)
+    if _compiling():
+        return _dense_traced(loss, param, pair, t, bool(t2_scale), ignore_index, reduction,
+                             num_items_in_batch, backend)
+    num_items = check_num_items(num_items_in_batch)
+    scale = reduce_scale(reduction, n, pair.labels, ignore_index, num_items)
 
     if backend == "rust":
         spec = (loss, float(param), t, bool(t2_scale))
-        return _RustDense.apply(pair.student, pair, spec, ignore_index, reduce_scale)
+        return _RustDense.apply(pair.student, pair, spec, ignore_index, scale)
 
     rows = _torch_rows(loss, param, pair, t, ignore_index)
     if t2_scale:
         rows = rows * (t * t)
-    if reduce_scale is None:
+    if scale is None:
         return rows.reshape(pair.lead_shape)
-    return rows.sum() * reduce_scale
+    return rows.sum() * scale
 
 
 def _torch_rows(loss: str, param: float, pair: Pair, t: float, ignore_index: int) -> torch.Tensor:
@@ -158,6 +154,85 @@ def _torch_rows(loss: str, param: float, pair: Pair, t: float, ignore_index: int
     keep = (pair.labels != ignore_index).nonzero().squeeze(1)
     vals = reference.row_losses(loss, param, pair.s2[keep], pair.t2[keep], t)
     return vals.new_zeros(pair.s2.shape[0]).index_put((keep,), vals)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.library.custom_op("kdfast::dense_rows", mutates_args=())
+def _dense_rows_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    loss: str,
+    param: float,
+    temperature: float,
+    t2_scale: bool,
+    ignore_index: int,
+    vocab: int,
+    need_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses ``[N]`` and the unscaled student gradient ``[N, V_student]`` (empty when
+    ``need_grad`` is False): the Rust kernel as an opaque op for ``torch.compile``."""
+    v_full = student.shape[-1]
+    s2 = _native.as_rows(student.reshape(-1, v_full)[:, :vocab])
+    t2 = _native.as_rows(teacher.reshape(-1, teacher.shape[-1])[:, :vocab])
+    n = s2.shape[0]
+    rows = torch.empty(n, dtype=torch.float32)
+    grad = torch.empty((n, v_full), dtype=student.dtype) if need_grad else student.new_empty(0)
+    if n:
+        _native.dense_call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale, 1.0, rows,
+                           grad if need_grad else None)
+    return rows, grad
+
+
+@_dense_rows_op.register_fake
+def _(student, teacher, labels, loss, param, temperature, t2_scale, ignore_index, vocab, need_grad):
+    n = student.numel() // student.shape[-1]
+    grad_shape = (n, student.shape[-1]) if need_grad else (0,)
+    return student.new_empty(n, dtype=torch.float32), student.new_empty(grad_shape)
+
+
+def _dense_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.student_shape = inputs[0].shape
+
+
+def _dense_rows_backward(ctx, grad_rows, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    g = (grad * grad_rows.unsqueeze(1)).to(grad.dtype).reshape(ctx.student_shape)
+    return (g,) + (None,) * 9
+
+
+_dense_rows_op.register_autograd(_dense_rows_backward, setup_context=_dense_rows_setup)
+
+
+def _dense_traced(loss, param, pair: Pair, t, t2_scale, ignore_index, reduction, num_items, backend):
+    """The path taken under ``torch.compile``: no host syncs and no data-dependent shapes; the
+    Rust kernel is the custom op ``kdfast::dense_rows``, reductions are tensor ops."""
+    if backend == "rust":
+        need_grad = pair.student.requires_grad and torch.is_grad_enabled()
+        rows, _ = _dense_rows_op(pair.student, pair.t2.detach(), pair.labels, loss, float(param), t,
+                                 t2_scale, ignore_index, pair.vocab, need_grad)
+    else:
+        rows = reference.row_losses(loss, param, pair.s2, pair.t2, t)
+        if pair.labels is not None:
+            rows = torch.where(pair.labels != ignore_index, rows, 0.0)
+        if t2_scale:
+            rows = rows * (t * t)
+    if reduction == "none":
+        return rows.reshape(pair.lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items is not None:
+        d = torch.as_tensor(num_items, dtype=total.dtype, device=total.device).clamp_min(1)
+    elif pair.labels is not None:
+        d = (pair.labels != ignore_index).sum().clamp_min(1).to(total.dtype)
+    else:
+        d = max(1, pair.s2.shape[0])
+    return total / d
 
 
 _COMMON_DOC = """
