@@ -141,3 +141,18 @@ def check_pair(student, teacher, *, vocab_size, labels) -> Pair:
     s2 = student.reshape(-1, vs)[:, :v]
     t2 = teacher.reshape(-1, vt)[:, :v]
     return Pair(student, s2, t2, labels, lead, v)
+
+
+def reduce_scale(reduction: str, n_rows: int, labels: Optional[torch.Tensor], ignore_index: int,
+                 num_items: Optional[float]) -> Optional[float]:
+    """The factor turning Σℓ into the reduced loss: None for ``"none"``, 1 for ``"sum"``, and for
+    ``"mean"`` 1 / D with D = ``num_items`` or max(1, unmasked rows). ``reduction`` must
+    already be normalised by :func:`check_reduction`."""
+    if reduction == "none":
+        return None
+    if reduction == "sum":
+        return 1.0
+    if num_items is not None:
+        return 1.0 / num_items
+    kept = n_rows if labels is None else int((labels != ignore_index).sum())
+    return 1.0 / max(1, kept)
