@@ -4,12 +4,29 @@ The dense losses of api.md §1 (:func:`forward_kl`, :func:`reverse_kl`, :func:`j
 :func:`skew_forward_kl`, :func:`skew_reverse_kl`, :func:`tvd`) compute the loss and its gradient
 w.r.t. the student logits in one fused pass: a Rust kernel on CPU, or the pure-PyTorch
 :mod:`kdfast.reference` elsewhere.
+
+Offline distillation (api.md §2): :func:`compress_topk` / :func:`compress_sample` turn teacher
+logits into :class:`SparseTargets`, :func:`sparse_kl` is the loss against them, and
+:func:`encode_targets` / :func:`decode_targets` pack them for storage.
+
+Training loops (api.md §4): :class:`DistillationLoss` mixes a distillation loss with the
+cross-entropy on the labels; :mod:`kdfast.integrations.transformers` has a Hugging Face Trainer.
 """
 
 from . import reference
 from ._kdfast import __version__
 from ._validate import DtypeError
+from .distill import DistillationLoss
 from .losses import forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
+from .sparse import (
+    EncodedTargets,
+    SparseTargets,
+    compress_sample,
+    compress_topk,
+    decode_targets,
+    encode_targets,
+    sparse_kl,
+)
 
 __all__ = [
     "__version__",
@@ -21,4 +38,12 @@ __all__ = [
     "skew_reverse_kl",
     "tvd",
     "reference",
+    "SparseTargets",
+    "compress_topk",
+    "compress_sample",
+    "sparse_kl",
+    "EncodedTargets",
+    "encode_targets",
+    "decode_targets",
+    "DistillationLoss",
 ]

@@ -5,12 +5,15 @@
 //! few streaming passes (see [`dense`]), for f32/bf16/f16 storage, SIMD-dispatched at run time
 //! ([`isa`]) and row-parallel ([`threads`]).
 
+pub mod compress;
 pub mod dense;
 pub mod divergence;
 pub mod elem;
+pub mod encode;
 pub mod error;
 pub mod isa;
 pub mod math;
+pub mod sparse;
 pub mod stats;
 pub mod threads;
 

@@ -7,6 +7,7 @@
 //! interpreter for the work, and maps core errors to Python exceptions in one place.
 
 mod error;
+mod offline;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -22,6 +23,19 @@ mod _kdfast {
     #[pymodule_export]
     #[allow(non_upper_case_globals)]
     const __version__: &str = env!("CARGO_PKG_VERSION");
+
+    #[pymodule_export]
+    use super::offline::compress_topk;
+    #[pymodule_export]
+    use super::offline::compress_sample;
+    #[pymodule_export]
+    use super::offline::sparse_kl;
+    #[pymodule_export]
+    use super::offline::encoded_row_bytes;
+    #[pymodule_export]
+    use super::offline::encode_targets;
+    #[pymodule_export]
+    use super::offline::decode_targets;
 
     /// The instruction set `"auto"` resolves to on this CPU.
     #[pyfunction]

@@ -1,0 +1,217 @@
+"""The training-loop loss object, api.md §4: distillation plus optional cross-entropy.
+
+:class:`DistillationLoss` mixes a distillation loss against the teacher (dense logits → one of
+the §1 losses by name; :class:`~kdfast.SparseTargets` → :func:`~kdfast.sparse_kl`) with the
+ordinary cross-entropy of the student on the labels::
+
+    total = soft_weight · distill(student, teacher) + hard_weight · CE(student at T = 1, labels)
+
+Both parts use the same masking (rows whose label is ``ignore_index`` count for neither) and the
+same reduction: ``"mean"`` is Σ / D with D = ``num_items_in_batch`` when given (gradient
+accumulation) else the number of unmasked rows, so the two parts are on the same per-token
+scale and their sum over the micro-batches of an accumulation window is the window's mean.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import losses as _losses
+from ._validate import (
+    check_backend,
+    check_int,
+    check_num_items,
+    check_real,
+    check_reduction,
+    check_temperature,
+    reduce_scale,
+)
+from .sparse import TAILS, SparseTargets, sparse_kl
+
+__all__ = ["DistillationLoss", "LOSSES"]
+
+#: Dense loss name → function (api.md §1). ``"sparse_kl"`` (sparse teacher only) is accepted too.
+LOSSES = {
+    "forward_kl": _losses.forward_kl,
+    "reverse_kl": _losses.reverse_kl,
+    "jsd": _losses.jsd,
+    "skew_forward_kl": _losses.skew_forward_kl,
+    "skew_reverse_kl": _losses.skew_reverse_kl,
+    "tvd": _losses.tvd,
+}
+_SPARSE_OK = ("forward_kl", "sparse_kl")  # sparse_kl estimates forward KL; nothing else
+_COMMON = ("temperature", "t2_scale", "ignore_index", "reduction", "vocab_size", "backend")
+_EXTRA = {"jsd": ("beta",), "skew_forward_kl": ("skew",), "skew_reverse_kl": ("skew",),
+          "forward_kl": ("tail",), "sparse_kl": ("tail",)}
+
+
+def _weight(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name}: expected a finite number ≥ 0, got {value!r}")
+    return v
+
+
+class DistillationLoss(torch.nn.Module):
+    """``soft_weight · distill + hard_weight · cross-entropy`` in one module.
+
+    Args:
+        loss: the distillation loss for dense teacher logits — ``"forward_kl"``,
+            ``"reverse_kl"``, ``"jsd"``, ``"skew_forward_kl"``, ``"skew_reverse_kl"`` or
+            ``"tvd"``. A :class:`~kdfast.SparseTargets` teacher always uses
+            :func:`~kdfast.sparse_kl` (an estimate of forward KL), so it is accepted only with
+            ``"forward_kl"`` or ``"sparse_kl"`` (the latter refuses dense teachers).
+        hard_weight: weight of the cross-entropy on ``labels`` (the student at T = 1), ≥ 0.
+        soft_weight: weight of the distillation loss, ≥ 0. Not both 0.
+        **loss_kwargs: passed to the loss: ``temperature``, ``t2_scale``, ``ignore_index``
+            (also used by the cross-entropy), ``reduction`` (both parts), ``vocab_size`` (both
+            parts use only the first ``vocab_size`` columns of the student; for sparse targets
+            the student is cut to them), ``backend``, ``beta`` (jsd), ``skew`` (skew KLs),
+            ``tail`` (sparse top-k targets: ``"bucket"`` or ``"renorm"``). Without
+            ``temperature`` a sparse teacher uses the temperature it was captured at
+            (``targets.temperature``) and a dense one uses 1.
+
+    ``forward(student_logits, teacher, labels=None, *, num_items_in_batch=None,
+    return_parts=False)``: ``student_logits`` ``[..., V]``; ``teacher`` dense logits ``[..., V]``
+    or ``SparseTargets`` with leading shape ``[...]``; ``labels`` ``[...]`` already aligned with
+    the logits (shifted by the caller), rows equal to ``ignore_index`` masked in both parts
+    (required when ``hard_weight > 0``). Returns the total loss, or ``(total, soft, hard)`` with
+    ``return_parts=True``: the unweighted parts, detached; ``hard`` is None without labels. A
+    part whose weight is 0 is computed (without gradient) only when ``return_parts=True``.
+    """
+
+    def __init__(self, loss: str = "forward_kl", *, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                 **loss_kwargs: Any):
+        super().__init__()
+        if loss not in LOSSES and loss != "sparse_kl":
+            raise ValueError(
+                f"loss: expected one of {', '.join(map(repr, [*LOSSES, 'sparse_kl']))}, got {loss!r}"
+            )
+        self.loss = loss
+        self.hard_weight = _weight(hard_weight, "hard_weight")
+        self.soft_weight = _weight(soft_weight, "soft_weight")
+        if self.hard_weight == 0.0 and self.soft_weight == 0.0:
+            raise ValueError("hard_weight, soft_weight: at least one weight must be > 0, got both 0")
+        allowed = _COMMON + _EXTRA.get(loss, ())
+        unknown = sorted(set(loss_kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"loss_kwargs: {', '.join(map(repr, unknown))} not accepted by loss={loss!r}; "
+                f"expected some of {', '.join(map(repr, allowed))}"
+            )
+        kw = dict(loss_kwargs)
+        # Validate eagerly, so that a bad configuration fails when the module is built.
+        if "temperature" in kw:
+            kw["temperature"] = check_temperature(kw["temperature"])
+        if "reduction" in kw:
+            kw["reduction"] = check_reduction(kw["reduction"])
+        if "ignore_index" in kw:
+            kw["ignore_index"] = check_int(kw["ignore_index"], "ignore_index")
+        if "backend" in kw:
+            kw["backend"] = check_backend(kw["backend"])
+        if "t2_scale" in kw and not isinstance(kw["t2_scale"], (bool, int)):
+            raise TypeError(f"t2_scale: expected a bool, got {type(kw['t2_scale']).__name__}")
+        if kw.get("vocab_size") is not None:
+            v = check_int(kw["vocab_size"], "vocab_size")
+            if v < 1:
+                raise ValueError(f"vocab_size: expected an integer ≥ 1, got {v}")
+        if "beta" in kw:
+            kw["beta"] = check_real(kw["beta"], "beta", low=0.0, high=1.0)
+        if "skew" in kw:
+            kw["skew"] = check_real(kw["skew"], "skew", low=0.0, high=1.0, high_open=True)
+        if "tail" in kw and kw["tail"] not in TAILS:
+            raise ValueError(f"tail: expected 'bucket' or 'renorm', got {kw['tail']!r}")
+        self.ignore_index: int = kw.pop("ignore_index", -100)
+        self.reduction: str = kw.pop("reduction", "mean")
+        self.vocab_size: Optional[int] = kw.pop("vocab_size", None)
+        self.loss_kwargs = kw
+
+    def extra_repr(self) -> str:
+        kw = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
+        return (f"loss={self.loss!r}, soft_weight={self.soft_weight}, hard_weight={self.hard_weight}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}{kw}")
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, student_logits: torch.Tensor, teacher: Union[torch.Tensor, SparseTargets],
+                labels: Optional[torch.Tensor] = None, *, num_items_in_batch=None,
+                return_parts: bool = False):
+        if not isinstance(student_logits, torch.Tensor):
+            raise TypeError(f"student_logits: expected a torch.Tensor of logits, got {type(student_logits).__name__}")
+        sparse = isinstance(teacher, SparseTargets)
+        if not sparse and not isinstance(teacher, torch.Tensor):
+            raise TypeError(
+                f"teacher: expected teacher logits (torch.Tensor) or kdfast.SparseTargets, got {type(teacher).__name__}"
+            )
+        if sparse and self.loss not in _SPARSE_OK:
+            raise ValueError(
+                f"teacher: sparse targets (kdfast.SparseTargets) support only loss='forward_kl' or 'sparse_kl' "
+                f"(sparse_kl estimates forward KL), got loss={self.loss!r}; pass dense teacher logits instead"
+            )
+        if not sparse and self.loss == "sparse_kl":
+            raise ValueError("teacher: loss='sparse_kl' expects kdfast.SparseTargets, got a dense tensor of logits")
+        if self.hard_weight > 0 and labels is None:
+            raise ValueError(f"labels: hard_weight={self.hard_weight} > 0 needs labels for the cross-entropy, got None")
+        num_items = check_num_items(num_items_in_batch)
+        common = dict(labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                      num_items_in_batch=num_items, **self.loss_kwargs)
+
+        want_soft = self.soft_weight > 0 or return_parts
+        want_hard = labels is not None and (self.hard_weight > 0 or return_parts)
+        soft = hard = None
+        if want_soft:
+            s = student_logits if self.soft_weight > 0 else student_logits.detach()
+            if sparse:
+                if self.vocab_size is not None:
+                    s = s[..., : self.vocab_size]
+                soft = sparse_kl(s, teacher, **common)
+            else:
+                soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common)
+        if want_hard:
+            s = student_logits if self.hard_weight > 0 else student_logits.detach()
+            hard = self._cross_entropy(s, labels, num_items)
+
+        total = None
+        for w, part in ((self.soft_weight, soft), (self.hard_weight, hard)):
+            if w > 0:
+                total = w * part if total is None else total + w * part
+        if not return_parts:
+            return total
+        return total, soft.detach(), (None if hard is None else hard.detach())
+
+    def _cross_entropy(self, student_logits: torch.Tensor, labels: torch.Tensor,
+                       num_items: Optional[float]) -> torch.Tensor:
+        """Cross-entropy of the student at T = 1, masked and reduced like the distillation part."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+        lead = student_logits.shape[:-1]
+        if labels.shape != lead:
+            raise ValueError(f"labels: expected shape {tuple(lead)} (the leading shape of the logits), got {tuple(labels.shape)}")
+        z = student_logits if self.vocab_size is None else student_logits[..., : self.vocab_size]
+        v = z.shape[-1]
+        z2 = z.reshape(-1, v).float()
+        y = labels.reshape(-1).to(device=z2.device, dtype=torch.int64)
+        if z2.shape[0] == 0:
+            rows = z2.sum(-1) * 0.0
+        else:
+            keep = y != self.ignore_index
+            bad = keep & ((y < 0) | (y >= v))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"labels: expected class ids in [0, {v}) or ignore_index={self.ignore_index}, got {int(y[bad][0])}"
+                )
+            rows = F.cross_entropy(z2, y.masked_fill(~keep, 0), reduction="none") * keep
+        scale = reduce_scale(self.reduction, rows.shape[0], y, self.ignore_index, num_items)
+        if scale is None:
+            return rows.reshape(lead)
+        return rows.sum() * scale
+
