@@ -61,8 +61,28 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# kdfast capture (defined in kdfast.capture)
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_bench]
+
+def _register_capture(subparsers: argparse._SubParsersAction) -> None:
+    from kdfast import capture
+
+    capture.add_parser(subparsers)
+
+
+# ---------------------------------------------------------------------------------------------
+# kdfast demo (defined in kdfast.demo)
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    from kdfast import demo
+
+    demo.add_parser(subparsers)
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_bench, _register_capture, _register_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

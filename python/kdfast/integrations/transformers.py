@@ -1,0 +1,280 @@
+"""Knowledge distillation with the Hugging Face ``transformers.Trainer``.
+
+:class:`DistillationTrainer` is a ``Trainer`` whose loss is a :class:`kdfast.DistillationLoss`
+of the student against
+
+* a **live teacher** (``teacher_model=``): run under ``torch.no_grad`` on every batch, its logits
+  go to the dense loss (forward KL, JSD, ... by name), or
+* a **kdfast teacher cache** (offline): batches carry ``targets`` (:class:`kdfast.SparseTargets`
+  ``[B, S, k]``, e.g. from :func:`kdfast.cache.collate` over a :class:`kdfast.cache.TeacherCache`)
+  and the loss is :func:`kdfast.sparse_kl`. When a batch has ``targets`` they are used, even if a
+  teacher model was also given.
+
+Everything else is the ``Trainer``: optimiser, schedule, mixed precision, checkpoints, callbacks.
+
+Label alignment. ``labels[t]`` must end up as the token that the logits at position ``t``
+predict. Batches with ``targets`` (kdfast's collate) and batches with a ``shift_labels`` key are
+taken as already aligned; other batches follow the Hugging Face causal-LM convention
+(``labels == input_ids`` with -100 at padding, shifted inside) — ``labels_shifted=`` overrides
+this. A batch without labels is distilled on its ``input_ids`` (padding from ``attention_mask``
+masked), as a causal-LM collator would have labelled it.
+
+Gradient accumulation. The Trainer counts the unmasked labels of the whole accumulation window
+(``num_items_in_batch``; this class counts them after the alignment above, so position 0 of
+unshifted labels is not counted) and both parts of the loss are divided by that count, so the
+accumulated gradient is that of the window's per-token mean, whatever the micro-batch sizes.
+
+Logging. At each logging step the unweighted parts are added to the Trainer's logs, averaged
+like its ``loss``: ``soft_loss`` (the distillation loss) and ``hard_loss`` (the student's
+cross-entropy on the labels, computed for monitoring even when ``hard_weight`` is 0).
+
+Columns. Set ``remove_unused_columns=False`` in ``TrainingArguments`` when the dataset items
+are dicts with extra fields; this trainer also keeps ``targets`` and ``shift_labels`` through
+the Trainer's column filter itself. Only model inputs reach the models: ``targets``, ``labels``,
+``shift_labels`` and the extras of :func:`kdfast.cache.collate` (``response_mask``,
+``prompt_length``, ``seq_id``) are taken out of the batch first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "kdfast.integrations.transformers needs the `transformers` and `accelerate` packages: "
+        "pip install 'kdfast[demo]' accelerate"
+    ) from exc
+
+from ..distill import DistillationLoss
+from ..sparse import SparseTargets
+
+__all__ = ["DistillationTrainer"]
+
+_KEEP_COLUMNS = ("targets", "shift_labels")
+# Batch keys that are not model inputs: labels and the extras of kdfast.cache.collate.
+_NOT_MODEL_INPUTS = ("targets", "labels", "shift_labels", "response_mask", "prompt_length", "seq_id")
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains ``model`` (the student) by knowledge distillation.
+
+    Args:
+        model, args, ...: as for ``transformers.Trainer`` (positional or keyword).
+        teacher_model: the teacher for online distillation: a causal LM module (or a model
+            directory / hub name, loaded with ``AutoModelForCausalLM``). It is put in eval mode,
+            frozen and, unless it already lives on an accelerator or is dispatched across
+            devices, moved to ``args.device``. Not needed when the batches carry ``targets``.
+        distill_loss: a :class:`kdfast.DistillationLoss`, a loss name (``"forward_kl"``,
+            ``"jsd"``, ...) or a dict of its keyword arguments (``{"loss": "jsd", "beta": 0.5,
+            "hard_weight": 0.1, "temperature": 2.0}``). Default: forward KL, soft weight 1, hard
+            weight 0. Its ``reduction`` must be ``"mean"``.
+        labels_shifted: True if ``labels`` are already aligned with the logits, False for the
+            Hugging Face convention (shifted here), None (default) to decide per batch (see the
+            module docstring).
+
+    If ``data_collator`` is not given and the training dataset is a
+    :class:`kdfast.cache.TeacherCache`, :func:`kdfast.cache.collate` is used (padding with the
+    tokenizer's pad id when a ``processing_class`` with one is given, else 0).
+    """
+
+    def __init__(self, *args: Any, teacher_model: Union[torch.nn.Module, str, None] = None,
+                 distill_loss: Union[DistillationLoss, str, dict, None] = None,
+                 labels_shifted: Optional[bool] = None, **kwargs: Any):
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func: DistillationTrainer computes the loss with kdfast; "
+                             "configure it with distill_loss=... instead")
+        if labels_shifted is not None and not isinstance(labels_shifted, bool):
+            raise TypeError(f"labels_shifted: expected True, False or None, got {labels_shifted!r}")
+        self.distill_loss = _as_loss(distill_loss)
+        self.labels_shifted = labels_shifted
+        _default_collator(args, kwargs)
+        super().__init__(*args, **kwargs)
+        if getattr(self.args, "label_smoothing_factor", 0.0):
+            raise ValueError("label_smoothing_factor: not supported by DistillationTrainer "
+                             f"(got {self.args.label_smoothing_factor}); the soft targets play that role")
+        # Our loss is divided by `num_items_in_batch` when there is one; otherwise it is a
+        # per-batch mean that the Trainer must divide by the accumulation steps. Newer
+        # transformers read `loss_is_scaled_for_ga` (set per call in compute_loss); older ones
+        # decide from `model_accepts_loss_kwargs` and also count the items only when it is True.
+        self.model_accepts_loss_kwargs = True
+        self.teacher_model = _prepare_teacher(teacher_model, self.args.device)
+        self._kd_sums = {"soft_loss": 0.0, "hard_loss": 0.0}
+        self._kd_counted = {"soft_loss": False, "hard_loss": False}
+        self._kd_last_step = 0
+
+    # ------------------------------------------------------------------------------ batches
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        cols = getattr(self, "_signature_columns", None)
+        if isinstance(cols, list):
+            cols.extend(c for c in _KEEP_COLUMNS if c not in cols)
+
+    def _aligned_labels(self, inputs: dict) -> Optional[torch.Tensor]:
+        """Labels aligned with the logits (labels[t] = the target of logits[t]), or None."""
+        ignore = self.distill_loss.ignore_index
+        if inputs.get("shift_labels") is not None:
+            return inputs["shift_labels"]
+        labels = inputs.get("labels")
+        if labels is None:
+            ids = inputs.get("input_ids")
+            if ids is None:
+                return None
+            labels = ids
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, ignore)
+            shifted = False
+        elif self.labels_shifted is not None:
+            shifted = self.labels_shifted
+        else:
+            shifted = inputs.get("targets") is not None
+        if shifted:
+            return labels
+        pad = labels.new_full((*labels.shape[:-1], 1), ignore)
+        return torch.cat([labels[..., 1:], pad], dim=-1)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Unmasked, aligned labels in the accumulation window (summed over processes when
+        ``average_tokens_across_devices``)."""
+        ignore = self.distill_loss.ignore_index
+        total = None
+        for batch in batch_samples:
+            labels = self._aligned_labels(batch) if isinstance(batch, dict) else None
+            if labels is None:
+                return None
+            n = labels.ne(ignore).sum()
+            total = n if total is None else total + n
+        if total is None:
+            return None
+        total = total.to(device)
+        if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    # ------------------------------------------------------------------------------ the loss
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = self._aligned_labels(inputs)
+        targets = inputs.get("targets")
+        for key in _NOT_MODEL_INPUTS:
+            inputs.pop(key, None)
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+        if targets is not None:
+            if not isinstance(targets, SparseTargets):
+                raise TypeError(f"targets: expected kdfast.SparseTargets in the batch, got {type(targets).__name__}")
+            teacher = targets.to(logits.device)
+        elif self.teacher_model is not None:
+            with torch.no_grad():
+                t_out = self.teacher_model(**inputs)
+            teacher = t_out["logits"] if isinstance(t_out, dict) else t_out[0]
+            teacher = teacher.to(logits.device)
+        else:
+            raise ValueError(
+                "DistillationTrainer: no teacher for this batch: pass teacher_model=... (online) or a "
+                "dataset whose batches carry 'targets' (a kdfast.cache.TeacherCache with kdfast.cache.collate)"
+            )
+        if labels is not None:
+            labels = labels.to(logits.device)
+
+        loss, soft, hard = self.distill_loss(logits, teacher, labels, num_items_in_batch=num_items_in_batch,
+                                             return_parts=True)
+        scaled = num_items_in_batch is not None
+        # transformers >= 5 reads this right after compute_loss (see the class docstring).
+        self.loss_is_scaled_for_ga = scaled
+        if (scaled and getattr(self.args, "average_tokens_across_devices", False)
+                and self.args.world_size > 1):
+            # The count was summed over processes and DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+
+        if model.training:
+            ga = 1 if scaled else getattr(self, "current_gradient_accumulation_steps",
+                                          self.args.gradient_accumulation_steps)
+            for key, part in (("soft_loss", soft), ("hard_loss", hard)):
+                if part is not None:
+                    self._kd_sums[key] = self._kd_sums[key] + part.detach().float() / ga
+                    self._kd_counted[key] = True
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------ logging
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        steps = self.state.global_step - self._kd_last_step
+        if "loss" in logs and steps > 0:
+            for key, value in self._kd_sums.items():
+                if not self._kd_counted[key]:
+                    continue
+                value = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).reshape(1)
+                if self.args.world_size > 1:
+                    value = self.accelerator.gather(value)
+                logs[key] = value.mean().item() / steps
+                self._kd_sums[key] = 0.0
+                self._kd_counted[key] = False
+            self._kd_last_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _as_loss(distill_loss) -> DistillationLoss:
+    if distill_loss is None:
+        loss = DistillationLoss()
+    elif isinstance(distill_loss, DistillationLoss):
+        loss = distill_loss
+    elif isinstance(distill_loss, str):
+        loss = DistillationLoss(distill_loss)
+    elif isinstance(distill_loss, dict):
+        loss = DistillationLoss(**distill_loss)
+    else:
+        raise TypeError(
+            f"distill_loss: expected a kdfast.DistillationLoss, a loss name or a dict of its arguments, "
+            f"got {type(distill_loss).__name__}"
+        )
+    if loss.reduction != "mean":
+        raise ValueError(f"distill_loss: the Trainer needs reduction='mean', got {loss.reduction!r}")
+    return loss
+
+
+def _prepare_teacher(teacher, device) -> Optional[torch.nn.Module]:
+    if teacher is None:
+        return None
+    if isinstance(teacher, str):
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(teacher)
+    if not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"teacher_model: expected a torch.nn.Module or a model path, got {type(teacher).__name__}")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    dispatched = getattr(teacher, "hf_device_map", None) is not None
+    params = list(teacher.parameters())
+    on_cpu = not params or params[0].device.type == "cpu"
+    if not dispatched and on_cpu and torch.device(device).type != "cpu":
+        teacher.to(device)
+    return teacher
+
+
+def _default_collator(args: tuple, kwargs: dict) -> None:
+    """Use kdfast.cache.collate for a TeacherCache training set when no collator was given."""
+    if len(args) > 2 or kwargs.get("data_collator") is not None:
+        return  # a collator (or the datasets) given positionally: leave them as they are
+    train = kwargs.get("train_dataset")
+    try:
+        from .. import cache
+    except ImportError:
+        return
+    cache_type = getattr(cache, "TeacherCache", None)
+    if cache_type is None or not isinstance(train, cache_type):
+        return
+    proc = kwargs.get("processing_class")
+    pad = getattr(proc, "pad_token_id", None)
+    kwargs["data_collator"] = cache.Collator(0 if pad is None else int(pad))
