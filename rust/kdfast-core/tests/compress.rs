@@ -1,29 +1,11 @@
 //! Top-k and sampled compression: f64 reference, streaming == one pass, ISA and thread-count
 //! invariance, statistics of the sampler.
 
+mod common;
+use common::{isas, logits};
 use half::{bf16, f16};
 use kdfast_core::compress::{compress_sample, compress_topk, SampleStream, TopKStream};
 use kdfast_core::{Elem, Isa, Rows};
-
-/// Deterministic wide-spread logits with some `-inf` entries (never a whole row).
-fn logits(rows: usize, cols: usize, seed: u64, spread: f32, neg_inf_every: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..rows * cols)
-        .map(|i| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let u = ((state >> 40) as f32) / (1u64 << 24) as f32;
-            if i % cols != 0 && neg_inf_every > 0 && ((state >> 20).is_multiple_of(neg_inf_every)) {
-                f32::NEG_INFINITY
-            } else {
-                (u - 0.5) * 2.0 * spread
-            }
-        })
-        .collect()
-}
-
-fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Baseline, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
-}
 
 /// f64 reference of one row's top-k: ids ordered (x desc, id asc) over finite x, logprobs,
 /// tail log-mass. `x` are the kernel's f32 scaled logits.

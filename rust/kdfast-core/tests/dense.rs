@@ -1,28 +1,14 @@
 //! The SIMD paths agree with the scalar (libm) path, and all agree with an f64 reference.
 
+mod common;
+use common::{isas, logits};
 use half::{bf16, f16};
 use kdfast_core::{dense_loss, DenseConfig, Divergence, Elem, Isa, Rows};
 
-/// Deterministic wide-spread logits with some `-inf` entries (never a whole row).
-fn logits(rows: usize, cols: usize, seed: u64, spread: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..rows * cols)
-        .map(|i| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let u = ((state >> 40) as f32) / (1u64 << 24) as f32; // [0, 1)
-            if i % cols != 0 && (state >> 20) % 53 == 0 {
-                f32::NEG_INFINITY
-            } else {
-                (u - 0.5) * 2.0 * spread
-            }
-        })
-        .collect()
-}
-
 /// Student and teacher logits with `-inf` at the same places (so every divergence is finite).
 fn pair(rows: usize, cols: usize, seed: u64, spread: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut zs = logits(rows, cols, seed, spread);
-    let mut zt = logits(rows, cols, seed + 100, spread);
+    let mut zs = logits(rows, cols, seed, spread, 53);
+    let mut zt = logits(rows, cols, seed + 100, spread, 53);
     for (a, b) in zs.iter_mut().zip(zt.iter_mut()) {
         if *a == f32::NEG_INFINITY || *b == f32::NEG_INFINITY {
             (*a, *b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
@@ -102,10 +88,6 @@ const DIVS: [Divergence; 8] = [
     Divergence::SkewForwardKl { skew: 0.0 },
     Divergence::Tvd,
 ];
-
-fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Baseline, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
-}
 
 #[test]
 fn every_isa_matches_f64_reference() {

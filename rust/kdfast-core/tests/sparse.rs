@@ -1,29 +1,12 @@
 //! The sparse-target loss against an f64 reference, across instruction sets; top-k with k = V
 //! and a tail bucket equals dense forward KL; conventions (masking, duplicates, errors).
 
+mod common;
+use common::{isas, logits};
 use half::{bf16, f16};
 use kdfast_core::compress::{compress_sample, compress_topk};
 use kdfast_core::sparse::{sparse_kl, SparseConfig, SparseMode, Targets};
 use kdfast_core::{dense_loss, DenseConfig, Divergence, Elem, Isa, Rows};
-
-fn logits(rows: usize, cols: usize, seed: u64, spread: f32, neg_inf_every: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..rows * cols)
-        .map(|i| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let u = ((state >> 40) as f32) / (1u64 << 24) as f32;
-            if i % cols != 0 && neg_inf_every > 0 && ((state >> 20).is_multiple_of(neg_inf_every)) {
-                f32::NEG_INFINITY
-            } else {
-                (u - 0.5) * 2.0 * spread
-            }
-        })
-        .collect()
-}
-
-fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Baseline, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
-}
 
 struct Tg {
     ids: Vec<i64>,
