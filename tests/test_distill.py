@@ -318,3 +318,30 @@ def test_bad_calls():
         kdfast.DistillationLoss(hard_weight=1.0)(student, teacher, labels[:, :3])
     with pytest.raises(ValueError, match="vocab_size"):
         kdfast.DistillationLoss()(student, teacher[..., :-1])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dense_under_torch_compile_fullgraph(reduction):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, V)
+    loss_fn = kdfast.DistillationLoss("jsd", soft_weight=0.7, hard_weight=0.3, beta=0.3, temperature=2.0,
+                                      reduction=reduction)
+    x = torch.randn(2, 5, 16)
+    teacher = torch.randn(2, 5, V) * 3
+    labels = make_labels((2, 5), seed=14, vocab=V)
+
+    def step(x, teacher, labels, n):
+        return loss_fn(head(x), teacher, labels, num_items_in_batch=n)
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        head.zero_grad()
+        out = fn(x, teacher, labels, torch.tensor(7))
+        out.sum().backward()
+        results.append((out.detach(), head.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)

@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-# ``kdfast bench`` default: about a minute on a 2-core CPU (plus one-off torch.compile
-# compilation the first time, which Inductor caches on disk).
+# ``kdfast bench`` default: a few minutes on a 2-core CPU, mostly process start-up and
+# torch.compile compilation (Inductor caches it on disk, so later runs are quicker).
 BENCH_SIZES = ((1024, 32000),)
 
 

@@ -48,9 +48,9 @@ class Preset:
     teacher_steps: int = 600
     teacher_lr: float = 2e-3
     student_layers: int = 2
-    student_embd: int = 64
+    student_embd: int = 96
     student_heads: int = 2
-    steps: int = 300
+    steps: int = 400
     student_lr: float = 3e-3
     soft_weight: float = 0.9  # KD students: 0.9 · KL + 0.1 · cross-entropy
     temperature: float = 1.0
@@ -64,8 +64,8 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     "default": Preset(),
     "quick": Preset(
-        context=64, batch_size=16, teacher_layers=2, teacher_embd=128, teacher_heads=2, teacher_steps=250,
-        teacher_lr=3e-3, student_layers=1, student_embd=64, student_heads=2, steps=120, student_lr=4e-3,
+        context=64, batch_size=16, teacher_layers=2, teacher_embd=128, teacher_heads=2, teacher_steps=300,
+        teacher_lr=3e-3, student_layers=1, student_embd=64, student_heads=2, steps=250, student_lr=4e-3,
         evals=5, max_train_chunks=1200, max_val_chunks=200,
     ),
 }
@@ -89,6 +89,12 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system, all threads) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _rss_mib() -> float:
@@ -128,12 +134,14 @@ class _Phase:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
+        self._cpu0 = _cpu_seconds()
         return self
 
     def __exit__(self, *exc):
         import torch
 
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = _cpu_seconds() - self._cpu0
         self.peak_mib = _peak_rss_mib()
         self.growth_mib = self.peak_mib - self.start_mib if self.peak_is_phase else float("nan")
         if self.device.type == "cuda":
@@ -364,7 +372,7 @@ def _train_student(kind: str, p: Preset, caches, teacher, val, vocab, seed, devi
 
 def _table(rows: List[dict], unit: str) -> str:
     head = ["model", "params", "steps", f"val loss (nats/{unit})", "perplexity", "gap closed",
-            "train time", "peak RSS", "cache"]
+            "time", "peak RSS", "cache"]
     lines = []
     for r in rows:
         gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
@@ -374,6 +382,9 @@ def _table(rows: List[dict], unit: str) -> str:
             peak += f" (+{max(0.0, r['rss_growth_mib']):.0f})"
         if r.get("cuda_peak_mib") is not None:
             peak += f" (GPU {r['cuda_peak_mib']:.0f} MiB)"
+        if r.get("val_loss") is None:  # a capture
+            lines.append([r["name"], "", "", "", "", "", f"{r['train_seconds']:.1f} s", peak, cache])
+            continue
         lines.append([r["name"], f"{r['params'] / 1e6:.2f} M", str(r["steps"]), f"{r['val_loss']:.4f}",
                       f"{r['perplexity']:.3f}", gap, f"{r['train_seconds']:.1f} s", peak, cache])
     widths = [max(len(head[i]), *(len(l[i]) for l in lines)) for i in range(len(head))]
@@ -441,8 +452,9 @@ def run(args: argparse.Namespace) -> dict:
         g = torch.Generator().manual_seed(seed)
         start = int(torch.randint(0, len(train_chunks) - p.max_train_chunks + 1, (1,), generator=g))
         train_chunks = train_chunks[start: start + p.max_train_chunks]
-    if p.max_val_chunks is not None:
-        val_chunks = val_chunks[: p.max_val_chunks]
+    if p.max_val_chunks is not None and len(val_chunks) > p.max_val_chunks:
+        stride = len(val_chunks) / p.max_val_chunks  # evenly spread over the validation text
+        val_chunks = [val_chunks[int(i * stride)] for i in range(p.max_val_chunks)]
     val = [tok.encode(c)[: p.context] for c in val_chunks]
     val = [v for v in val if len(v) > 1]
     if len(train_chunks) < p.batch_size or not val:
@@ -469,7 +481,8 @@ def run(args: argparse.Namespace) -> dict:
             teacher_steps = p.teacher_steps
             teacher_name = os.path.join(out, "teacher")
             teacher.save_pretrained(teacher_name)
-    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    head = teacher.get_output_embeddings()
+    vocab = int(head.weight.shape[0]) if head is not None else int(teacher.config.vocab_size)
     context = min(p.context, getattr(teacher.config, "n_positions", None)
                   or getattr(teacher.config, "max_position_embeddings", p.context))
     if context != p.context:
@@ -479,6 +492,7 @@ def run(args: argparse.Namespace) -> dict:
     rows.append(dict(name="teacher" + (" (--teacher-dir)" if args.teacher_dir else ""), kind="teacher",
                      params=_params(teacher), steps=teacher_steps, val_loss=teacher_loss,
                      perplexity=math.exp(teacher_loss), train_seconds=teacher_phase.seconds,
+                     cpu_seconds=teacher_phase.cpu_seconds,
                      peak_rss_mib=teacher_phase.peak_mib, rss_growth_mib=teacher_phase.growth_mib,
                      cuda_peak_mib=teacher_phase.cuda_peak_mib))
     log(f"teacher: {_params(teacher) / 1e6:.2f} M parameters, {teacher_steps} steps in {teacher_phase.seconds:.1f} s, "
@@ -497,9 +511,14 @@ def run(args: argparse.Namespace) -> dict:
                 teacher_name=os.path.basename(teacher_name), overwrite=True, verbose=False,
             )
         caches[method] = TeacherCache(path, verify=False)
-        capture_info[method] = dict(seconds=phase.seconds, bytes=summary.bytes, tokens=summary.tokens,
-                                    bytes_per_token=summary.bytes_per_token, peak_rss_mib=phase.peak_mib)
+        capture_info[method] = dict(seconds=phase.seconds, cpu_seconds=phase.cpu_seconds, bytes=summary.bytes,
+                                    tokens=summary.tokens, bytes_per_token=summary.bytes_per_token,
+                                    peak_rss_mib=phase.peak_mib)
         what = f"top-{p.k}" if method == "topk" else f"{p.num_samples} samples"
+        rows.append(dict(name=f"capture: {what} (kdfast capture)", kind=f"capture-{method}",
+                         train_seconds=phase.seconds, cpu_seconds=phase.cpu_seconds, peak_rss_mib=phase.peak_mib,
+                         rss_growth_mib=phase.growth_mib, cuda_peak_mib=phase.cuda_peak_mib,
+                         cache_bytes_per_token=summary.bytes_per_token))
         log(f"capture ({what}, T={p.temperature:g}): {summary.tokens} {tok.unit}s, {summary.bytes / 2**20:.2f} MiB "
             f"= {summary.bytes_per_token:.1f} bytes/{tok.unit}, {phase.seconds:.1f} s -> {path}")
     if len(caches["topk"]) != len(caches["sample"]):
@@ -525,7 +544,8 @@ def run(args: argparse.Namespace) -> dict:
         cache_bpt = capture_info[kind]["bytes_per_token"] if kind in capture_info else None
         rows.append(dict(name=f"student: {label}", kind=kind, params=_params(model), steps=p.steps,
                          val_loss=loss, perplexity=math.exp(loss), gap_closed=gap,
-                         train_seconds=phase.seconds - eval_s, peak_rss_mib=phase.peak_mib,
+                         train_seconds=phase.seconds - eval_s, cpu_seconds=phase.cpu_seconds,
+                         peak_rss_mib=phase.peak_mib,
                          rss_growth_mib=phase.growth_mib,
                          cuda_peak_mib=phase.cuda_peak_mib, cache_bytes_per_token=cache_bpt))
         log(f"student {kind}: validation {loss:.4f} nats/{tok.unit}, {phase.seconds - eval_s:.1f} s")
@@ -538,7 +558,7 @@ def run(args: argparse.Namespace) -> dict:
                  if teacher_phase.peak_is_phase else
                  "peak RSS: resident-set high-water mark of the whole process so far (getrusage)")
     log("\n" + table)
-    log(f"\n{peak_note}; train time excludes validation passes; gap closed = share of the "
+    log(f"\n{peak_note}; time: wall-clock training (or capture) time, validation passes excluded; gap closed = share of the "
         f"labels-only student's gap to the teacher that distillation closed at equal steps.")
     title = (f"kdfast demo: {p.student_layers}×{p.student_embd} student, {p.steps} steps, "
              f"α={p.soft_weight:g}, T={p.temperature:g}")

@@ -50,6 +50,10 @@ _EXTRA = {"jsd": ("beta",), "skew_forward_kl": ("skew",), "skew_reverse_kl": ("s
           "forward_kl": ("tail",), "sparse_kl": ("tail",)}
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _weight(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
@@ -159,7 +163,8 @@ class DistillationLoss(torch.nn.Module):
             raise ValueError("teacher: loss='sparse_kl' expects kdfast.SparseTargets, got a dense tensor of logits")
         if self.hard_weight > 0 and labels is None:
             raise ValueError(f"labels: hard_weight={self.hard_weight} > 0 needs labels for the cross-entropy, got None")
-        num_items = check_num_items(num_items_in_batch)
+        # Under torch.compile a tensor count stays a tensor (no host sync); the losses take it as is.
+        num_items = num_items_in_batch if _compiling() else check_num_items(num_items_in_batch)
         common = dict(labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
                       num_items_in_batch=num_items, **self.loss_kwargs)
 
@@ -200,16 +205,29 @@ class DistillationLoss(torch.nn.Module):
         v = z.shape[-1]
         z2 = z.reshape(-1, v).float()
         y = labels.reshape(-1).to(device=z2.device, dtype=torch.int64)
+        keep = y != self.ignore_index
         if z2.shape[0] == 0:
             rows = z2.sum(-1) * 0.0
         else:
-            keep = y != self.ignore_index
-            bad = keep & ((y < 0) | (y >= v))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"labels: expected class ids in [0, {v}) or ignore_index={self.ignore_index}, got {int(y[bad][0])}"
-                )
+            if not _compiling():
+                bad = keep & ((y < 0) | (y >= v))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"labels: expected class ids in [0, {v}) or ignore_index={self.ignore_index}, "
+                        f"got {int(y[bad][0])}"
+                    )
             rows = F.cross_entropy(z2, y.masked_fill(~keep, 0), reduction="none") * keep
+        if _compiling():  # the reduction as tensor ops: no host sync, no graph break
+            if self.reduction == "none":
+                return rows.reshape(lead)
+            total = rows.sum()
+            if self.reduction == "sum":
+                return total
+            if num_items is not None:
+                d = torch.as_tensor(num_items, dtype=total.dtype, device=total.device).clamp_min(1)
+            else:
+                d = keep.sum().clamp_min(1).to(total.dtype)
+            return total / d
         scale = reduce_scale(self.reduction, rows.shape[0], y, self.ignore_index, num_items)
         if scale is None:
             return rows.reshape(lead)

@@ -99,6 +99,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (other work on the machine skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def emit_result(result: dict[str, Any]) -> None:
     """Worker side: print the result as one tagged JSON line on stdout."""
     sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")

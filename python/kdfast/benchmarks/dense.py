@@ -309,6 +309,7 @@ def run_benchmark(
                          "repeats": repeats, "warmup": warmup}
                     )
     floors, cases = [], []
+    load_before = _measure.load_average()
     t_start = time.perf_counter()
     for i, spec in enumerate(specs, 1):
         t0 = time.perf_counter()
@@ -321,6 +322,7 @@ def run_benchmark(
                 res = run_floor(spec) if spec["kind"] == "floor" else run_case(spec)
             except Exception as exc:
                 res = {**spec, "error": f"{type(exc).__name__}: {exc}"}
+        res["load_average"] = _measure.load_average()  # other work on the machine skews timings
         (floors if spec["kind"] == "floor" else cases).append(res)
         label = f"{spec['n']}x{spec['v']} {spec['dtype']}"
         if spec["kind"] == "floor":
@@ -341,6 +343,7 @@ def run_benchmark(
             "repeats": repeats, "warmup": warmup, "subprocess": subprocess,
             "temperature": TEMPERATURE, "jsd_beta": JSD_BETA, "logit_std": LOGIT_SCALE,
             "wall_s": time.perf_counter() - t_start,
+            "load_average_before": load_before, "load_average_after": _measure.load_average(),
         },
         "floors": floors,
         "cases": cases,
@@ -446,7 +449,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch {m.get('torch')} "
         f"({m.get('torch_threads')} threads), kdfast {m.get('kdfast')}.",
         f"Forward+backward, median of {cfg['repeats']} after {cfg['warmup']} warmup run(s) "
-        f"(compile time excluded); each case in a fresh subprocess: {cfg['subprocess']}.",
+        f"(compile time excluded); each case in a fresh subprocess: {cfg['subprocess']}; "
+        f"load average before/after: {cfg.get('load_average_before')}/{cfg.get('load_average_after')}.",
         "floor = min(torch.add(s, t, out=g), 1.5 × g.copy_(s)) into a preallocated g: one read "
         "of both inputs and one write of a gradient-sized tensor at memory bandwidth; floor+alloc "
         "= torch.add(s, t) into a fresh tensor (adds the page faults of a new gradient). "
