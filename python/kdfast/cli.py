@@ -47,6 +47,9 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true",
                    help="the full sizes: " + ",".join(f"{n}x{v}" for n, v in dense.FULL_SIZES)
                    + " (about 10 minutes on 2 cores)")
+    p.add_argument("--dense-only", action="store_true",
+                   help="skip the offline benchmarks (compress_topk/compress_sample and sparse_kl "
+                   "against PyTorch, at the small sizes of `python -m kdfast.benchmarks.offline --quick`)")
     p.set_defaults(func=_run_bench)
 
 
@@ -57,7 +60,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("kdfast bench: error: --full cannot be combined with --sizes or --quick", file=sys.stderr)
         return 2
     default_sizes = dense.FULL_SIZES if args.full else BENCH_SIZES
-    return dense.run_from_args(args, default_sizes=default_sizes)
+    status = dense.run_from_args(args, default_sizes=default_sizes)
+    if args.dense_only:
+        return status
+    from kdfast.benchmarks import offline
+
+    offline_argv = ["--parts", "compress,loss"] + ([] if args.full else ["--quick"])
+    if args.json:
+        offline_argv += ["--json", args.json.rsplit(".json", 1)[0] + ".offline.json"]
+    return status or offline.main(offline_argv)
 
 
 # ---------------------------------------------------------------------------------------------
