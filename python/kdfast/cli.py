@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 # ``kdfast bench`` default: a few minutes on a 2-core CPU, mostly process start-up and
 # torch.compile compilation (Inductor caches it on disk, so later runs are quicker).
@@ -21,7 +22,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("kdfast")
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed (run from a source tree)
         return "unknown"
 
 
@@ -46,7 +47,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     dense.add_arguments(p, default_sizes=BENCH_SIZES)
     p.add_argument("--full", action="store_true",
                    help="the full sizes: " + ",".join(f"{n}x{v}" for n, v in dense.FULL_SIZES)
-                   + " (about 10 minutes on 2 cores)")
+                   + " (about 20 minutes on 2 cores)")
     p.add_argument("--dense-only", action="store_true",
                    help="skip the offline benchmarks (compress_topk/compress_sample and sparse_kl "
                    "against PyTorch, at the small sizes of `python -m kdfast.benchmarks.offline --quick`)")

@@ -16,7 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 RESULT_PREFIX = "KDFAST_BENCH_RESULT "
 
@@ -94,7 +95,7 @@ def machine_info() -> dict[str, Any]:
         import kdfast
 
         info["kdfast"] = getattr(kdfast, "__version__", None)
-    except Exception as exc:  # the library may not be built yet
+    except Exception as exc:  # noqa: BLE001 - the library may not be built yet
         info["kdfast"] = f"unavailable ({type(exc).__name__}: {exc})"
     return info
 

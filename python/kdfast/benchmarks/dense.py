@@ -30,7 +30,8 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -240,7 +241,7 @@ def _worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
         result = run_floor(spec) if spec["kind"] == "floor" else run_case(spec)
-    except Exception as exc:  # reported, not raised: the parent keeps going
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: the parent keeps going
         result = {**spec, "error": f"{type(exc).__name__}: {exc}"}
     _measure.emit_result(result)
     return 0
@@ -320,7 +321,7 @@ def run_benchmark(
             res = json.loads(json.dumps(spec))
             try:
                 res = run_floor(spec) if spec["kind"] == "floor" else run_case(spec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one failed case does not end the run
                 res = {**spec, "error": f"{type(exc).__name__}: {exc}"}
         res["load_average"] = _measure.load_average()  # other work on the machine skews timings
         (floors if spec["kind"] == "floor" else cases).append(res)
@@ -357,6 +358,8 @@ def run_benchmark(
 def _fmt_s(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} µs"
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
@@ -446,17 +449,17 @@ def format_table(results: dict[str, Any]) -> str:
     cfg = results["config"]
     footer = [
         "",
-        f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch {m.get('torch')} "
-        f"({m.get('torch_threads')} threads), kdfast {m.get('kdfast')}.",
-        f"Forward+backward, median of {cfg['repeats']} after {cfg['warmup']} warmup run(s) "
-        f"(compile time excluded); each case in a fresh subprocess: {cfg['subprocess']}; "
-        f"load average before/after: {cfg.get('load_average_before')}/{cfg.get('load_average_after')}.",
-        "floor = min(torch.add(s, t, out=g), 1.5 × g.copy_(s)) into a preallocated g: one read "
-        "of both inputs and one write of a gradient-sized tensor at memory bandwidth; floor+alloc "
-        "= torch.add(s, t) into a fresh tensor (adds the page faults of a new gradient). "
-        "mem = extra peak RSS of the timed runs (gradient included) in units of one input tensor.",
-        f"Targets (✓/✗): kdfast ≤ {TARGET_VS_COMPILE}× compile, ≤ {TARGET_VS_EAGER}× eager, "
-        f"≤ {TARGET_VS_FLOOR}× floor, extra memory ≤ {TARGET_EXTRA_MEM}× one input.",
+        (f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch {m.get('torch')} "
+         f"({m.get('torch_threads')} threads), kdfast {m.get('kdfast')}."),
+        (f"Forward+backward, median of {cfg['repeats']} after {cfg['warmup']} warmup run(s) "
+         f"(compile time excluded); each case in a fresh subprocess: {cfg['subprocess']}; "
+         f"load average before/after: {cfg.get('load_average_before')}/{cfg.get('load_average_after')}."),
+        ("floor = min(torch.add(s, t, out=g), 1.5 × g.copy_(s)) into a preallocated g: one read "
+         "of both inputs and one write of a gradient-sized tensor at memory bandwidth; floor+alloc "
+         "= torch.add(s, t) into a fresh tensor (adds the page faults of a new gradient). "
+         "mem = extra peak RSS of the timed runs (gradient included) in units of one input tensor."),
+        (f"Targets (✓/✗): kdfast ≤ {TARGET_VS_COMPILE}× compile, ≤ {TARGET_VS_EAGER}× eager, "
+         f"≤ {TARGET_VS_FLOOR}× floor, extra memory ≤ {TARGET_EXTRA_MEM}× one input."),
     ]
     if notes:
         footer += ["", "Problems:"] + notes
