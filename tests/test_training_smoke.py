@@ -35,3 +35,13 @@ def test_linear_student_learns_teacher(name, dtype):
         history.append(loss.item())
     assert all(math.isfinite(v) for v in history)
     assert history[-1] < 0.5 * history[0], history
+
+
+def test_no_grad_skips_the_gradient():
+    """Evaluation under torch.no_grad() returns a plain loss and leaves the student untouched."""
+    student = torch.randn(8, 50, requires_grad=True)
+    teacher = torch.randn(8, 50)
+    with torch.no_grad():
+        loss = kdfast.forward_kl(student, teacher, backend="rust")
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, kdfast.forward_kl(student.detach(), teacher, backend="rust"))

@@ -138,7 +138,9 @@ def _dense(
 
     if backend == "rust":
         spec = (loss, float(param), t, bool(t2_scale))
-        return _RustDense.apply(pair.student, pair, spec, ignore_index, scale)
+        # Under torch.no_grad() a student that requires grad must not cost a gradient.
+        student = pair.student if torch.is_grad_enabled() else pair.student.detach()
+        return _RustDense.apply(student, pair, spec, ignore_index, scale)
 
     rows = _torch_rows(loss, param, pair, t, ignore_index)
     if t2_scale:
