@@ -39,6 +39,7 @@ def test_linear_student_learns_teacher(name, dtype):
 
 def test_no_grad_skips_the_gradient():
     """Evaluation under torch.no_grad() returns a plain loss and leaves the student untouched."""
+    import kdfast
     student = torch.randn(8, 50, requires_grad=True)
     teacher = torch.randn(8, 50)
     with torch.no_grad():
