@@ -200,7 +200,9 @@ class DistillationLoss(torch.nn.Module):
             raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
         lead = student_logits.shape[:-1]
         if labels.shape != lead:
-            raise ValueError(f"labels: expected shape {tuple(lead)} (the leading shape of the logits), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels: expected shape {tuple(lead)} (the leading shape of the logits), got {tuple(labels.shape)}"
+            )
         z = student_logits if self.vocab_size is None else student_logits[..., : self.vocab_size]
         v = z.shape[-1]
         z2 = z.reshape(-1, v).float()
