@@ -23,6 +23,11 @@ import sys
 
 import pytest
 import torch
+
+# Without a GPU, every Triton kernel runs on CPU tensors in Triton's interpreter (style.md
+# item 8). It must be set before any kernel is defined, i.e. before kdfast._triton's modules load.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 

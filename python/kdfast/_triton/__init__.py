@@ -1,0 +1,64 @@
+"""Triton kernels (api.md §1–§3 on CUDA; on CPU tensors under ``TRITON_INTERPRET=1``).
+
+One module per op, each holding its kernel(s), launcher and docstring with the math
+(style.md item 7):
+
+* :mod:`.dense` — the six dense losses, loss and student gradient in one kernel;
+* :mod:`.sparse` — ``sparse_kl`` against top-k / sampled targets;
+* :mod:`.compress` — ``compress_topk`` and ``compress_sample``.
+
+Triton is imported lazily: ``import kdfast`` never needs it, and ``backend="auto"`` only picks
+these kernels for CUDA tensors when Triton is importable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (``TRITON_INTERPRET=1``, CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def usable(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors on ``device``."""
+    if not importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting()
+
+
+def check_usable(device: torch.device) -> None:
+    """Raise the ``ValueError`` of ``backend="triton"`` when the kernels cannot run on ``device``."""
+    if usable(device):
+        return
+    if not importable():
+        raise ValueError("backend: 'triton' needs the triton package, which is not importable here; "
+                         "use 'auto', 'rust' or 'torch'")
+    raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+                     f"got tensors on {device}; use 'auto', 'rust' or 'torch'")
+
+
+def auto_backend(device: torch.device) -> str:
+    """What ``backend="auto"`` means for tensors on ``device``: Rust on CPU, Triton on CUDA
+    (when importable), else the PyTorch reference."""
+    if device.type == "cpu":
+        return "rust"
+    if device.type == "cuda" and importable():
+        return "triton"
+    return "torch"
