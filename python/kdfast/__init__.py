@@ -9,6 +9,9 @@ Offline distillation (api.md §2): :func:`compress_topk` / :func:`compress_sampl
 logits into :class:`SparseTargets`, :func:`sparse_kl` is the loss against them, and
 :func:`encode_targets` / :func:`decode_targets` pack them for storage.
 
+Fused linear (api.md §3): :func:`fused_linear_distill_loss` computes any of these losses from
+hidden states and the LM head chunk by chunk, never holding the ``[N, V]`` logits.
+
 Training loops (api.md §4): :class:`DistillationLoss` mixes a distillation loss with the
 cross-entropy on the labels; :mod:`kdfast.integrations.transformers` has a Hugging Face Trainer.
 """
@@ -17,6 +20,7 @@ from . import reference
 from ._kdfast import __version__
 from ._validate import DtypeError
 from .distill import DistillationLoss
+from .fused_linear import fused_linear_distill_loss
 from .losses import forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
 from .sparse import (
     EncodedTargets,
@@ -46,4 +50,5 @@ __all__ = [
     "encode_targets",
     "decode_targets",
     "DistillationLoss",
+    "fused_linear_distill_loss",
 ]

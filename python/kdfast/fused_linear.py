@@ -1,0 +1,569 @@
+"""Distillation losses fused with the LM head: no ``[N, V]`` logits in memory (api.md §3).
+
+For hidden states ``h`` ``[N, H]``, a head ``W`` ``[V, H]`` (bias ``b``) and a per-row loss
+ℓ(z_s, teacher) of :mod:`kdfast.losses` or :func:`kdfast.sparse_kl`, with ``z_s = h Wᵀ + b``::
+
+    L = Σ_r w_r ℓ_r            (w_r = 1/D for "mean", 1 for "sum")
+    ∂L/∂h = G W,   ∂L/∂W = Gᵀ h,   ∂L/∂b = Σ_r G_r,   G = ∂L/∂z_s   [N, V]
+
+Rows are processed in chunks of C tokens. For each chunk the student logits are computed with
+float32 accumulation *and* a float32 result (bf16-rounded logits are what made Liger's fused
+bf16 gradients 4–23 % wrong), the loss kernel turns them into that chunk's ``G`` (the Triton
+kernel in place, the Rust kernel into one reused buffer), and ``∂L/∂h`` (that chunk's rows) and
+``∂L/∂W``, ``∂L/∂b`` (accumulated) are formed at once, so backward only scales by the
+incoming gradient. Peak memory is O(C · V) beyond the inputs and the gradients, flat in N.
+
+The default C keeps a chunk's float32 logits near 64 MiB on CPU and 1 GiB on CUDA. That is the
+other half of the speed story: every chunk pays one ``V × H`` update of ``∂L/∂W``, so small
+chunks at small N (Liger's ~33-row chunks at N = 1024) make the fused loss several times slower
+than the unfused one; with large chunks N ≤ C is a single chunk, exactly the unfused work.
+
+With ``reduction="none"`` the row weights are only known in backward, which then recomputes
+each chunk's logits (one extra matmul per chunk) instead of keeping ``G``.
+
+The whole computation is the custom op ``kdfast::fused_linear`` (with a fake implementation
+and autograd formula), so it runs unchanged inside ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _native, _triton, reference
+from . import reference_sparse as _ref_sparse
+from ._validate import (
+    DtypeError,
+    check_backend,
+    check_int,
+    check_num_items,
+    check_real,
+    check_reduction,
+    check_temperature,
+)
+from .sparse import TAILS, SparseTargets
+
+__all__ = ["fused_linear_distill_loss"]
+
+DENSE_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+_HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Elements of one chunk's float32 logits (64 MiB on CPU, 1 GiB on CUDA).
+_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
+
+
+# ----------------------------------------------------------------------------- per-chunk math
+
+
+def _logits_f32(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], w32: Optional[torch.Tensor]) -> torch.Tensor:
+    """``h wᵀ + b`` as a float32 ``[C, V]`` tensor, accumulated in float32."""
+    if w32 is not None:  # CPU half precision: one float32 copy of the head per call
+        z = h.float() @ w32.t()
+    elif h.dtype == torch.float32 and w.dtype == torch.float32:
+        z = h @ w.t()
+    else:  # CUDA half precision: float32 output straight from the tensor cores
+        z = _mm_f32(h, w.t().to(h.dtype))
+    if b is not None:
+        z = z + b.to(z.dtype)
+    return z
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # a PyTorch without mm(..., out_dtype): upcast instead
+        return a.float() @ b.float()
+
+
+def _chunk_rows_and_grad(spec, backend, z, teacher, labels, weight, need_grad, buf=None):
+    """Per-row losses of one chunk and (when ``need_grad``) ``G = ∂(Σ w_r ℓ_r)/∂z``.
+
+    ``teacher`` is the chunk's teacher logits or its ``(ids, lp, w, tail)`` target arrays;
+    ``weight`` a 0-d tensor (all rows) or the chunk's ``[C]`` row weights. The Triton kernels
+    write ``G`` over ``z`` in place; the Rust kernels into ``buf`` (a reused ``[≥C, V]``
+    buffer: the kernels read and write through separate slices, so they may not alias).
+    """
+    loss, mode, param, temperature, t2_scale, ignore_index = spec
+    c = z.shape[0]
+    rows = torch.empty(c, dtype=torch.float32, device=z.device)
+    per_row = weight.dim() == 1
+    if backend == "rust":
+        grad = (buf[:c] if buf is not None else torch.empty_like(z)) if need_grad else None
+        scale = 1.0 if per_row else float(weight)
+    else:
+        grad = z if need_grad else None
+        scale = torch.ones((), device=z.device) if per_row else weight.to(torch.float32)
+    if mode:
+        ids, lp, w, tail = teacher
+        call = _native.sparse_call if backend == "rust" else _triton_sparse().sparse_call
+        call(mode, z, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, scale, rows, grad)
+    else:
+        call = _native.dense_call if backend == "rust" else _triton_dense().dense_call
+        call(loss, param, z, teacher, labels, ignore_index, temperature, t2_scale, scale, rows, grad)
+    if need_grad and per_row:
+        grad.mul_(weight.to(grad.dtype).unsqueeze(1))
+    return rows, grad
+
+
+def _triton_dense():
+    from ._triton import dense
+
+    return dense
+
+
+def _triton_sparse():
+    from ._triton import sparse
+
+    return sparse
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+
+@torch.library.custom_op("kdfast::fused_linear", mutates_args=())
+def _fused_linear_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    teacher_hidden: Optional[torch.Tensor],
+    teacher_weight: Optional[torch.Tensor],
+    teacher_bias: Optional[torch.Tensor],
+    teacher_logits: Optional[torch.Tensor],
+    ids: Optional[torch.Tensor],
+    logprobs: Optional[torch.Tensor],
+    sample_weights: Optional[torch.Tensor],
+    tail: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    row_weight: torch.Tensor,
+    loss: str,
+    mode: str,
+    param: float,
+    temperature: float,
+    t2_scale: bool,
+    ignore_index: int,
+    vocab: int,
+    chunk: int,
+    backend: str,
+    reduce: bool,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, ∂/∂hidden, ∂/∂weight, ∂/∂bias)`` of ``L = Σ_r row_weight_r ℓ_r``.
+
+    ``out`` is L (0-d) when ``reduce``, else the rows ℓ ``[N]``; a gradient not asked for is an
+    empty tensor. ``row_weight`` is 0-d or ``[N]``. Only the first ``vocab`` rows of the heads
+    take part; the rest of ``∂/∂weight`` and ``∂/∂bias`` is 0.
+    """
+    n, h_dim = hidden.shape
+    dev = hidden.device
+    w_used = weight[:vocab]
+    # CPU matmuls in half precision round their output: multiply by a float32 copy instead.
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    w32 = w_used.float() if (dev.type == "cpu" and half) else None
+    tw32 = None
+    if teacher_weight is not None:
+        tw_used = teacher_weight[:vocab]
+        if dev.type == "cpu" and teacher_weight.dtype in (torch.bfloat16, torch.float16):
+            tw32 = tw_used.float()
+
+    need_grad = need_hidden or need_weight or need_bias
+    rows_all = torch.empty(n, dtype=torch.float32, device=dev)
+    g_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    # ∂/∂W accumulates over chunks in float32 on CPU and for one-chunk float32 heads; on CUDA a
+    # half-precision head accumulates in its own dtype (one rounding per chunk; chunks are few).
+    acc_dtype = weight.dtype if (dev.type == "cuda" and half) else torch.float32
+    g_w_acc = torch.zeros((vocab, h_dim), dtype=acc_dtype, device=dev) if need_weight else None
+    g_b_acc = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
+
+    spec = (loss, mode, param, temperature, t2_scale, ignore_index)
+    buf = torch.empty((min(chunk, n), vocab), dtype=torch.float32) if (backend == "rust" and need_grad) else None
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        h_c = hidden[c0:c1]
+        z = _logits_f32(h_c, w_used, None if bias is None else bias[:vocab], w32)
+        if mode:
+            sel = (lambda t: None if t is None else t[c0:c1])
+            teacher = (ids[c0:c1], logprobs[c0:c1], sel(sample_weights), sel(tail))
+        elif teacher_logits is not None:
+            teacher = teacher_logits[c0:c1, :vocab]
+        else:
+            tb = None if teacher_bias is None else teacher_bias[:vocab]
+            teacher = _logits_f32(teacher_hidden[c0:c1], tw_used, tb, tw32)
+        w_c = row_weight[c0:c1] if row_weight.dim() == 1 else row_weight
+        lab = None if labels is None else labels[c0:c1]
+        rows, g = _chunk_rows_and_grad(spec, backend, z, teacher, lab, w_c, need_grad, buf)
+        rows_all[c0:c1] = rows
+        if not need_grad:
+            continue
+        if need_hidden:
+            if w32 is not None:
+                g_hidden[c0:c1] = g @ w32
+            else:
+                g_hidden[c0:c1] = g.to(w_used.dtype) @ w_used
+        if need_weight:
+            g_lo = g.to(acc_dtype)
+            g_w_acc.addmm_(g_lo.t(), h_c.to(acc_dtype))
+        if need_bias:
+            g_b_acc += g.sum(0).to(g_b_acc.dtype)
+        del z, g
+
+    out = (rows_all * row_weight).sum() if reduce else rows_all
+    if need_weight:
+        g_weight = torch.zeros_like(weight)
+        g_weight[:vocab] = g_w_acc
+    else:
+        g_weight = weight.new_empty(0)
+    if need_bias:
+        g_bias = torch.zeros_like(bias)
+        g_bias[:vocab] = g_b_acc
+    else:
+        g_bias = hidden.new_empty(0)
+    return out, g_hidden, g_weight, g_bias
+
+
+@_fused_linear_op.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, ids, logprobs,
+      sample_weights, tail, labels, row_weight, loss, mode, param, temperature, t2_scale, ignore_index,
+      vocab, chunk, backend, reduce, need_hidden, need_weight, need_bias):
+    n = hidden.shape[0]
+    out = hidden.new_empty((), dtype=torch.float32) if reduce else hidden.new_empty(n, dtype=torch.float32)
+    g_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    g_w = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    g_b = torch.empty_like(bias) if need_bias else hidden.new_empty(0)
+    return out, g_h, g_w, g_b
+
+
+_N_OP_ARGS = 26
+_ROW_WEIGHT, _REDUCE, _NEEDS = 12, 22, slice(23, 26)
+
+
+def _setup(ctx, inputs, output):
+    ctx.reduce = inputs[_REDUCE]
+    ctx.needs = inputs[_NEEDS]
+    if ctx.reduce:
+        ctx.save_for_backward(*output[1:])
+    else:  # "none": recompute in backward with the incoming per-row weights
+        tensors = [x if isinstance(x, torch.Tensor) else None for x in inputs[:_ROW_WEIGHT]]
+        ctx.save_for_backward(*tensors)
+        ctx.scalars = inputs[_ROW_WEIGHT + 1:_REDUCE]
+
+
+def _backward(ctx, grad_out, _gh, _gw, _gb):
+    needs = tuple(ctx.needs_input_grad[i] for i in range(3))
+    if ctx.reduce:
+        grads = [g * grad_out.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, needs)]
+    else:
+        inputs = ctx.saved_tensors
+        _, g_h, g_w, g_b = _fused_linear_op(*inputs, grad_out, *ctx.scalars, True, *needs)
+        grads = [g if need else None for g, need in zip((g_h, g_w, g_b), needs)]
+    return tuple(grads) + (None,) * (_N_OP_ARGS - 3)
+
+
+_fused_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- the public function
+
+_KWARGS = {"temperature", "t2_scale", "labels", "ignore_index", "reduction", "num_items_in_batch",
+           "vocab_size", "backend", "beta", "skew", "tail"}
+
+
+def _matrix(x, name: str, dim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _HIDDEN_DTYPES:
+        raise DtypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
+    if dim == 2 and x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [V, H] weight, got shape {tuple(x.shape)}")
+    if dim == 1 and x.dim() < 1:
+        raise ValueError(f"{name}: expected [..., H] hidden states, got a 0-d tensor")
+    return x
+
+
+def _check_bias(bias, name: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    if bias is None:
+        return None
+    bias = _matrix(bias, name, 0)
+    if bias.shape != weight.shape[:1]:
+        raise ValueError(f"{name}: expected shape ({weight.shape[0]},) (one entry per vocabulary row), got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"{name}: expected device {weight.device}, got {bias.device}")
+    return bias
+
+
+def _resolve(backend: str, device: torch.device, wide: bool) -> str:
+    if wide:  # float64: exact on the PyTorch reference only
+        if backend in ("rust", "triton"):
+            raise DtypeError(f"backend: {backend!r} computes in float32; float64 inputs need backend='torch' or 'auto'")
+        return "torch"
+    if backend == "auto":
+        return _triton.auto_backend(device)
+    if backend == "rust" and device.type != "cpu":
+        raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {device}; use backend='auto'")
+    if backend == "triton":
+        _triton.check_usable(device)
+    return backend
+
+
+def _row_weight(reduction, n, labels, ignore_index, num_items, device, dtype):
+    """The 0-d weight of every row (``1`` for sum, ``1/D`` for mean), as a tensor: no host sync."""
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=device)
+    if num_items is not None:
+        d = num_items.to(device=device, dtype=dtype) if isinstance(num_items, torch.Tensor) else torch.tensor(float(num_items), dtype=dtype, device=device)
+    elif labels is not None:
+        d = (labels != ignore_index).sum().to(dtype)
+    else:
+        d = torch.tensor(float(n), dtype=dtype, device=device)
+    return 1.0 / d.reshape(()).clamp_min(1.0)
+
+
+def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=None, teacher_weight=None,
+                              teacher_logits=None, targets=None, loss="forward_kl", student_bias=None,
+                              teacher_bias=None, chunk_size=None, **loss_kwargs) -> torch.Tensor:
+    """A distillation loss on ``student_hidden @ student_weightᵀ (+ student_bias)`` without ever
+    holding the ``[N, V]`` logits.
+
+    Equal (within float32 rounding) to calling the unfused loss on the materialised logits:
+    ``kdfast.<loss>(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, **loss_kwargs)``, or ``kdfast.sparse_kl(...,
+    targets)``. Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``;
+    the teacher never receives one.
+
+    Args:
+        student_hidden: ``[..., H]`` float32/bfloat16/float16 (float64 on the torch backend).
+        student_weight: ``[V_s, H]``; ``student_bias``: ``[V_s]`` or None.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher as hidden states ``[..., H_t]``
+            (same leading shape) and head ``[V_t, H_t]`` (+ bias), or
+        teacher_logits: ``[..., V_t]``, or
+        targets: :class:`kdfast.SparseTargets` (then the loss is :func:`kdfast.sparse_kl`).
+            Exactly one of the three teacher forms.
+        loss: one of the dense losses (``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``,
+            ``"skew_forward_kl"``, ``"skew_reverse_kl"``, ``"tvd"``); with ``targets``,
+            ``"forward_kl"`` or ``"sparse_kl"``.
+        chunk_size: tokens per chunk; default keeps a chunk's float32 logits near 64 MiB (CPU)
+            or 1 GiB (CUDA). Peak extra memory is O(chunk_size · V).
+        **loss_kwargs: those of the loss: ``temperature``, ``t2_scale``, ``labels``,
+            ``ignore_index``, ``reduction``, ``num_items_in_batch``, ``vocab_size``, ``backend``,
+            ``beta`` (jsd), ``skew`` (skew KLs), ``tail`` (sparse).
+
+    Returns:
+        float32 loss (float64 for float64 inputs), reduced as asked.
+    """
+    unknown = set(loss_kwargs) - _KWARGS
+    if unknown:
+        raise TypeError(f"fused_linear_distill_loss: unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    h = _matrix(student_hidden, "student_hidden", 1)
+    w = _matrix(student_weight, "student_weight", 2)
+    if w.device != h.device:
+        raise ValueError(f"student_weight: expected the device of student_hidden ({h.device}), got {w.device}")
+    lead, h_dim = h.shape[:-1], h.shape[-1]
+    if w.shape[1] != h_dim:
+        raise ValueError(f"student_weight: expected [V, {h_dim}] (H of student_hidden), got {tuple(w.shape)}")
+    b = _check_bias(student_bias, "student_bias", w)
+    forms = [name for name, x in (("teacher_hidden/teacher_weight", teacher_hidden if teacher_hidden is not None else teacher_weight),
+                                  ("teacher_logits", teacher_logits), ("targets", targets)) if x is not None]
+    if len(forms) != 1:
+        raise ValueError(f"expected exactly one teacher: teacher_hidden+teacher_weight, teacher_logits or targets; got {forms or 'none'}")
+
+    reduction = check_reduction(loss_kwargs.get("reduction", "mean"))
+    backend = check_backend(loss_kwargs.get("backend", "auto"))
+    ignore_index = check_int(loss_kwargs.get("ignore_index", -100), "ignore_index")
+    t2_scale = loss_kwargs.get("t2_scale", False)
+    if not isinstance(t2_scale, (bool, int)):
+        raise TypeError(f"t2_scale: expected a bool, got {type(t2_scale).__name__}")
+    num_items = loss_kwargs.get("num_items_in_batch")
+    if isinstance(num_items, torch.Tensor):  # kept a tensor: no host sync (clamped to ≥ 1 later)
+        if num_items.numel() != 1 or num_items.dtype.is_complex:
+            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape {tuple(num_items.shape)}")
+    else:
+        num_items = check_num_items(num_items)
+    labels = _check_labels(loss_kwargs.get("labels"), lead, h.device)
+    v_s = w.shape[0]
+
+    th = tw = tb = tlog = ids = lp = sw = tail_lp = None
+    mode, param = "", 0.0
+    if targets is not None:
+        if loss not in ("forward_kl", "sparse_kl"):
+            raise ValueError(f"loss: with sparse targets the loss is sparse_kl (loss='forward_kl' or 'sparse_kl'), got {loss!r}")
+        for key in ("beta", "skew", "vocab_size"):
+            if key in loss_kwargs:
+                raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to sparse targets")
+        ids, lp, sw, tail_lp, mode, t = _sparse_inputs(targets, loss_kwargs, lead, h.device, v_s)
+        vocab = v_s
+        loss = "sparse_kl"
+    else:
+        if loss not in DENSE_LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(map(repr, DENSE_LOSSES))}, got {loss!r}")
+        if "tail" in loss_kwargs:
+            raise TypeError("fused_linear_distill_loss: 'tail' applies only to sparse targets")
+        param = _loss_param(loss, loss_kwargs)
+        t = check_temperature(loss_kwargs.get("temperature", 1.0))
+        if teacher_logits is not None:
+            tlog = _matrix(teacher_logits, "teacher_logits", 1)
+            if tlog.shape[:-1] != lead:
+                raise ValueError(f"teacher_logits: expected leading shape {tuple(lead)} (that of student_hidden), got {tuple(tlog.shape)}")
+            if tlog.device != h.device:
+                raise ValueError(f"teacher_logits: expected device {h.device}, got {tlog.device}")
+            v_t = tlog.shape[-1]
+            tlog = tlog.detach().reshape(-1, v_t)
+        else:
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError("teacher_hidden and teacher_weight: expected both (the teacher's hidden states and head)")
+            th = _matrix(teacher_hidden, "teacher_hidden", 1)
+            tw = _matrix(teacher_weight, "teacher_weight", 2)
+            if th.shape[:-1] != lead:
+                raise ValueError(f"teacher_hidden: expected leading shape {tuple(lead)} (that of student_hidden), got {tuple(th.shape)}")
+            if tw.shape[1] != th.shape[-1]:
+                raise ValueError(f"teacher_weight: expected [V, {th.shape[-1]}] (H of teacher_hidden), got {tuple(tw.shape)}")
+            for name, x in (("teacher_hidden", th), ("teacher_weight", tw)):
+                if x.device != h.device:
+                    raise ValueError(f"{name}: expected device {h.device}, got {x.device}")
+            tb = _check_bias(teacher_bias, "teacher_bias", tw)
+            th, tw = th.detach().reshape(-1, th.shape[-1]), tw.detach()
+            tb = None if tb is None else tb.detach()
+            v_t = tw.shape[0]
+        vocab = _vocab(loss_kwargs.get("vocab_size"), v_s, v_t)
+
+    n = h.numel() // h_dim if h_dim else 0
+    wide = torch.float64 in (h.dtype, w.dtype)
+    backend = _resolve(backend, h.device, wide)
+    out_dtype = torch.float64 if wide else torch.float32
+    h2 = h.reshape(n, h_dim)
+    if n == 0:
+        zero = (h2.sum() * 0.0 + w.sum() * 0.0).to(out_dtype)
+        return zero.expand(lead) if reduction == "none" else zero
+    if chunk_size is None:
+        chunk = max(1, _CHUNK_ELEMS.get(h.device.type, 1 << 24) // vocab)
+    else:
+        chunk = check_int(chunk_size, "chunk_size")
+        if chunk < 1:
+            raise ValueError(f"chunk_size: expected an integer ≥ 1, got {chunk}")
+    chunk = min(chunk, n)
+
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and h.requires_grad, grad_on and w.requires_grad, grad_on and b is not None and b.requires_grad)
+    reduce = reduction != "none"
+    if reduce:
+        row_weight = _row_weight(reduction, n, labels, ignore_index, num_items, h.device, out_dtype)
+    else:
+        row_weight = torch.ones((), dtype=out_dtype, device=h.device)
+    teacher = (th, tw, tb, tlog, ids, lp, sw, tail_lp)
+    spec = (loss, mode, float(param), float(t), bool(t2_scale), ignore_index)
+    if backend == "torch":
+        rows = _torch_rows(h2, w, b, teacher, labels, spec, vocab, chunk)
+        return (rows * row_weight).sum() if reduce else rows.reshape(lead)
+    out = _fused_linear_op(h2, w, b, *teacher, labels, row_weight, *spec[:2], *spec[2:], vocab, chunk, backend,
+                           reduce, *(needs if reduce else (False, False, False)))[0]
+    return out if reduce else out.reshape(lead)
+
+
+def _torch_rows(h2, w, b, teacher, labels, spec, vocab, chunk) -> torch.Tensor:
+    """The pure-PyTorch backend (float64, devices without kernels, the reference): plain autograd
+    through the unfused losses, each chunk checkpointed so its logits are freed after forward and
+    recomputed in backward: memory stays O(chunk · V)."""
+    n = h2.shape[0]
+    wide = torch.float64 in (h2.dtype, w.dtype)
+    keep = None
+    if labels is not None and not torch.compiler.is_compiling():
+        keep = (labels != spec[5]).nonzero().squeeze(1)  # eager: masked rows are never computed
+    parts = []
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        idx = torch.arange(c0, c1, device=h2.device) if keep is None else keep[(keep >= c0) & (keep < c1)]
+        # Teacher hidden states, logits and target arrays are per row; its head (tw, tb) is shared.
+        t_c = [x if (x is None or i in (1, 2)) else x[idx] for i, x in enumerate(teacher)]
+        parts.append(torch.utils.checkpoint.checkpoint(
+            _torch_chunk_rows, h2[idx], w, b, *t_c, spec=spec, vocab=vocab, wide=wide, use_reentrant=False))
+    rows = torch.cat(parts)
+    if keep is not None:
+        rows = rows.new_zeros(n).index_put((keep,), rows)
+    elif labels is not None:
+        rows = torch.where(labels != spec[5], rows, 0.0)
+    return rows
+
+
+def _torch_chunk_rows(h, w, b, th, tw, tb, tlog, ids, lp, sw, tail, *, spec, vocab, wide):
+    loss, mode, param, temperature, t2_scale, _ = spec
+    dt = torch.float64 if wide else torch.float32
+    z = h.to(dt) @ w[:vocab].to(dt).t()
+    if b is not None:
+        z = z + b[:vocab].to(dt)
+    if mode:
+        rows = _ref_sparse.sparse_rows(z, ids, lp, sw, tail, temperature, mode)
+    else:
+        if tlog is not None:
+            t_logits = tlog[:, :vocab]
+        else:
+            t_logits = th.to(dt) @ tw[:vocab].to(dt).t()
+            if tb is not None:
+                t_logits = t_logits + tb[:vocab].to(dt)
+        rows = reference.row_losses(loss, param, z, t_logits, temperature)
+    if t2_scale:
+        rows = rows * (temperature * temperature)
+    return rows.to(dt)
+
+
+def _check_labels(labels, lead, device) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DtypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(f"labels: expected shape {tuple(lead)} (the leading shape of student_hidden), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels: expected device {device}, got {labels.device}")
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _loss_param(loss: str, kw: dict) -> float:
+    extra = {"jsd": "beta"}.get(loss, "skew" if loss.startswith("skew") else None)
+    for key in ("beta", "skew"):
+        if key in kw and key != extra:
+            raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to loss={loss!r}")
+    if loss == "jsd":
+        return check_real(kw.get("beta", 0.5), "beta", low=0.0, high=1.0)
+    if extra == "skew":
+        return check_real(kw.get("skew", 0.1), "skew", low=0.0, high=1.0, high_open=True)
+    return 0.0
+
+
+def _vocab(vocab_size, v_s: int, v_t: int) -> int:
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(f"vocab_size: the student head has vocabulary size {v_s} but the teacher has {v_t}; "
+                             f"pass vocab_size=... to use only the first entries of both")
+        return v_s
+    v = check_int(vocab_size, "vocab_size")
+    if not 1 <= v <= min(v_s, v_t):
+        raise ValueError(f"vocab_size: expected 1 <= vocab_size <= min({v_s}, {v_t}) (student, teacher vocabulary sizes), got {v}")
+    return v
+
+
+def _sparse_inputs(targets, kw: dict, lead, device, v_s: int):
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"targets: expected kdfast.SparseTargets, got {type(targets).__name__}")
+    tail = kw.get("tail", "bucket")
+    if tail not in TAILS:
+        raise ValueError(f"tail: expected 'bucket' or 'renorm', got {tail!r}")
+    if targets.shape != lead:
+        raise ValueError(f"targets: expected leading shape {tuple(lead)} (that of student_hidden), got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"targets: expected the device of student_hidden ({device}), got {targets.device}")
+    t = kw.get("temperature")
+    t = targets.temperature if t is None else check_temperature(t)
+    mode = "sampled" if targets.method == "sample" else tail
+    k = targets.k
+    ids = targets.indices.detach().reshape(-1, k).to(torch.int64).contiguous()
+    if not torch.compiler.is_compiling() and ids.numel() and bool(((ids < -1) | (ids >= v_s)).any()):
+        bad = ids[(ids < -1) | (ids >= v_s)][0].item()
+        raise ValueError(f"targets.indices: expected vocabulary ids in [0, {v_s}) (the student head's vocabulary size) "
+                         f"or -1 for an unused slot, got {bad}")
+    lp = targets.logprobs.detach().reshape(-1, k).to(torch.float32).contiguous()
+    sw = None if mode != "sampled" else targets.weights.detach().reshape(-1, k).to(torch.float32).contiguous()
+    tail_lp = None
+    if mode == "bucket" and targets.tail_logprob is not None:
+        tail_lp = targets.tail_logprob.detach().reshape(-1).to(torch.float32).contiguous()
+    return ids, lp, sw, tail_lp, mode, t
