@@ -50,7 +50,8 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
                    + " (about 20 minutes on 2 cores)")
     p.add_argument("--dense-only", action="store_true",
                    help="skip the offline benchmarks (compress_topk/compress_sample and sparse_kl "
-                   "against PyTorch, at the small sizes of `python -m kdfast.benchmarks.offline --quick`)")
+                   "against PyTorch, at the small sizes of `python -m kdfast.benchmarks.offline --quick`) "
+                   "and the fused-linear one (`python -m kdfast.benchmarks.fused_linear`)")
     p.set_defaults(func=_run_bench)
 
 
@@ -66,10 +67,16 @@ def _run_bench(args: argparse.Namespace) -> int:
         return status
     from kdfast.benchmarks import offline
 
+    from kdfast.benchmarks import fused_linear
+
     offline_argv = ["--parts", "compress,loss"] + ([] if args.full else ["--quick"])
+    fused_argv = ["--device", "cpu"] + ([] if args.full else ["--quick"])
     if args.json:
-        offline_argv += ["--json", args.json.rsplit(".json", 1)[0] + ".offline.json"]
-    return status or offline.main(offline_argv)
+        stem = args.json.rsplit(".json", 1)[0]
+        offline_argv += ["--json", stem + ".offline.json"]
+        fused_argv += ["--json", stem + ".fused_linear.json"]
+    status = status or offline.main(offline_argv)
+    return status or fused_linear.main(fused_argv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,152 @@
+"""The GPU benchmark of BENCHMARKS.md: kdfast's Triton kernels against PyTorch eager,
+``torch.compile`` and Liger-Kernel, forward+backward time and peak memory on one CUDA device.
+
+* dense ``jsd`` and ``forward_kl`` at BT=8192, V=128256, bf16: ``eager`` (the references of
+  :mod:`kdfast.benchmarks.dense`), ``compile`` (the same under ``torch.compile``), ``liger``
+  (``LigerJSD`` / ``LigerKLDIVLoss``, fed ``log_softmax`` of the logits, as its API requires;
+  that ``log_softmax`` is part of the timed step) and ``kdfast`` (``backend="triton"``);
+* fused linear (H=4096, V=128256, BT ∈ {1024, 4096, 8192}, bf16): :mod:`.fused_linear`.
+
+Memory is ``torch.cuda.max_memory_allocated()`` over the timed runs minus what was allocated
+before them (inputs), in MiB. Run ``python -m kdfast.benchmarks.gpu [--quick] [--json PATH]``;
+``benches/gpu_check.sh`` runs it on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdfast.benchmarks import _measure, fused_linear
+from kdfast.benchmarks.dense import DTYPES, EAGER, JSD_BETA, LOGIT_SCALE, TEMPERATURE, _fmt_s
+
+DENSE_SIZES = ((8192, 128256),)
+QUICK_DENSE = ((1024, 32000),)
+QUICK_FUSED = ((1024, 1024, 32000), (4096, 1024, 32000))
+IMPLS = ("eager", "compile", "liger", "kdfast")
+
+
+def _liger(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+
+    if loss == "jsd":
+        mod = LigerJSD(beta=JSD_BETA)
+        return lambda s, t: mod(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1))
+    mod = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    return lambda s, t: mod(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1))
+
+
+def dense_step(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if impl == "eager":
+        return EAGER[loss]
+    if impl == "compile":
+        return torch.compile(EAGER[loss])
+    if impl == "liger":
+        return _liger(loss)
+    import kdfast
+
+    kwargs: dict[str, Any] = {"temperature": TEMPERATURE, "backend": "triton"}
+    if loss == "jsd":
+        kwargs["beta"] = JSD_BETA
+    fn = getattr(kdfast, loss)
+    return lambda s, t: fn(s, t, **kwargs)
+
+
+def run_dense_case(loss: str, impl: str, n: int, v: int, dtype: str, repeats: int, warmup: int) -> dict[str, Any]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = (torch.randn(n, v, device="cuda", generator=g) * LOGIT_SCALE).to(DTYPES[dtype]).requires_grad_(True)
+    t = (torch.randn(n, v, device="cuda", generator=g) * LOGIT_SCALE).to(DTYPES[dtype])
+    step = dense_step(loss, impl)
+
+    def run():
+        out = step(s, t)
+        out.backward()
+        return out
+
+    def reset():
+        s.grad = None
+
+    times, extra, out = fused_linear.measure_step(run, reset, "cuda", repeats, warmup)
+    return {"loss": loss, "impl": impl, "n": n, "v": v, "dtype": dtype, "time_s": _measure.median(times),
+            "times_s": times, "extra_peak_bytes": extra, "loss_value": float(out.detach()),
+            "grad_norm": float(s.grad.float().norm()), "grad_dtype": str(s.grad.dtype)}
+
+
+def dense_table(cases: list[dict[str, Any]]) -> str:
+    impls = [i for i in IMPLS if any(c["impl"] == i for c in cases)]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for c in cases:
+        groups.setdefault((c["loss"], c["n"], c["v"], c["dtype"]), {})[c["impl"]] = c
+    others = [i for i in impls if i != "kdfast"]
+    head = ["loss", "BT×V", "dtype"] + [f"time {i}" for i in impls] + [f"kd/{i}" for i in others] + [f"MiB {i}" for i in impls]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (loss, n, v, dt), by in groups.items():
+        ok = {i: c for i, c in by.items() if "error" not in c}
+        kd = ok.get("kdfast", {}).get("time_s")
+        cells = [loss, f"{n}×{v}", dt]
+        cells += [_fmt_s(ok[i]["time_s"]) if i in ok else ("error" if i in by else "-") for i in impls]
+        cells += [f"{kd / ok[i]['time_s']:.2f}" if (kd and i in ok) else "-" for i in others]
+        cells += [f"{ok[i]['extra_peak_bytes'] / 2**20:.0f}" if i in ok else "-" for i in impls]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"- {c['loss']} {c['n']}×{c['v']} {c['impl']}: {c['error']}" for c in cases if "error" in c]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kdfast.benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the script)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--parts", default="dense,fused", help="comma-separated subset of dense,fused")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kdfast.benchmarks.gpu: no CUDA device", file=sys.stderr)
+        return 2
+    impls = list(IMPLS)
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        print("liger_kernel is not installed: skipping it", file=sys.stderr)
+        impls.remove("liger")
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = {"machine": {**_measure.machine_info(), "gpu": torch.cuda.get_device_name()}}
+    status = 0
+    if "dense" in parts:
+        cases = []
+        for n, v in (QUICK_DENSE if args.quick else DENSE_SIZES):
+            for loss in ("jsd", "forward_kl"):
+                for impl in impls:
+                    try:
+                        res = run_dense_case(loss, impl, n, v, "bf16", args.repeats, args.warmup)
+                    except Exception as exc:  # noqa: BLE001 - one failed case does not end the run
+                        res = {"loss": loss, "impl": impl, "n": n, "v": v, "dtype": "bf16",
+                               "error": f"{type(exc).__name__}: {exc}"}
+                        status = 1
+                    torch.cuda.empty_cache()
+                    cases.append(res)
+                    print(f"dense {loss} {n}x{v} {impl}: {res.get('error') or _fmt_s(res['time_s'])}",
+                          file=sys.stderr, flush=True)
+        results["dense"] = cases
+        print("## Dense losses (" + results["machine"]["gpu"] + ")\n\n" + dense_table(cases) + "\n")
+    if "fused" in parts:
+        sizes = QUICK_FUSED if args.quick else fused_linear.GPU_SIZES
+        fused = fused_linear.run_benchmark(sizes, ["bf16"], ["jsd"], impls, device="cuda",
+                                           repeats=args.repeats, warmup=args.warmup, subprocess=False)
+        results["fused_linear"] = fused
+        status |= any("error" in c for c in fused["cases"])
+        print("## Fused linear JSD\n\n" + fused_linear.format_table(fused))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
