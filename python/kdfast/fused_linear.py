@@ -196,20 +196,20 @@ def _fused_linear_op(
         rows_all[c0:c1] = rows
         if not need_grad:
             continue
+        # The matmul operands: float32 on CPU (with the float32 head), the head's dtype on CUDA.
+        g_mm = g if w32 is not None else g.to(w_used.dtype)
         if need_hidden:
-            if w32 is not None:
-                g_hidden[c0:c1] = g @ w32
-            else:
-                g_hidden[c0:c1] = g.to(w_used.dtype) @ w_used
+            g_hidden[c0:c1] = g_mm @ (w32 if w32 is not None else w_used)
         if need_weight:
-            g_lo = g.to(acc_dtype)
-            g_w_acc.addmm_(g_lo.t(), h_c.to(acc_dtype))
+            g_w_acc.addmm_(g_mm.t().to(acc_dtype), h_c.to(acc_dtype))
         if need_bias:
             g_b_acc += g.sum(0).to(g_b_acc.dtype)
-        del z, g
+        del z, g, g_mm
 
     out = (rows_all * row_weight).sum() if reduce else rows_all
-    if need_weight:
+    if need_weight and vocab == weight.shape[0]:
+        g_weight = g_w_acc.to(weight.dtype)  # no copy when it accumulated in the head's dtype
+    elif need_weight:
         g_weight = torch.zeros_like(weight)
         g_weight[:vocab] = g_w_acc
     else:
@@ -252,7 +252,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, _gh, _gw, _gb):
     needs = tuple(ctx.needs_input_grad[i] for i in range(3))
     if ctx.reduce:
-        grads = [g * grad_out.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, needs)]
+        grads = list(ctx.saved_tensors)
+        # Scale in place (the gradients are this op's own outputs); skip it for the usual 1 on
+        # CPU, where checking costs nothing. On CUDA the check would sync with the host.
+        if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or bool(grad_out != 1):
+            grads = [g.mul_(grad_out.to(g.dtype)) if need else None for g, need in zip(grads, needs)]
+        grads = [g if need else None for g, need in zip(grads, needs)]
     else:
         inputs = ctx.saved_tensors
         _, g_h, g_w, g_b = _fused_linear_op(*inputs, grad_out, *ctx.scalars, True, *needs)
@@ -557,7 +562,10 @@ def _sparse_inputs(targets, kw: dict, lead, device, v_s: int):
     mode = "sampled" if targets.method == "sample" else tail
     k = targets.k
     ids = targets.indices.detach().reshape(-1, k).to(torch.int64).contiguous()
-    if not torch.compiler.is_compiling() and ids.numel() and bool(((ids < -1) | (ids >= v_s)).any()):
+    # The range check reads the ids on the host: skipped where that is impossible (compiling,
+    # CUDA-graph capture); the kernels then give an out-of-range id's row a NaN loss.
+    capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (torch.compiler.is_compiling() or capturing) and ids.numel() and bool(((ids < -1) | (ids >= v_s)).any()):
         bad = ids[(ids < -1) | (ids >= v_s)][0].item()
         raise ValueError(f"targets.indices: expected vocabulary ids in [0, {v_s}) (the student head's vocabulary size) "
                          f"or -1 for an unused slot, got {bad}")
