@@ -52,12 +52,19 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
                    help="skip the offline benchmarks (compress_topk/compress_sample and sparse_kl "
                    "against PyTorch, at the small sizes of `python -m kdfast.benchmarks.offline --quick`) "
                    "and the fused-linear one (`python -m kdfast.benchmarks.fused_linear`)")
+    p.add_argument("--gpu", action="store_true",
+                   help="run the GPU benchmark instead (Triton kernels vs eager, torch.compile and "
+                   "Liger-Kernel on the current CUDA device: `python -m kdfast.benchmarks.gpu`)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from kdfast.benchmarks import dense
 
+    if args.gpu:
+        from kdfast.benchmarks import gpu
+
+        return gpu.main((["--json", args.json] if args.json else []) + ([] if args.full else ["--quick"]))
     if args.full and (args.sizes or args.quick):
         print("kdfast bench: error: --full cannot be combined with --sizes or --quick", file=sys.stderr)
         return 2
