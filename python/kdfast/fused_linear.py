@@ -173,8 +173,7 @@ def _fused_linear_op(
     # ∂/∂W accumulates over chunks in float32 on CPU and for one-chunk float32 heads; on CUDA a
     # half-precision head accumulates in its own dtype (one rounding per chunk; chunks are few).
     acc_dtype = weight.dtype if (dev.type == "cuda" and half) else torch.float32
-    g_w_acc = torch.zeros((vocab, h_dim), dtype=acc_dtype, device=dev) if need_weight else None
-    g_b_acc = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
+    g_w_acc = g_b_acc = None  # written by the first chunk, accumulated into by the others
 
     spec = (loss, mode, param, temperature, t2_scale, ignore_index)
     buf = torch.empty((min(chunk, n), vocab), dtype=torch.float32) if (backend == "rust" and need_grad) else None
@@ -201,9 +200,10 @@ def _fused_linear_op(
         if need_hidden:
             g_hidden[c0:c1] = g_mm @ (w32 if w32 is not None else w_used)
         if need_weight:
-            g_w_acc.addmm_(g_mm.t().to(acc_dtype), h_c.to(acc_dtype))
+            a, b = g_mm.t().to(acc_dtype), h_c.to(acc_dtype)
+            g_w_acc = torch.mm(a, b) if g_w_acc is None else g_w_acc.addmm_(a, b)
         if need_bias:
-            g_b_acc += g.sum(0).to(g_b_acc.dtype)
+            g_b_acc = g.sum(0, dtype=torch.float32) if g_b_acc is None else g_b_acc.add_(g.sum(0, dtype=torch.float32))
         del z, g, g_mm
 
     out = (rows_all * row_weight).sum() if reduce else rows_all

@@ -39,7 +39,7 @@ MODULE = "kdfast.benchmarks.fused_linear"
 IMPLS = ("unfused", "eager", "compile", "kdfast", "liger")
 LOSSES = ("forward_kl", "jsd")
 # (N, H, V): CPU sizes that take seconds, not minutes, on 2 cores; the GPU sizes.
-CPU_SIZES = ((512, 1024, 32000), (2048, 1024, 32000), (8192, 1024, 32000))
+CPU_SIZES = ((256, 512, 32000), (1024, 512, 32000), (4096, 512, 32000))
 QUICK_SIZES = ((256, 256, 8000),)
 GPU_SIZES = ((1024, 4096, 128256), (4096, 4096, 128256), (8192, 4096, 128256))
 
