@@ -361,12 +361,18 @@ def test_bad_arguments_raise_naming_them(backend):
             call(**kw)
 
 
-def test_backend_choice_errors():
+def test_backend_choice_errors(monkeypatch):
     tg = kdfast.SparseTargets(**_tg())
-    with pytest.raises(TypeError, match="backend"):
-        kdfast.sparse_kl(torch.randn(2, 10, dtype=torch.float64), tg, backend="rust")
-    with pytest.raises(ValueError, match="backend"):
+    for backend in ("rust", "triton"):
+        with pytest.raises(TypeError, match="backend"):
+            kdfast.sparse_kl(torch.randn(2, 10, dtype=torch.float64), tg, backend=backend)
+    # CPU tensors run the Triton kernels only under its interpreter.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend: 'triton'"):
         kdfast.sparse_kl(torch.randn(2, 10), tg, backend="triton")
+    with pytest.raises(ValueError, match="backend: 'triton'"):
+        kdfast.compress_topk(torch.randn(2, 10), 3, backend="triton")
+    monkeypatch.undo()
     # float64 on auto goes to the exact torch path.
     assert kdfast.sparse_kl(torch.randn(2, 10, dtype=torch.float64), tg).dtype == torch.float64
 

@@ -73,3 +73,22 @@ def dense_call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale,
         isa(),
         num_threads(),
     )
+
+
+def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad):
+    """Run the Rust sparse kernel (kdfast-core ``sparse.rs``) on one chunk of rows.
+
+    ``mode``: ``"bucket"``, ``"renorm"`` or ``"sampled"``; ``s2`` ``[N, V]`` student logits
+    (unit column stride); ``ids`` int64 ``[N, k]``; ``lp`` float32 ``[N, k]``; ``w`` float32
+    ``[N, k]`` or None (sampled only); ``tail`` float32 ``[N]`` or None; ``labels`` int64 ``[N]``
+    or None; all contiguous CPU tensors. Writes the per-row losses into ``rows`` (float32 ``[N]``)
+    and, when ``grad`` is given (a fresh contiguous ``[N, V']`` buffer of the student's dtype,
+    ``V' ≥ V``, not aliasing ``s2``), ``grad_scale`` × ∂row/∂(student logits) into it (columns
+    beyond V zero-filled). Bad values raise ``ValueError`` naming the argument.
+    """
+    opt = (lambda t: None if t is None else desc(t))
+    _kdfast.sparse_kl(
+        mode, desc(s2), desc(ids), desc(lp), opt(w), opt(tail), opt(labels), ignore_index,
+        temperature, t2_scale, grad_scale, desc(rows), opt(grad),
+        s2.shape[1] if grad is None else grad.shape[1], isa(), num_threads(),
+    )

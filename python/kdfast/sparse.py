@@ -21,11 +21,11 @@ same seed gives the same targets on every backend and thread count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from . import _kdfast, _native
+from . import _kdfast, _native, _triton
 from . import reference_sparse as _ref
 from ._validate import (
     DtypeError,
@@ -37,8 +37,9 @@ from ._validate import (
     check_reduction,
     check_temperature,
     reduce_scale,
+    reduce_scale_on_device,
 )
-from .losses import _RustDense
+from .losses import _auto_backend, _RustDense, _triton_usable, finish_fused_forward
 
 __all__ = [
     "SparseTargets",
@@ -170,18 +171,28 @@ class SparseTargets:
 # ----------------------------------------------------------------------------- backends
 
 
-def _compress_backend(backend: str, x: torch.Tensor) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``"auto"``: Rust on CPU, Triton on CUDA (float32/bf16/fp16), else PyTorch; a forced
+    ``"rust"``/``"triton"`` must be able to run on ``device`` and ``dtype``."""
     backend = check_backend(backend)
-    native = x.device.type == "cpu" and x.dtype in _native.NATIVE_DTYPES
+    native = dtype in _native.NATIVE_DTYPES
     if backend == "auto":
-        return "rust" if native else "torch"
-    if backend == "rust" and not native:
-        if x.device.type != "cpu":
-            raise ValueError(f"backend: 'rust' runs on CPU tensors, got a tensor on {x.device}; use backend='auto'")
-        raise DtypeError(f"backend: 'rust' supports float32, bfloat16 and float16 logits, got {x.dtype}; use backend='torch'")
-    if backend == "triton":
-        raise ValueError("backend: 'triton' kernels are not part of this kdfast build; use 'auto', 'rust' or 'torch'")
+        return _auto_backend(device.type) if native else "torch"
+    if backend == "rust" and device.type != "cpu":
+        raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {device}; use backend='auto'")
+    if backend == "triton" and not _triton_usable(device.type):
+        _triton.check_usable(device)
+    if backend in ("rust", "triton") and not native:
+        raise DtypeError(f"backend: {backend!r} supports float32, bfloat16 and float16 logits, got {dtype}; "
+                         f"use backend='torch'")
     return backend
+
+
+def _triton_op(name: str):
+    """``kdfast._triton.<name>``, imported on first use (``import kdfast`` never needs Triton)."""
+    import importlib
+
+    return importlib.import_module(f"._triton.{name}", __package__)
 
 
 def _positive_int(value, name: str) -> int:
@@ -216,18 +227,22 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
         teacher_logits: ``[..., V]`` float32/bfloat16/float16 (float64 on the torch backend).
         k: ids per row, ≥ 1.
         temperature: T > 0, stored as ``targets.temperature``.
-        backend: ``"auto"`` (Rust for CPU float32/bf16/fp16 — one streaming pass per row,
-            O(k) memory — else PyTorch), ``"rust"`` or ``"torch"``.
+        backend: ``"auto"`` (Rust for CPU and Triton for CUDA float32/bf16/fp16 tensors — one
+            streaming pass per row, O(k) memory — else PyTorch), ``"rust"``, ``"triton"``
+            (CUDA, or CPU under ``TRITON_INTERPRET=1``; k above 1024 falls back to the PyTorch
+            sort on the same device) or ``"torch"``. Every backend lists the same ids.
     """
     x = check_logits(teacher_logits, "teacher_logits").detach()
     k = _positive_int(k, "k")
     t = check_temperature(temperature)
-    backend = _compress_backend(backend, x)
+    backend = _resolve_backend(backend, x.device, x.dtype)
     lead, v = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, v)
     n = x2.shape[0]
     if backend == "torch" or n == 0:
         ids, lp, tail = _ref.compress_topk(x2, k, t)
+    elif backend == "triton":
+        ids, lp, tail = _triton_op("compress").compress_topk(x2, k, t)
     else:
         x2 = _native.as_rows(x2)
         ids = torch.empty((n, k), dtype=torch.int64)
@@ -259,7 +274,9 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
         num_samples: draws per row N, ≥ 1.
         temperature: T > 0.
         seed, row_offset: integers in [0, 2**64).
-        backend: as for :func:`compress_topk`.
+        backend: as for :func:`compress_topk`; Rust, Triton and PyTorch draw the same ids
+            (they could differ only if a uniform fell within ~1e-15 of a cumulative-sum
+            boundary, where two float64 ``exp`` implementations may round differently).
     """
     x = check_logits(teacher_logits, "teacher_logits").detach()
     n_s = _positive_int(num_samples, "num_samples")
@@ -268,12 +285,14 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
     t = check_temperature(temperature)
     seed = _seed(seed, "seed")
     row_offset = _seed(row_offset, "row_offset")
-    backend = _compress_backend(backend, x)
+    backend = _resolve_backend(backend, x.device, x.dtype)
     lead, v = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, v)
     n = x2.shape[0]
     if backend == "torch" or n == 0:
         ids, lp, w = _ref.compress_sample(x2, n_s, t, seed, row_offset)
+    elif backend == "triton":
+        ids, lp, w = _triton_op("compress").compress_sample(x2, n_s, t, seed, row_offset)
     else:
         x2 = _native.as_rows(x2)
         ids = torch.empty((n, n_s), dtype=torch.int64)
@@ -288,37 +307,108 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
 # ----------------------------------------------------------------------------- the loss
 
 
-class _Flat:
-    """Validated 2-D views of a sparse_kl call."""
+@dataclasses.dataclass
+class SparseInputs:
+    """The validated, flattened arrays of a sparse loss call (see :func:`prepare_sparse`).
 
-    __slots__ = ("student", "s2", "labels", "lead_shape", "ids", "lp", "w", "tail")
+    ``ids`` int64 ``[N, k]``; ``lp``, ``w`` (sampled only), ``tail`` (bucket only, when the
+    targets have one) ``[N, k]``/``[N]`` float32 (float64 when asked), all contiguous;
+    ``labels`` int64 ``[N]`` or None; ``mode`` is ``"bucket"``, ``"renorm"`` or ``"sampled"``.
+    """
+
+    mode: str
+    temperature: float
+    ids: torch.Tensor
+    lp: torch.Tensor
+    w: Optional[torch.Tensor]
+    tail: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    lead_shape: torch.Size
+    vocab: int
+
+
+def _host_checks_allowed(device: torch.device) -> bool:
+    """Whether value checks may read tensors on the host: not while compiling, not during
+    CUDA-graph capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def prepare_sparse(targets: SparseTargets, lead_shape, vocab: int, device, *, tail: str = "bucket",
+                   temperature: Optional[float] = None, labels: Optional[torch.Tensor] = None,
+                   float_dtype: torch.dtype = torch.float32, name: str = "student_logits") -> SparseInputs:
+    """Validate sparse ``targets`` (and ``tail``, ``temperature``, ``labels``) against a student
+    of leading shape ``lead_shape``, vocabulary ``vocab`` on ``device``, and return the flat
+    arrays the kernels take (:class:`SparseInputs`). ``name`` is the student argument named in
+    errors.
+
+    Raises ``TypeError``/``ValueError`` naming the argument. The id range check reads the ids on
+    the host; it is skipped while compiling and during CUDA-graph capture (the Triton kernel
+    then gives such a row a NaN loss). The other value checks (log-probs, weights, repeated
+    ids) are the backends' (:func:`check_values` for the PyTorch path).
+    """
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"targets: expected kdfast.SparseTargets, got {type(targets).__name__}")
+    if tail not in TAILS:
+        raise ValueError(f"tail: expected 'bucket' or 'renorm', got {tail!r}")
+    t = targets.temperature if temperature is None else check_temperature(temperature)
+    lead = torch.Size(lead_shape)
+    if targets.shape != lead:
+        raise ValueError(f"targets: expected leading shape {tuple(lead)} (that of {name}), got {tuple(targets.shape)}")
+    if targets.device != torch.device(device):
+        raise ValueError(f"targets: expected the device of {name} ({device}), got {targets.device}")
+    if labels is not None:
+        # The labels checks of the dense losses, on a stand-in for the student (no memory).
+        probe = torch.empty((), device=device).expand(*lead, 1)
+        labels = check_pair(probe, probe, vocab_size=None, labels=labels).labels
+    mode = "sampled" if targets.method == "sample" else tail
+    k = targets.k
+    ids = targets.indices.detach().reshape(-1, k).to(torch.int64).contiguous()
+    if _host_checks_allowed(ids.device) and ids.numel():
+        bad = (ids < -1) | (ids >= vocab)
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets.indices: expected vocabulary ids in [0, {vocab}) (the student's vocabulary size) "
+                f"or -1 for an unused slot, got {ids[bad][0].item()}"
+            )
+    flat = (lambda x, *shape: x.detach().reshape(*shape).to(float_dtype).contiguous())
+    return SparseInputs(
+        mode=mode, temperature=t, ids=ids, lp=flat(targets.logprobs, -1, k),
+        w=flat(targets.weights, -1, k) if mode == "sampled" else None,
+        tail=flat(targets.tail_logprob, -1) if mode == "bucket" and targets.tail_logprob is not None else None,
+        labels=labels, lead_shape=lead, vocab=vocab,
+    )
+
+
+def check_values(prep: SparseInputs, s2: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """The value checks the Rust kernel makes (same messages), on the host: the targets'
+    log-probs, weights and repeated ids, and a finite maximum in every unmasked student row.
+    Returns the unmasked row numbers (None without labels)."""
+    _ref.check_target_values(prep.ids, prep.lp, prep.w, prep.tail, prep.mode)
+    if prep.labels is None:
+        _ref.check_rows(s2.detach(), "student_logits")
+        return None
+    keep = (prep.labels != ignore_index).nonzero().squeeze(1)
+    _ref.check_rows(s2.detach()[keep], "student_logits", rows=keep)
+    return keep
 
 
 class _RustSparse(_RustDense):
     """Loss rows from the Rust kernel, the gradient produced in forward (backward as dense)."""
 
     @staticmethod
-    def forward(ctx, student, flat: _Flat, spec: tuple, ignore_index: int, reduce_scale):
-        mode, temperature, t2_scale = spec
-        s2 = _native.as_rows(flat.s2)
+    def forward(ctx, student, flat: tuple, spec: tuple, ignore_index: int, reduce_scale):
+        s2, prep = flat
+        (t2_scale,) = spec
+        s2 = _native.as_rows(s2)
         n, v = s2.shape
         rows = torch.empty(n, dtype=torch.float32)
         need_grad = ctx.needs_input_grad[0]
-        grad_scale = 1.0 if reduce_scale is None else reduce_scale
         grad = torch.empty((n, v), dtype=student.dtype) if need_grad else None
-        opt = (lambda t: None if t is None else _native.desc(t))
-        _kdfast.sparse_kl(
-            mode, _native.desc(s2), _native.desc(flat.ids), _native.desc(flat.lp), opt(flat.w),
-            opt(flat.tail), opt(flat.labels), ignore_index, temperature, t2_scale, grad_scale,
-            _native.desc(rows), opt(grad), v, _native.isa(), _native.num_threads(),
-        )
-        ctx.per_row = reduce_scale is None
-        ctx.student_shape = student.shape
-        if need_grad:
-            ctx.save_for_backward(grad)
-        if reduce_scale is None:
-            return rows.reshape(flat.lead_shape)
-        return rows.sum() * reduce_scale
+        _native.sparse_call(prep.mode, s2, prep.ids, prep.lp, prep.w, prep.tail, prep.labels, ignore_index,
+                            prep.temperature, t2_scale, 1.0 if reduce_scale is None else reduce_scale, rows, grad)
+        return finish_fused_forward(ctx, student, rows, grad, prep.lead_shape, reduce_scale)
 
 
 def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str = "bucket",
@@ -346,14 +436,24 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str
     sampled ones (each slot counts, as if their weights were summed: raw draws of weight 1/N can
     be passed as they are). A renormalised row with no teacher mass contributes 0.
 
+    Where the values are checked: always on CPU tensors (Rust raises; the PyTorch and Triton
+    paths check first, with the same messages); on CUDA the ids are range-checked in eager mode
+    (one host sync), while the Triton kernel itself never syncs and turns what it cannot raise
+    for (an out-of-range id under ``torch.compile`` or CUDA-graph capture, a repeated top-k id,
+    a NaN) into a NaN loss for that row.
+
     Args:
         student_logits: ``[..., V]`` float32/bfloat16/float16 (float64 on the torch backend).
         targets: :class:`SparseTargets` with leading shape ``[...]`` on the same device.
         tail: ``"bucket"`` or ``"renorm"`` (top-k targets).
         temperature: None uses ``targets.temperature``; another T > 0 puts the student at T and
             uses the stored teacher log-probs as they are.
-        t2_scale, labels, ignore_index, reduction, num_items_in_batch, backend: as for the
-            dense losses (:func:`kdfast.forward_kl`); ``t2_scale`` multiplies by the student's T².
+        t2_scale, labels, ignore_index, reduction, num_items_in_batch: as for the dense losses
+            (:func:`kdfast.forward_kl`); ``t2_scale`` multiplies by the student's T².
+        backend: ``"auto"`` (Rust for CPU and Triton for CUDA float32/bf16/fp16 tensors, else
+            PyTorch), ``"rust"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or
+            ``"torch"``. Usable inside ``torch.compile(fullgraph=True)`` on every backend (the
+            kernels are the custom op ``kdfast::sparse_rows``).
 
     Returns:
         float32 loss (float64 for float64 students on the torch backend); the gradient w.r.t.
@@ -364,83 +464,139 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str
         raise TypeError(f"targets: expected kdfast.SparseTargets, got {type(targets).__name__}")
     if tail not in TAILS:
         raise ValueError(f"tail: expected 'bucket' or 'renorm', got {tail!r}")
-    t = targets.temperature if temperature is None else check_temperature(temperature)
     reduction = check_reduction(reduction)
     backend = check_backend(backend)
     ignore_index = check_int(ignore_index, "ignore_index")
-    num_items = check_num_items(num_items_in_batch)
     if not isinstance(t2_scale, (bool, int)):
         raise TypeError(f"t2_scale: expected a bool, got {type(t2_scale).__name__}")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
-    if targets.shape != lead:
-        raise ValueError(
-            f"targets: expected leading shape {tuple(lead)} (that of student_logits {tuple(student_logits.shape)}), "
-            f"got {tuple(targets.shape)}"
-        )
-    if targets.device != student_logits.device:
-        raise ValueError(f"targets: expected the device of student_logits ({student_logits.device}), got {targets.device}")
-    # The labels checks of the dense losses (the student stands in for the teacher).
-    pair = check_pair(student_logits, student_logits.detach(), vocab_size=None, labels=labels)
-    mode = "sampled" if targets.method == "sample" else tail
-
-    k = targets.k
-    ids = targets.indices.detach().reshape(-1, k)
-    if ids.numel() and bool(((ids < -1) | (ids >= v)).any()):
-        bad = ids[(ids < -1) | (ids >= v)][0].item()
-        raise ValueError(
-            f"targets.indices: expected vocabulary ids in [0, {v}) (the student's vocabulary size) "
-            f"or -1 for an unused slot, got {bad}"
-        )
-    flat = _Flat()
-    flat.student, flat.s2, flat.labels, flat.lead_shape = student_logits, pair.s2, pair.labels, lead
-    flat.ids = ids.to(torch.int64)
-    flat.lp = targets.logprobs.detach().reshape(-1, k)
-    flat.w = None if mode != "sampled" else targets.weights.detach().reshape(-1, k)
-    flat.tail = None if (mode != "bucket" or targets.tail_logprob is None) else targets.tail_logprob.detach().reshape(-1)
-
-    s = pair.s2
-    on_cpu = s.device.type == "cpu"
-    native = on_cpu and s.dtype in _native.NATIVE_DTYPES
-    if backend == "auto":
-        backend = "rust" if native else "torch"
-    elif backend == "rust" and not native:
-        if not on_cpu:
-            raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {s.device}; use backend='auto'")
-        raise DtypeError(f"backend: 'rust' supports float32, bfloat16 and float16 logits, got {s.dtype}; use backend='torch'")
-    elif backend == "triton":
-        raise ValueError("backend: 'triton' kernels are not part of this kdfast build; use 'auto', 'rust' or 'torch'")
+    dtype = student_logits.dtype
+    float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    prep = prepare_sparse(targets, lead, v, student_logits.device, tail=tail, temperature=temperature,
+                          labels=labels, float_dtype=float_dtype)
+    s = student_logits.reshape(-1, v)
+    backend = _resolve_backend(backend, s.device, dtype)
+    t2_scale = bool(t2_scale)
 
     n = s.shape[0]
     if n == 0:
-        out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-        zeros = student_logits.to(out_dtype).sum(-1) * 0.0
+        zeros = student_logits.to(float_dtype).sum(-1) * 0.0
         return zeros if reduction == "none" else zeros.sum()
-    scale = reduce_scale(reduction, n, pair.labels, ignore_index, num_items)
+    if torch.compiler.is_compiling():
+        return _sparse_traced(student_logits, s, prep, t2_scale, ignore_index, reduction, num_items_in_batch, backend)
+    # Under torch.no_grad() a student that requires grad must not cost a gradient.
+    student = student_logits if torch.is_grad_enabled() else student_logits.detach()
 
+    if backend == "triton":
+        if s.device.type == "cpu":
+            check_values(prep, s, ignore_index)
+        scale = reduce_scale_on_device(reduction, n, prep.labels, ignore_index, num_items_in_batch)
+        return _triton_op("sparse").TritonSparse.apply(student, (s, prep), (t2_scale,), ignore_index, scale)
+    scale = reduce_scale(reduction, n, prep.labels, ignore_index, check_num_items(num_items_in_batch))
     if backend == "rust":
-        flat.ids = flat.ids.contiguous()
-        flat.lp = flat.lp.to(torch.float32).contiguous()
-        if flat.w is not None:
-            flat.w = flat.w.to(torch.float32).contiguous()
-        if flat.tail is not None:
-            flat.tail = flat.tail.to(torch.float32).contiguous()
-        return _RustSparse.apply(student_logits, flat, (mode, t, bool(t2_scale)), ignore_index, scale)
+        return _RustSparse.apply(student, (s, prep), (t2_scale,), ignore_index, scale)
 
-    _ref.check_target_values(flat.ids, flat.lp, flat.w, flat.tail, mode)
-    if pair.labels is None:
-        _ref.check_rows(s.detach(), "student_logits")
-        rows = _ref.sparse_rows(s, flat.ids, flat.lp, flat.w, flat.tail, t, mode)
+    keep = check_values(prep, s, ignore_index)
+    if keep is None:
+        rows = _ref.sparse_rows(s, prep.ids, prep.lp, prep.w, prep.tail, prep.temperature, prep.mode)
     else:
-        keep = (pair.labels != ignore_index).nonzero().squeeze(1)
-        _ref.check_rows(s.detach()[keep], "student_logits", rows=keep)
         sel = (lambda x: None if x is None else x[keep])
-        vals = _ref.sparse_rows(s[keep], flat.ids[keep], flat.lp[keep], sel(flat.w), sel(flat.tail), t, mode)
+        vals = _ref.sparse_rows(s[keep], prep.ids[keep], prep.lp[keep], sel(prep.w), sel(prep.tail),
+                                prep.temperature, prep.mode)
         rows = vals.new_zeros(n).index_put((keep,), vals)
     if t2_scale:
-        rows = rows * (t * t)
+        rows = rows * (prep.temperature ** 2)
     if scale is None:
         return rows.reshape(lead)
     return rows.sum() * scale
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@torch.library.custom_op("kdfast::sparse_rows", mutates_args=())
+def _sparse_rows_op(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    w: Optional[torch.Tensor],
+    tail: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    mode: str,
+    temperature: float,
+    t2_scale: bool,
+    ignore_index: int,
+    need_grad: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses ``[N]`` and the unscaled student gradient ``[N, V]`` (empty when
+    ``need_grad`` is False): the Rust (``backend="rust"``) or Triton sparse kernel as an opaque
+    op for ``torch.compile``."""
+    v = student.shape[-1]
+    s2 = student.reshape(-1, v)
+    n = s2.shape[0]
+    rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty((n, v), dtype=student.dtype, device=student.device) if need_grad else student.new_empty(0)
+    call = _native.sparse_call if backend == "rust" else _triton_op("sparse").sparse_call
+    if backend == "rust":
+        s2 = _native.as_rows(s2)
+    if n:
+        call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, 1.0, rows,
+             grad if need_grad else None)
+    return rows, grad
+
+
+@_sparse_rows_op.register_fake
+def _(student, ids, lp, w, tail, labels, mode, temperature, t2_scale, ignore_index, need_grad, backend):
+    n = student.numel() // student.shape[-1]
+    grad_shape = (n, student.shape[-1]) if need_grad else (0,)
+    return student.new_empty(n, dtype=torch.float32), student.new_empty(grad_shape)
+
+
+def _sparse_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.student_shape = inputs[0].shape
+
+
+def _sparse_rows_backward(ctx, grad_rows, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    g = (grad * grad_rows.unsqueeze(1)).to(grad.dtype).reshape(ctx.student_shape)
+    return (g,) + (None,) * 11
+
+
+_sparse_rows_op.register_autograd(_sparse_rows_backward, setup_context=_sparse_rows_setup)
+
+
+def _sparse_traced(student, s2, prep: SparseInputs, t2_scale, ignore_index, reduction, num_items, backend):
+    """The path taken under ``torch.compile``: no host syncs, no data-dependent shapes, no value
+    checks (out-of-range ids give NaN rows on Triton; Rust still raises)."""
+    labels = prep.labels
+    if backend in ("rust", "triton"):
+        need_grad = student.requires_grad and torch.is_grad_enabled()
+        rows, _ = _sparse_rows_op(student, prep.ids, prep.lp, prep.w, prep.tail, labels, prep.mode,
+                                  prep.temperature, t2_scale, ignore_index, need_grad, backend)
+    else:
+        rows = _ref.sparse_rows(s2, prep.ids, prep.lp, prep.w, prep.tail, prep.temperature, prep.mode)
+        if labels is not None:
+            rows = torch.where(labels != ignore_index, rows, 0.0)
+        if t2_scale:
+            rows = rows * (prep.temperature ** 2)
+    if reduction == "none":
+        return rows.reshape(prep.lead_shape)
+    kept = None if labels is None else (labels != ignore_index).sum()
+    return rows.sum() / _traced_denominator(reduction, num_items, kept, rows.shape[0])
+
+
+def _traced_denominator(reduction: str, num_items, kept: Optional[torch.Tensor], n: int):
+    """D of ``"mean"`` (1 for ``"sum"``) as traceable tensor ops: ``num_items_in_batch`` (number
+    or tensor), else the unmasked row count ``kept``, else ``n``; at least 1."""
+    if reduction == "sum":
+        return 1.0
+    if num_items is not None:
+        return torch.as_tensor(num_items, dtype=torch.float32).clamp_min(1)
+    if kept is not None:
+        return kept.clamp_min(1).to(torch.float32)
+    return float(max(1, n))
 
 
 # ----------------------------------------------------------------------------- storage

@@ -1,0 +1,308 @@
+"""Triton kernel for :func:`kdfast.sparse_kl` (api.md §2): loss and student gradient, fused.
+
+Per row, with ``a = z_s / T`` (float32: ``z_s`` times the float32 ``1/T``), ``lse`` the
+student's full-vocabulary log-sum-exp, ``lq = a − lse``, ``q = exp(lq)``, and the listed slots
+``i`` (ids ``id_i``, teacher log-probs ``lp_i``, weights ``w_i``):
+
+=========  ==============================================  ==========================================
+mode       ℓ                                               ∂ℓ/∂a_j (``c`` = the factor of ``q_j``)
+=========  ==============================================  ==========================================
+bucket     ``Σ_i p_i (lp_i − lq_i)``                       ``q_j c − p_j`` (listed j),
+           ``+ p_tail (lp_tail − lq_tail)``                ``q_j c − p_tail q_j / q_tail`` (others),
+                                                           ``c = Σ p + p_tail``
+renorm     ``Σ_i p̃_i (log p̃_i − lq_i)``, ``p̃ = p / Σp``    ``q_j − p̃_j [j listed]``, ``c = 1``
+sampled    ``Σ_i w_i (lp_i − lq_i)``                       ``q_j Σ w − Σ_{i: id_i = j} w_i``
+=========  ==============================================  ==========================================
+
+``p_tail = exp(tail_logprob)`` (without one ``max(0, 1 − Σ p)``; 0 when all V ids are listed).
+``q_tail`` is never formed as ``1 − Σ q_i`` (cancellation): in bucket mode the first pass masks
+the listed ids out of the online log-sum-exp, which so yields ``lse_tail`` directly, and
+``lse = logaddexp(lse_listed, lse_tail)``; ``lq_tail = lse_tail − lse``. The unlisted gradient
+is ``exp(a_j − lse)·c − exp((a_j − lse_tail) + lp_tail)``, finite when ``q_tail`` underflows
+(this is kdfast-core ``sparse.rs``, which the Rust backend runs).
+
+One program per row (int64 row offsets). Before the launch the slots of every row are sorted
+by id (torch ops on the device: no host sync), unused slots (id −1, sampled weight 0) last and
+out-of-range ids (or invalid weights) after them, and ``torch.searchsorted`` gives, for every
+vocabulary block, the range of sorted slots whose ids fall in it. The kernel then
+
+1. sums the slots (in float64): ``Σ t_i``, ``Σ t_i (lp_i − a_i)`` with ``a_i`` gathered from
+   the student row, and (bucket) the log-sum-exp of the listed ``a_i``; ``t_i = p_i`` or ``w_i``;
+2. runs the online log-sum-exp of ``a`` over blocks of ``BLOCK`` columns (bucket: with the
+   block's listed ids set to −inf first), so the loss is
+   ``Σ t_i (lp_i − a_i) + lse · Σ t_i`` (+ the tail term; renorm divides by ``Σ p``);
+3. with a gradient, writes every block once: the dense part ``q_j c`` (bucket: minus the tail
+   term) times ``grad_scale · (T² if t2_scale) / T``, with the block's listed ids replaced (or,
+   sampled, decremented per slot, so repeated ids add up) before the store.
+
+No ``[N, V]`` temporary; only the last pass writes, and it reads each element before writing
+it, so ``grad`` may alias the student logits. Rows whose label is ``ignore_index`` give 0 and a
+zero gradient without reading the student. A row with an id outside ``[0, V)`` (other than −1),
+an invalid sampled weight (NaN, inf, negative), a repeated id in top-k targets, or no finite
+student logit gives a NaN loss (and NaN gradient) instead of an out-of-bounds read or an error:
+the kernel cannot raise without a host sync. (:func:`kdfast.sparse_kl` checks values first on
+CPU tensors and in eager mode, with the Rust backend's messages.) Like :mod:`.dense`, the
+kernel never forms ``inf − inf``, ``0 · inf`` or ``log 0`` for valid input, so it also runs
+warning-free under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..losses import finish_fused_forward
+from .dense import _INT64, TritonDense, _block, _unit_columns
+
+__all__ = ["sparse_call", "TritonSparse", "MODES"]
+
+MODES = {"bucket": 0, "renorm": 1, "sampled": 2}
+# Sort keys of slots that are not listed: unused (id −1, weight 0), then invalid.
+_UNUSED = tl.constexpr(1 << 62)
+_INVALID = tl.constexpr((1 << 62) + 1)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _sparse_kl_kernel(
+    s_ptr, sid_ptr, slp_ptr, sw_ptr, bnd_ptr, tail_ptr, labels_ptr, rows_ptr, g_ptr, gs_ptr,
+    s_stride, g_stride, V, V_full, k, nb, ignore_index,
+    inv_t, loss_scale, gs_val, g_mul,
+    MODE: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, NEED_GRAD: tl.constexpr,
+    GS_PTR: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    NEG_INF = _NEG_INF
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    slots = row * k
+    bnd = bnd_ptr + row * (nb + 1)
+    offs = tl.arange(0, BLOCK)
+    keep = row >= 0
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+    v_read = tl.where(keep, V, 0)  # masked rows read nothing
+
+    # 1. The slots, in chunks of KC (float64).
+    kk = tl.arange(0, KC)
+    invalid = 0
+    mass = tl.zeros([], tl.float64)
+    t_lp_a = tl.zeros([], tl.float64)  # Σ t (lp − a)
+    l_max = tl.full([], NEG_INF, tl.float64)  # log-sum-exp of the listed a (bucket)
+    l_sum = tl.zeros([], tl.float64)
+    for c in range(0, k, KC):
+        idx = c + kk
+        sid = tl.load(sid_ptr + slots + idx, mask=idx < k, other=_UNUSED)
+        valid = sid < v_read  # nothing is listed in a masked row
+        invalid += tl.sum((sid > _UNUSED).to(tl.int32), 0)
+        if MODE != 2:  # sorted, so a repeated id sits next to itself
+            nxt = tl.load(sid_ptr + slots + idx + 1, mask=idx + 1 < k, other=_UNUSED)
+            invalid += tl.sum((valid & (nxt == sid)).to(tl.int32), 0)
+        lp = tl.load(slp_ptr + slots + idx, mask=valid, other=NEG_INF).to(tl.float64)
+        a = (tl.load(s_row + sid, mask=valid, other=NEG_INF).to(tl.float32) * inv_t).to(tl.float64)
+        if MODE == 2:
+            t = tl.load(sw_ptr + slots + idx, mask=valid, other=0.0).to(tl.float64)
+        else:
+            t = tl.exp(lp)
+        live = t > 0.0
+        mass += tl.sum(t, 0)
+        t_lp_a += tl.sum(tl.where(live, t * (tl.where(live, lp, 0.0) - tl.where(live, a, 0.0)), 0.0), 0)
+        if MODE == 0:
+            m_new = tl.maximum(l_max, tl.max(a, 0))
+            sh = tl.where(m_new == NEG_INF, 0.0, m_new)
+            l_sum = l_sum * tl.exp(l_max - sh) + tl.sum(tl.exp(a - sh), 0)
+            l_max = m_new
+
+    # 2. Online log-sum-exp of a (bucket: of the unlisted columns only).
+    m = tl.full([], NEG_INF, tl.float32)
+    z = tl.zeros([], tl.float32)
+    for start in range(0, v_read, BLOCK):
+        cols = start + offs
+        x = tl.load(s_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32) * inv_t
+        if MODE == 0:
+            b = start // BLOCK
+            for s in range(tl.load(bnd + b), tl.load(bnd + b + 1)):
+                x = tl.where(cols == tl.load(sid_ptr + slots + s), NEG_INF, x)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        sh = tl.where(m_new == NEG_INF, 0.0, m_new)
+        z = z * tl.exp(m - sh) + tl.sum(tl.exp(x - sh), 0)
+        m = m_new
+    lse_z = tl.where(z > 0.0, m.to(tl.float64) + tl.log(tl.where(z > 0.0, z, 1.0).to(tl.float64)), NEG_INF)
+    lse = lse_z
+    if MODE == 0:
+        lse_l = tl.where(l_sum > 0.0, l_max + tl.log(tl.where(l_sum > 0.0, l_sum, 1.0)), NEG_INF)
+        hi = tl.maximum(lse_l, lse_z)
+        hi_s = tl.where(hi == NEG_INF, 0.0, hi)
+        lse = hi + tl.log(1.0 + tl.exp(tl.minimum(lse_l, lse_z) - hi_s))
+    ok = (lse > NEG_INF) & (lse < float("inf"))  # False for NaN too
+    lse = tl.where(ok, lse, 0.0)
+
+    # The loss (float64).
+    q_factor = mass
+    p_tail = tl.zeros([], tl.float64)
+    lp_tail = tl.zeros([], tl.float64)
+    inv_mass = tl.full([], 1.0, tl.float64)
+    if MODE == 0:
+        if HAS_TAIL:
+            lp_tail = tl.load(tail_ptr + row).to(tl.float64)
+            p_tail = tl.exp(lp_tail)
+        else:
+            p_tail = tl.maximum(1.0 - mass, 0.0)
+            lp_tail = tl.log(tl.where(p_tail > 0.0, p_tail, 1.0))
+        p_tail = tl.where(tl.load(bnd + nb) == V, 0.0, p_tail)  # every id listed: empty bucket
+        has = p_tail > 0.0
+        lp_tail = tl.where(has, lp_tail, 0.0)
+        lq_tail = tl.where(has, lse_z, lse) - lse
+        loss = t_lp_a + lse * mass + tl.where(has, p_tail * (lp_tail - lq_tail), 0.0)
+        q_factor = mass + p_tail
+    elif MODE == 1:
+        inv_mass = 1.0 / tl.where(mass > 0.0, mass, 1.0)
+        loss = t_lp_a * inv_mass - tl.log(tl.where(mass > 0.0, mass, 1.0)) + lse
+        loss = tl.where(mass > 0.0, loss, 0.0)
+        q_factor = tl.full([], 1.0, tl.float64)
+    else:
+        loss = t_lp_a + lse * mass
+    nan_row = (invalid > 0) | ~ok
+    if MODE == 1:
+        nan_row = (invalid > 0) | (~ok & (mass > 0.0))
+    loss = tl.where(nan_row, float("nan"), loss.to(tl.float32) * loss_scale)
+    tl.store(rows_ptr + row, tl.where(keep, loss, 0.0))
+
+    # 3. The gradient, written once per block.
+    if NEED_GRAD:
+        g_row = g_ptr + row * g_stride
+        gs = gs_val
+        if GS_PTR:
+            gs = tl.load(gs_ptr).to(tl.float32)
+        gs = gs * g_mul
+        gs = tl.where(nan_row, float("nan"), gs)
+        zero = ~keep
+        if MODE == 1:
+            zero = zero | (mass == 0.0)
+        gs = tl.where(zero, 0.0, gs)
+        # q_j = exp((a_j − hi) − lo) with lse = hi + lo (float32 hi, its float32 remainder).
+        hi32 = lse.to(tl.float32)
+        lo32 = (lse - hi32.to(tl.float64)).to(tl.float32)
+        qf32 = q_factor.to(tl.float32)
+        # Bucket, unlisted: exp((a_j − thi) + tlo) = p_tail q_j / q_tail.
+        has_t = (p_tail > 0.0) & (lse_z > NEG_INF)
+        thi = tl.where(has_t, lse_z, 0.0).to(tl.float32)
+        tlo = tl.where(has_t, (lp_tail - (tl.where(has_t, lse_z, 0.0) - thi.to(tl.float64))).to(tl.float32), NEG_INF)
+        v_in = tl.where(zero, 0, V)
+        for start in range(0, V_full, BLOCK):
+            cols = start + offs
+            x = tl.load(s_row + cols, mask=cols < v_in, other=NEG_INF).to(tl.float32) * inv_t
+            q = tl.exp((x - hi32) - lo32)
+            g = q * qf32
+            if MODE == 0:  # listed lanes are replaced below; the clamp only avoids overflow there
+                g = g - tl.exp(tl.minimum((x - thi) + tlo, 80.0))
+            g = g * gs
+            b = tl.minimum(start // BLOCK, nb)
+            for s in range(tl.load(bnd + b), tl.load(bnd + tl.minimum(b + 1, nb))):
+                here = cols == tl.load(sid_ptr + slots + s)
+                if MODE == 2:
+                    g = tl.where(here, g - (tl.load(sw_ptr + slots + s) * gs), g)
+                else:
+                    t_s = tl.exp(tl.load(slp_ptr + slots + s).to(tl.float64)) * inv_mass
+                    g = tl.where(here, ((q.to(tl.float64) * q_factor - t_s) * gs).to(tl.float32), g)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V_full)
+
+
+def _sorted_slots(ids: torch.Tensor, lp: torch.Tensor, w: Optional[torch.Tensor], v: int, sampled: bool,
+                  block: int):
+    """Slots sorted by id per row (listed first, then unused, then invalid), their log-probs and
+    weights in that order (float32, contiguous), and ``bounds [N, nb + 1]``: for block ``b`` the
+    listed slots with ids in ``[b·block, (b+1)·block)`` are ``bounds[b] .. bounds[b+1]``
+    (``bounds[nb]`` = the number of listed slots)."""
+    ids = ids.to(torch.int64)
+    in_range = (ids >= 0) & (ids < v)
+    bad = (ids < -1) | (ids >= v)
+    if sampled:
+        w_ok = torch.isfinite(w) & (w >= 0)
+        bad = bad | (in_range & ~w_ok)
+        in_range = in_range & w_ok & (w > 0)
+    key = torch.where(in_range, ids, torch.where(bad, _INVALID.value, _UNUSED.value))
+    sids, perm = torch.sort(key, dim=1)
+    slp = lp.gather(1, perm).to(torch.float32).contiguous()
+    sw = None if w is None else w.gather(1, perm).to(torch.float32).contiguous()
+    nb = triton.cdiv(v, block)
+    edges = (torch.arange(nb + 1, device=ids.device, dtype=torch.int64) * block).clamp_(max=v)
+    bounds = torch.searchsorted(sids, edges.expand(ids.shape[0], nb + 1).contiguous())
+    return sids.contiguous(), slp, sw, bounds, nb
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def sparse_call(mode: str, s2: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, w: Optional[torch.Tensor],
+                tail: Optional[torch.Tensor], labels: Optional[torch.Tensor], ignore_index: int,
+                temperature: float, t2_scale: bool, grad_scale: Union[float, torch.Tensor],
+                rows: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+    """Per-row losses into ``rows`` (float32 ``[N]``, times T² when ``t2_scale``) and, when
+    ``grad`` (``[N, V']``, ``V' ≥ V``, unit column stride) is given, ``grad_scale · ∂ℓ_r/∂z_s``
+    into it in its dtype (zero beyond V, in rows whose label is ``ignore_index`` and in
+    renormalised rows without teacher mass).
+
+    The semantics of :func:`kdfast._native.sparse_call` on CUDA tensors (or CPU tensors under
+    ``TRITON_INTERPRET=1``): ``mode`` ``"bucket"``, ``"renorm"`` or ``"sampled"``; ``s2``
+    ``[N, V]`` student logits (any row stride); ``ids`` integer ``[N, k]``; ``lp``, ``w``
+    (sampled only, else None) float ``[N, k]``; ``tail`` ``[N]`` or None (bucket); ``labels``
+    ``[N]`` or None. ``grad_scale`` is a float or a one-element float tensor on the device (read
+    by the kernel: no host sync). ``grad`` may alias ``s2`` (in place). Invalid targets give NaN
+    rows (see the module docstring) instead of raising.
+    """
+    n, v = s2.shape
+    if n == 0:
+        return
+    if mode not in MODES:
+        raise ValueError(f"mode: expected 'bucket', 'renorm' or 'sampled', got {mode!r}")
+    if grad is not None and (grad.dim() != 2 or grad.shape[0] != n or grad.shape[1] < v
+                             or (grad.shape[1] > 1 and grad.stride(1) != 1)):
+        raise ValueError(f"grad: expected [{n}, >= {v}] with unit column stride, got shape "
+                         f"{tuple(grad.shape)} strides {grad.stride()}")
+    if grad is None or grad.data_ptr() != s2.data_ptr():
+        s2 = _unit_columns(s2)  # a copy would break the aliasing, which needs unit strides anyway
+    k = ids.shape[1]
+    block, warps = _block(v)
+    sampled = mode == "sampled"
+    sids, slp, sw, bounds, nb = _sorted_slots(ids, lp, w if sampled else None, v, sampled, block)
+    has_tail = mode == "bucket" and tail is not None
+    has_labels = labels is not None and _INT64[0] <= ignore_index <= _INT64[1]
+    gs_is_tensor = isinstance(grad_scale, torch.Tensor)
+    t32 = np.float32(temperature)
+    loss_scale = t32 * t32 if t2_scale else np.float32(1.0)
+    _sparse_kl_kernel[(n,)](
+        s2, sids, slp, slp if sw is None else sw, bounds,
+        tail.to(torch.float32).contiguous() if has_tail else rows,
+        labels.to(torch.int64).contiguous() if has_labels else rows,
+        rows, s2 if grad is None else grad,
+        grad_scale.reshape(1).to(torch.float32) if gs_is_tensor else rows,
+        s2.stride(0), 0 if grad is None else grad.stride(0), v, v if grad is None else grad.shape[1], k, nb,
+        int(ignore_index) if has_labels else 0,
+        _f32(np.float32(1.0) / t32), float(loss_scale), 1.0 if gs_is_tensor else float(grad_scale),
+        _f32(loss_scale / t32),
+        MODE=MODES[mode], HAS_TAIL=has_tail, HAS_LABELS=has_labels, NEED_GRAD=grad is not None,
+        GS_PTR=gs_is_tensor, KC=min(max(16, triton.next_power_of_2(k)), 1024), BLOCK=block, num_warps=warps,
+    )
+
+
+class TritonSparse(TritonDense):
+    """Loss rows from :func:`sparse_call`, the gradient produced in forward and saved; backward
+    is :class:`kdfast._triton.dense.TritonDense`'s (scales in place on the device, no host
+    sync). ``reduce_scale``: None for ``reduction="none"``, else a float or a 0-d tensor."""
+
+    @staticmethod
+    def forward(ctx, student, flat, spec: tuple, ignore_index: int, reduce_scale):
+        s2, prep = flat
+        (t2_scale,) = spec
+        n, v = s2.shape
+        rows = torch.empty(n, dtype=torch.float32, device=s2.device)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty((n, v), dtype=student.dtype, device=s2.device) if need_grad else None
+        sparse_call(prep.mode, s2, prep.ids, prep.lp, prep.w, prep.tail, prep.labels, ignore_index,
+                    prep.temperature, t2_scale, 1.0 if reduce_scale is None else reduce_scale, rows, grad)
+        return finish_fused_forward(ctx, student, rows, grad, prep.lead_shape, reduce_scale)
