@@ -105,21 +105,25 @@ def make_labels(lead_shape, *, seed=0, masked_fraction=0.3, ignore_index=-100, v
     return torch.where(masked, torch.full_like(labels, ignore_index), labels)
 
 
-def run_loss(name, student, teacher, *, grad_output=None, student_view=None, **kwargs):
+def run_loss(name, student, teacher, *, grad_output=None, student_view=None, device=None, **kwargs):
     """Call the loss on a fresh leaf copy of ``student``; return (loss, student grad or None).
 
     ``student_view`` maps the leaf to the tensor that is actually passed (to test views);
-    the gradient returned is then the leaf's.
+    the gradient returned is then the leaf's. With ``device``, the loss runs on copies of the
+    inputs (and tensor options) on that device; loss and gradient come back on the CPU.
     """
     leaf = student.detach().clone().requires_grad_(True)
     passed = student_view(leaf) if student_view is not None else leaf
+    if device is not None:
+        passed, teacher = passed.to(device), teacher.to(device)
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     loss = loss_fn(name)(passed, teacher, **kwargs)
     grad = None
     if loss.requires_grad:
-        go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+        go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss)
         loss.backward(go)
         grad = leaf.grad
-    return loss.detach(), grad
+    return loss.detach().cpu(), grad
 
 
 def logit_scale(student, teacher, temperature, vocab_size=None):
@@ -166,11 +170,13 @@ def check_against_reference(
     grad_output=None,
     student_view=None,
     check_grad=True,
+    device=None,
     **opts,
 ):
     """Run kdfast on (student, teacher) and compare value, dtype and gradient with reference64.
 
     ``student`` is the leaf tensor; ``student_view`` (if given) produces what the loss sees.
+    ``device``: run kdfast on copies on that device (the reference stays on the CPU).
     """
     kwargs = dict(opts)
     kwargs.setdefault("temperature", 1.0)
@@ -181,6 +187,7 @@ def check_against_reference(
         grad_output=grad_output,
         student_view=student_view,
         backend=backend,
+        device=device,
         **kwargs,
     )
 

@@ -156,3 +156,23 @@ def reduce_scale(reduction: str, n_rows: int, labels: Optional[torch.Tensor], ig
         return 1.0 / num_items
     kept = n_rows if labels is None else int((labels != ignore_index).sum())
     return 1.0 / max(1, kept)
+
+
+def reduce_scale_on_device(reduction: str, n_rows: int, labels: Optional[torch.Tensor], ignore_index: int,
+                           num_items_in_batch):
+    """:func:`reduce_scale` without host syncs, for the device kernels: None, a float, or a 0-d
+    float32 tensor on the device of ``labels`` / ``num_items_in_batch`` (1 / D of ``"mean"``).
+    A ``num_items_in_batch`` tensor on an accelerator is not read on the host: its shape is
+    checked, and D = max(1, its value)."""
+    if reduction in ("none", "sum"):
+        return reduce_scale(reduction, n_rows, labels, ignore_index, None)
+    n = num_items_in_batch
+    if isinstance(n, torch.Tensor) and n.device.type != "cpu":
+        if n.numel() != 1 or n.dtype.is_complex or n.dtype == torch.bool:
+            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, "
+                             f"got shape {tuple(n.shape)} of {n.dtype}")
+        return 1.0 / n.reshape(()).to(torch.float32).clamp_min(1.0)
+    num_items = check_num_items(n)
+    if num_items is not None or labels is None:
+        return reduce_scale(reduction, n_rows, None, ignore_index, num_items)
+    return 1.0 / (labels != ignore_index).sum().clamp_min(1).to(torch.float32)

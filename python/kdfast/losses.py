@@ -13,7 +13,8 @@ For one row, with ``q = softmax(z_s / T)`` (student) and ``p = softmax(z_t / T)`
 ============================  ===============================================================
 
 On CPU (``backend="rust"``) the loss and its gradient w.r.t. the student logits are computed
-together in the forward call by the Rust kernels; backward only scales that gradient.
+together in the forward call by the Rust kernels, on CUDA (``backend="triton"``) by the Triton
+kernels of :mod:`kdfast._triton.dense`; backward only scales that gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _native, reference
+from . import _native, _triton, reference
 from ._validate import (
     DtypeError,
     Pair,
@@ -35,9 +36,22 @@ from ._validate import (
     check_reduction,
     check_temperature,
     reduce_scale,
+    reduce_scale_on_device,
 )
 
 __all__ = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+def finish_fused_forward(ctx, student, rows, grad, lead_shape, reduce_scale):
+    """The end of a fused kernel's autograd ``forward``: save the gradient (None without one)
+    for backward, and return the per-row losses (``reduce_scale`` None) or their reduction."""
+    ctx.per_row = reduce_scale is None
+    ctx.student_shape = student.shape
+    if grad is not None:
+        ctx.save_for_backward(grad)
+    if reduce_scale is None:
+        return rows.reshape(lead_shape)
+    return rows.sum() * reduce_scale
 
 
 class _RustDense(torch.autograd.Function):
@@ -57,27 +71,42 @@ class _RustDense(torch.autograd.Function):
         _native.dense_call(
             loss, param, s2, t2, pair.labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad
         )
-        ctx.per_row = reduce_scale is None
-        ctx.student_shape = student.shape
-        if need_grad:
-            ctx.save_for_backward(grad)
-        if reduce_scale is None:
-            return rows.reshape(pair.lead_shape)
-        return rows.sum() * reduce_scale
+        return finish_fused_forward(ctx, student, rows, grad, pair.lead_shape, reduce_scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        (grad,) = ctx.saved_tensors
-        if ctx.per_row:
-            grad.mul_(grad_out.reshape(-1, 1))
-        elif bool(grad_out != 1):
-            grad.mul_(grad_out)
-        # In-place: a second backward through a retained graph fails torch's saved-tensor
-        # version check with a clear error instead of using a scaled gradient twice.
-        return grad.reshape(ctx.student_shape), None, None, None, None
+        return fused_backward(ctx, grad_out, _scale_on_cpu)
+
+
+def _scale_on_cpu(grad, grad_out, per_row):
+    if per_row:
+        grad.mul_(grad_out.reshape(-1, 1))
+    elif bool(grad_out != 1):
+        grad.mul_(grad_out)
+
+
+def fused_backward(ctx, grad_out, scale):
+    """The backward of a fused kernel's Function (inputs ``student`` and four non-tensors):
+    the saved gradient, scaled in place by ``scale(grad, grad_out, per_row)``. In place: a
+    second backward through a retained graph fails torch's saved-tensor version check with a
+    clear error instead of using a scaled gradient twice."""
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    (grad,) = ctx.saved_tensors
+    scale(grad, grad_out, ctx.per_row)
+    return grad.reshape(ctx.student_shape), None, None, None, None
+
+
+# Constants for torch.compile: Dynamo evaluates these once instead of tracing Triton's import.
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str) -> str:
+    return _triton.auto_backend(torch.device(device_type))
+
+
+@torch.compiler.assume_constant_result
+def _triton_usable(device_type: str) -> bool:
+    return _triton.usable(torch.device(device_type))
 
 
 def _resolve_backend(backend: str, pair: Pair) -> str:
@@ -85,17 +114,16 @@ def _resolve_backend(backend: str, pair: Pair) -> str:
     on_cpu = s.device.type == "cpu"
     native_dtypes = s.dtype in _native.NATIVE_DTYPES and t.dtype in _native.NATIVE_DTYPES
     if backend == "auto":
-        return "rust" if on_cpu and native_dtypes else "torch"
-    if backend == "rust":
-        if not on_cpu:
-            raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {s.device}; use backend='auto'")
-        if not native_dtypes:
-            raise DtypeError(
-                f"backend: 'rust' supports float32, bfloat16 and float16 logits, got {s.dtype} and {t.dtype}; "
-                f"use backend='torch' for float64"
-            )
-    if backend == "triton":
-        raise ValueError("backend: 'triton' kernels are not part of this kdfast build; use 'auto', 'rust' or 'torch'")
+        return _auto_backend(s.device.type) if native_dtypes else "torch"
+    if backend == "rust" and not on_cpu:
+        raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {s.device}; use backend='auto'")
+    if backend == "triton" and not _triton_usable(s.device.type):
+        _triton.check_usable(s.device)
+    if backend in ("rust", "triton") and not native_dtypes:
+        raise DtypeError(
+            f"backend: {backend!r} supports float32, bfloat16 and float16 logits, got {s.dtype} and {t.dtype}; "
+            f"use backend='torch' for float64"
+        )
     return backend
 
 
@@ -133,14 +161,18 @@ def _dense(
     if _compiling():
         return _dense_traced(loss, param, pair, t, bool(t2_scale), ignore_index, reduction,
                              num_items_in_batch, backend)
-    num_items = check_num_items(num_items_in_batch)
-    scale = reduce_scale(reduction, n, pair.labels, ignore_index, num_items)
+    if backend == "triton":
+        # No host sync: 1/D may stay a tensor on the device, read by the kernel.
+        scale = reduce_scale_on_device(reduction, n, pair.labels, ignore_index, num_items_in_batch)
+    else:
+        scale = reduce_scale(reduction, n, pair.labels, ignore_index, check_num_items(num_items_in_batch))
 
-    if backend == "rust":
+    if backend in ("rust", "triton"):
         spec = (loss, float(param), t, bool(t2_scale))
         # Under torch.no_grad() a student that requires grad must not cost a gradient.
         student = pair.student if torch.is_grad_enabled() else pair.student.detach()
-        return _RustDense.apply(student, pair, spec, ignore_index, scale)
+        fn = _RustDense if backend == "rust" else _triton_dense().TritonDense
+        return fn.apply(student, pair, spec, ignore_index, scale)
 
     rows = _torch_rows(loss, param, pair, t, ignore_index)
     if t2_scale:
@@ -156,6 +188,13 @@ def _torch_rows(loss: str, param: float, pair: Pair, t: float, ignore_index: int
     keep = (pair.labels != ignore_index).nonzero().squeeze(1)
     vals = reference.row_losses(loss, param, pair.s2[keep], pair.t2[keep], t)
     return vals.new_zeros(pair.s2.shape[0]).index_put((keep,), vals)
+
+
+def _triton_dense():
+    """:mod:`kdfast._triton.dense`, imported on first use (``import kdfast`` never needs Triton)."""
+    from ._triton import dense
+
+    return dense
 
 
 def _compiling() -> bool:
@@ -174,49 +213,60 @@ def _dense_rows_op(
     ignore_index: int,
     vocab: int,
     need_grad: bool,
+    backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses ``[N]`` and the unscaled student gradient ``[N, V_student]`` (empty when
-    ``need_grad`` is False): the Rust kernel as an opaque op for ``torch.compile``."""
+    ``need_grad`` is False): the Rust (``backend="rust"``) or Triton kernel as an opaque op for
+    ``torch.compile``."""
     v_full = student.shape[-1]
-    s2 = _native.as_rows(student.reshape(-1, v_full)[:, :vocab])
-    t2 = _native.as_rows(teacher.reshape(-1, teacher.shape[-1])[:, :vocab])
+    s2 = student.reshape(-1, v_full)[:, :vocab]
+    t2 = teacher.reshape(-1, teacher.shape[-1])[:, :vocab]
+    if backend == "rust":
+        call, s2, t2 = _native.dense_call, _native.as_rows(s2), _native.as_rows(t2)
+    else:
+        call = _triton_dense().dense_call
     n = s2.shape[0]
-    rows = torch.empty(n, dtype=torch.float32)
-    grad = torch.empty((n, v_full), dtype=student.dtype) if need_grad else student.new_empty(0)
+    rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty((n, v_full), dtype=student.dtype, device=student.device) if need_grad else student.new_empty(0)
     if n:
-        _native.dense_call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale, 1.0, rows,
-                           grad if need_grad else None)
+        call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale, 1.0, rows, grad if need_grad else None)
     return rows, grad
 
 
 @_dense_rows_op.register_fake
-def _(student, teacher, labels, loss, param, temperature, t2_scale, ignore_index, vocab, need_grad):
+def _(student, teacher, labels, loss, param, temperature, t2_scale, ignore_index, vocab, need_grad, backend):
     n = student.numel() // student.shape[-1]
     grad_shape = (n, student.shape[-1]) if need_grad else (0,)
     return student.new_empty(n, dtype=torch.float32), student.new_empty(grad_shape)
 
 
-def _dense_rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.student_shape = inputs[0].shape
+def register_rows_autograd(op, n_inputs: int) -> None:
+    """Autograd for a custom op ``(student, ...) -> (rows, grad)`` whose ``grad`` is the unscaled
+    ``∂rows/∂student`` per row: backward is ``grad · grad_rows`` (no gradient for the other
+    ``n_inputs − 1`` inputs)."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.student_shape = inputs[0].shape
+
+    def backward(ctx, grad_rows, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        g = (grad * grad_rows.unsqueeze(1)).to(grad.dtype).reshape(ctx.student_shape)
+        return (g,) + (None,) * (n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _dense_rows_backward(ctx, grad_rows, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    g = (grad * grad_rows.unsqueeze(1)).to(grad.dtype).reshape(ctx.student_shape)
-    return (g,) + (None,) * 9
-
-
-_dense_rows_op.register_autograd(_dense_rows_backward, setup_context=_dense_rows_setup)
+register_rows_autograd(_dense_rows_op, 11)
 
 
 def _dense_traced(loss, param, pair: Pair, t, t2_scale, ignore_index, reduction, num_items, backend):
     """The path taken under ``torch.compile``: no host syncs and no data-dependent shapes; the
-    Rust kernel is the custom op ``kdfast::dense_rows``, reductions are tensor ops."""
-    if backend == "rust":
+    Rust and Triton kernels are the custom op ``kdfast::dense_rows``, reductions are tensor ops."""
+    if backend in ("rust", "triton"):
         need_grad = pair.student.requires_grad and torch.is_grad_enabled()
         rows, _ = _dense_rows_op(pair.student, pair.t2.detach(), pair.labels, loss, float(param), t,
-                                 t2_scale, ignore_index, pair.vocab, need_grad)
+                                 t2_scale, ignore_index, pair.vocab, need_grad, backend)
     else:
         rows = reference.row_losses(loss, param, pair.s2, pair.t2, t)
         if pair.labels is not None:
@@ -248,7 +298,8 @@ _COMMON_DOC = """
             (Σℓ / D, D = ``num_items_in_batch`` or max(1, unmasked rows): a per-token mean).
         num_items_in_batch: the D of ``"mean"`` under gradient accumulation (int or 1-element tensor).
         vocab_size: use only the first ``vocab_size`` columns of both (padded vocabularies).
-        backend: ``"auto"`` (Rust for CPU float32/bf16/fp16, else PyTorch), ``"rust"``, ``"torch"``.
+        backend: ``"auto"`` (Rust for CPU and Triton for CUDA float32/bf16/fp16 tensors, else
+            PyTorch), ``"rust"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``.
 
     Returns:
         float32 loss (float64 for float64 input on the torch backend).

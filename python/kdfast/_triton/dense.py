@@ -1,0 +1,339 @@
+"""Triton kernels for the six dense losses (api.md §1): loss and student gradient, fused.
+
+Notation, per row: ``a = z_s / T``, ``b = z_t / T``, ``lq = log q = a − lse(a)``,
+``lp = log p = b − lse(b)``, ``d = lq − lp``. Every loss is ``ℓ = Σ_i t_i`` and its gradient
+w.r.t. the student logits is the softmax Jacobian applied to ``g = ∂ℓ/∂q``::
+
+    ∂ℓ/∂z_s,j = (q_j g_j − q_j S) / T,   S = Σ_i q_i g_i
+
+========================  =====================================  ==================================
+loss                      t_i                                    q_i g_i
+========================  =====================================  ==================================
+forward_kl                p (lp − lq)                            −p        (S = −1: grad (q − p)/T)
+reverse_kl                q d                                    q d       (the +1 cancels)
+jsd (β)                   β p r_p + (1−β) q r_q                  (1−β) q r_q
+skew_forward_kl (λ)       p r_p                                  −(1−λ) exp(lq + r_p)   (q p / m)
+skew_reverse_kl (λ)       q r_q                                  q r_q − λ exp(lq + r_q) (λ q² / m)
+tvd                       ½ |q − p|                              ½ q sign(q − p)
+========================  =====================================  ==================================
+
+with the mixture log-ratios formed in log space, each by one stable ``logaddexp`` of ``d``
+(no ``exp`` that can underflow to 0 and then be divided by, so no NaN when both log-probs are
+below −104): for JSD ``m = βp + (1−β)q``, ``r_q = log q − log m = −lae(ln β − d, ln(1−β))``,
+``r_p = log p − log m = −lae(ln(1−β) + d, ln β)``; skew forward ``m = λp + (1−λ)q``,
+``r_p = −lae(ln λ, ln(1−λ) + d)``; skew reverse ``m = λq + (1−λ)p``,
+``r_q = −lae(ln λ, ln(1−λ) − d)``. JSD at β ∈ {0, 1} and the skews at λ = 0 run the plain KLs.
+
+One program per row (int64 row offsets), looping over the vocabulary in blocks of
+``BLOCK = min(next_power_of_2(V), 4096)`` columns, all arithmetic in float32:
+
+1. online log-sum-exp of ``a`` and ``b`` (running maximum, rescaled sum); forward KL also
+   accumulates ``Σ e^{b−M_b} (b − a)``, so its loss is ``that / Z_b + (M_a − M_b) + ln Z_a − ln Z_b``;
+2. (all but forward KL) the loss ``Σ t_i`` and ``S = Σ q_i g_i``;
+3. (with a gradient) the write pass ``(q g − q S) · grad_scale · (T² if t2_scale) / T``
+   (forward KL: ``(q − p) · ...``), zero in masked rows and in columns ``vocab..V_full``.
+
+Only the last pass writes, and it reads each block before writing it, so the gradient may
+alias the student logits (the fused-linear path overwrites its float32 logits chunk).
+
+Every element with zero probability (``-inf`` logits, out-of-range lanes, underflow) gives
+exactly 0: products ``x · y`` where ``x`` may be 0 and ``y`` infinite select ``y → 0`` *before*
+multiplying, and ``-inf − -inf`` is never formed, so the kernels raise no floating-point
+warnings under the Triton interpreter either. A row without a finite logit (or with +inf/NaN)
+has no softmax: it gives NaN here (the Rust kernel raises instead; this one cannot without a
+host sync).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ..losses import finish_fused_forward, fused_backward
+
+__all__ = ["TritonDense", "dense_call", "scale_grad_"]
+
+_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
+MAX_BLOCK = 4096
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+@triton.jit
+def _log1p_small(e):
+    """``log(1 + e)`` for ``e ∈ [0, 1]``, accurate for tiny ``e``."""
+    return tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+
+
+@triton.jit
+def _lae(x, c):
+    """``log(e^x + e^c)`` for finite ``c`` and ``x ∈ [−inf, +inf]`` (no NaN, no overflow)."""
+    hi = tl.maximum(x, c)
+    lo = tl.minimum(x, c)
+    return hi + _log1p_small(tl.exp(lo - hi))
+
+
+@triton.jit
+def _xmul(x, y):
+    """``x · y`` with ``x = 0 ⇒ 0`` even where ``y`` is infinite."""
+    return x * tl.where(x == 0.0, 0.0, y)
+
+
+@triton.jit
+def _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb):
+    """``log q`` and ``log p`` of one block (``-inf`` in lanes past the vocabulary)."""
+    a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    return (a - ma) - ln_za, (b - mb) - ln_zb
+
+
+@triton.jit
+def _terms(lq, lp, c1, c2, w, KIND: tl.constexpr):
+    """Per element: loss term ``t``, ``q g`` and ``q`` (see the module docstring).
+    ``c1, c2, w`` are ``ln θ, ln(1−θ), θ`` for θ = β or λ."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    # d = lq − lp, 0 where both are -inf (instead of NaN); ±inf where one side is.
+    both = (lq == float("-inf")) & (lp == float("-inf"))
+    d = tl.where(both, 0.0, lq) - tl.where(both, 0.0, lp)
+    if KIND == 1:  # reverse KL
+        t = _xmul(q, d)
+        qg = t
+    elif KIND == 2:  # JSD
+        rq = -_lae(c1 - d, c2)
+        rp = -_lae(c2 + d, c1)
+        tq = _xmul(q, rq)
+        t = w * _xmul(p, rp) + (1.0 - w) * tq
+        qg = (1.0 - w) * tq
+    elif KIND == 3:  # skew forward KL
+        rp = -_lae(c2 + d, c1)
+        t = _xmul(p, rp)
+        qg = -(1.0 - w) * tl.exp(lq + rp)
+    elif KIND == 4:  # skew reverse KL
+        rq = -_lae(c2 - d, c1)
+        t = _xmul(q, rq)
+        qg = t - w * tl.exp(lq + rq)
+    else:  # TVD
+        diff = q - p
+        t = 0.5 * tl.abs(diff)
+        qg = tl.where(diff > 0.0, 0.5 * q, tl.where(diff < 0.0, -0.5 * q, 0.0))
+    return t, qg, q
+
+
+@triton.jit
+def _dense_kernel(
+    s_ptr, t_ptr, labels_ptr, rows_ptr, grad_ptr, gs_ptr,
+    s_stride, t_stride, g_stride,
+    V, V_full, ignore_index,
+    inv_t, loss_scale, gs_val, c1, c2, w,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, NEED_GRAD: tl.constexpr, GS_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_row = grad_ptr + row * g_stride
+    offs = tl.arange(0, BLOCK)
+    keep = row >= 0
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+    loss = 0.0
+    zero_from = 0
+    if keep:
+        # Pass 1: online log-sum-exp of a = z_s/T and b = z_t/T (forward KL: its loss too).
+        ma = float("-inf")
+        mb = float("-inf")
+        za = 0.0
+        zb = 0.0
+        kl = 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            msk = cols < V
+            a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+            b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+            ma_new = tl.maximum(ma, tl.max(a, 0))
+            mb_new = tl.maximum(mb, tl.max(b, 0))
+            # While everything seen is -inf, shift by 0 instead (no -inf − -inf).
+            sha = tl.where(ma_new == float("-inf"), 0.0, ma_new)
+            shb = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+            rb = tl.exp(mb - shb)
+            eb = tl.exp(b - shb)
+            za = za * tl.exp(ma - sha) + tl.sum(tl.exp(a - sha), 0)
+            zb = zb * rb + tl.sum(eb, 0)
+            if KIND == 0:
+                live = eb > 0.0
+                diff = tl.where(live, b, 0.0) - tl.where(live, a, 0.0)
+                kl = _xmul(rb, kl) + tl.sum(eb * diff, 0)
+            ma = ma_new
+            mb = mb_new
+        ln_za = tl.log(za)
+        ln_zb = tl.log(zb)
+        gs = gs_val
+        if GS_PTR:
+            gs = tl.load(gs_ptr).to(tl.float32)
+        gs = gs * loss_scale * inv_t
+
+        if KIND == 0:
+            loss = kl / zb + ((ma - mb) + (ln_za - ln_zb))
+            if NEED_GRAD:  # (q − p) · gs
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    msk = cols < V
+                    lq, lp = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb)
+                    g = (tl.exp(lq) - tl.exp(lp)) * gs
+                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=msk)
+        else:
+            # Pass 2: the loss and S = Σ q g.
+            acc_t = tl.zeros([BLOCK], dtype=tl.float32)
+            acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                msk = cols < V
+                lq, lp = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb)
+                t, qg, q = _terms(lq, lp, c1, c2, w, KIND)
+                acc_t += t
+                acc_s += qg
+            loss = tl.sum(acc_t, 0)
+            if NEED_GRAD:  # Pass 3: (q g − q S) · gs
+                s_sum = tl.sum(acc_s, 0)
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    msk = cols < V
+                    lq, lp = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb)
+                    t, qg, q = _terms(lq, lp, c1, c2, w, KIND)
+                    g = (qg - q * s_sum) * gs
+                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=msk)
+        loss = loss * loss_scale
+        zero_from = V
+    tl.store(rows_ptr + row, loss)
+    if NEED_GRAD:  # masked rows, and the padded columns V..V_full
+        for start in range(zero_from, V_full, BLOCK):
+            cols = start + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < V_full)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, f_ptr, f_stride, V, BLOCK: tl.constexpr):
+    """``g[r, :] *= f[r · f_stride]`` (``f_stride = 0``: one scalar), skipped where f = 1."""
+    row = tl.program_id(0).to(tl.int64)
+    f = tl.load(f_ptr + row * f_stride).to(tl.float32)
+    if f != 1.0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        msk = cols < V
+        ptr = g_ptr + row * V + cols
+        x = tl.load(ptr, mask=msk, other=0.0).to(tl.float32)
+        tl.store(ptr, (x * f).to(g_ptr.dtype.element_ty), mask=msk)
+
+
+def _block(v: int) -> tuple:
+    block = min(triton.next_power_of_2(v), MAX_BLOCK)
+    return block, max(1, min(16, block // 256))
+
+
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _kind(loss: str, param: float) -> tuple:
+    """The kernel variant and ``(ln θ, ln(1−θ), θ)``; parameter edges run the plain KLs."""
+    if loss not in _KINDS:
+        raise ValueError(f"loss: expected one of {', '.join(_KINDS)}, got {loss!r}")
+    kind, param = _KINDS[loss], float(param)
+    if (loss == "jsd" and param == 0.0) or (loss == "skew_forward_kl" and param == 0.0):
+        kind = 0
+    elif (loss == "jsd" and param == 1.0) or (loss == "skew_reverse_kl" and param == 0.0):
+        kind = 1
+    if kind in (2, 3, 4):
+        return kind, math.log(param), math.log1p(-param), param
+    return kind, 0.0, 0.0, 0.0
+
+
+def dense_call(loss: str, param: float, s2: torch.Tensor, t2: torch.Tensor, labels: torch.Tensor | None,
+               ignore_index: int, temperature: float, t2_scale: bool, grad_scale: float | torch.Tensor,
+               rows: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Per-row losses into ``rows`` (float32 ``[N]``, times T² when ``t2_scale``) and, when
+    ``grad`` (``[N, V_full]``, ``V_full ≥ vocab``) is given, ``grad_scale · ∂ℓ_r/∂z_s`` into it
+    in its dtype (zero beyond ``vocab`` and in rows whose label is ``ignore_index``).
+
+    The semantics of :func:`kdfast._native.dense_call`, on CUDA tensors (or CPU tensors under
+    ``TRITON_INTERPRET=1``). ``s2``/``t2`` are ``[N, vocab]`` views with any row stride;
+    ``grad_scale`` is a float or a one-element tensor on the device (read by the kernel: no
+    host sync). ``grad`` may alias ``s2`` (in place).
+    """
+    n, v = s2.shape
+    if n == 0:
+        return
+    s2, t2 = _unit_columns(s2), _unit_columns(t2)
+    kind, c1, c2, w = _kind(loss, param)
+    has_labels = labels is not None and _INT64[0] <= ignore_index <= _INT64[1]
+    labels = labels.contiguous() if has_labels else rows
+    if isinstance(grad_scale, torch.Tensor):
+        gs_ptr, gs_val = grad_scale.reshape(1).to(torch.float32), 1.0
+    else:
+        gs_ptr, gs_val = rows, float(grad_scale)
+    if grad is not None:
+        if grad.dim() != 2 or grad.shape[0] != n or grad.shape[1] < v or (grad.shape[1] > 1 and grad.stride(1) != 1):
+            raise ValueError(f"grad: expected [{n}, >= {v}] with unit column stride, got shape "
+                             f"{tuple(grad.shape)} strides {grad.stride()}")
+        g, g_stride, v_full = grad, grad.stride(0), grad.shape[1]
+    else:
+        g, g_stride, v_full = rows, 0, v
+    t = float(temperature)
+    block, warps = _block(v)
+    _dense_kernel[(n,)](
+        s2, t2, labels, rows, g, gs_ptr,
+        s2.stride(0), t2.stride(0), g_stride,
+        v, v_full, int(ignore_index) if has_labels else 0,
+        1.0 / t, t * t if t2_scale else 1.0, gs_val, c1, c2, w,
+        KIND=kind, HAS_LABELS=has_labels, NEED_GRAD=grad is not None,
+        GS_PTR=isinstance(grad_scale, torch.Tensor), BLOCK=block, num_warps=warps,
+    )
+
+
+def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In place, ``grad [N, V] *= factor``: per row (``factor`` has N elements) or by one scalar
+    (one element; nothing is done when it is exactly 1). The factor is read by the kernel, so
+    backward makes no host sync. ``grad`` must be contiguous."""
+    n = grad.shape[0]
+    v = grad.numel() // n if n else 0
+    if n == 0 or v == 0:
+        return grad
+    f = factor.reshape(-1)
+    stride = 0 if f.numel() == 1 else f.stride(0)
+    block, warps = _block(v)
+    _scale_kernel[(n, triton.cdiv(v, block))](grad, f, stride, v, BLOCK=block, num_warps=warps)
+    # Written behind autograd's back: record it, so that a saved ``grad`` cannot be reused.
+    torch.autograd.graph.increment_version(grad)
+    return grad
+
+
+class TritonDense(torch.autograd.Function):
+    """Loss rows from :func:`dense_call`; the gradient is produced in forward and saved.
+
+    ``reduce_scale`` is None for ``reduction="none"`` (rows scaled in backward), else the
+    reduction's factor (float or 0-d tensor), folded into the gradient in forward so that
+    backward is a no-op for the usual grad_output of 1. Backward scales in place with
+    :func:`scale_grad_`, reading grad_output on the device (no host sync).
+    """
+
+    @staticmethod
+    def forward(ctx, student, pair, spec: tuple, ignore_index: int, reduce_scale):
+        # spec: (loss, param, temperature, t2_scale), as for kdfast.losses._RustDense.
+        n, dev = pair.s2.shape[0], pair.s2.device
+        rows = torch.empty(n, dtype=torch.float32, device=dev)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=dev)
+        dense_call(*spec[:2], pair.s2, pair.t2, pair.labels, ignore_index, *spec[2:],
+                   1.0 if reduce_scale is None else reduce_scale, rows, grad)
+        return finish_fused_forward(ctx, student, rows, grad, pair.lead_shape, reduce_scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        # Always marks grad modified (whether grad_out is 1 is only known on the device), so a
+        # second backward through a retained graph raises.
+        return fused_backward(ctx, grad_out, lambda grad, g_out, _per_row: scale_grad_(grad, g_out))
