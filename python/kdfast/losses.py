@@ -98,26 +98,15 @@ def fused_backward(ctx, grad_out, scale):
     return grad.reshape(ctx.student_shape), None, None, None, None
 
 
-# Constants for torch.compile: Dynamo evaluates these once instead of tracing Triton's import.
-@torch.compiler.assume_constant_result
-def _auto_backend(device_type: str) -> str:
-    return _triton.auto_backend(torch.device(device_type))
-
-
-@torch.compiler.assume_constant_result
-def _triton_usable(device_type: str) -> bool:
-    return _triton.usable(torch.device(device_type))
-
-
 def _resolve_backend(backend: str, pair: Pair) -> str:
     s, t = pair.s2, pair.t2
     on_cpu = s.device.type == "cpu"
     native_dtypes = s.dtype in _native.NATIVE_DTYPES and t.dtype in _native.NATIVE_DTYPES
     if backend == "auto":
-        return _auto_backend(s.device.type) if native_dtypes else "torch"
+        return _triton.auto_backend(s.device) if native_dtypes else "torch"
     if backend == "rust" and not on_cpu:
         raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {s.device}; use backend='auto'")
-    if backend == "triton" and not _triton_usable(s.device.type):
+    if backend == "triton":
         _triton.check_usable(s.device)
     if backend in ("rust", "triton") and not native_dtypes:
         raise DtypeError(

@@ -13,20 +13,27 @@ these kernels for CUDA tensors when Triton is importable.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+_importable = None  # cached answer of importable()
+
+
+# A constant to torch.compile: Dynamo calls it rather than tracing a cache and an import.
+@torch.compiler.assume_constant_result
 def importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything else
-        return False
-    return True
+    global _importable
+    if _importable is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _importable = True
+        except Exception:  # ImportError, or a broken install raising anything else
+            _importable = False
+    return _importable
 
 
 def interpreting() -> bool:
