@@ -119,12 +119,16 @@ def scale_of(*xs, temperature):
     (v, k, t) for v, k in [(1, 1), (2, 3), (127, 8)] for t in (0.05, 1.0, 10.0)
 ] + [(32000, 20, 1.0)])
 def test_matches_float64_reference(backend, mode, dtype, temperature, v, k):
-    n = 3 if v == 32000 else 6
+    check_against_reference(run, backend, mode, dtype, temperature, 3 if v == 32000 else 6, v, k)
+
+
+def check_against_reference(runner, backend, mode, dtype, temperature, n, v, k):
+    """``runner(student, targets, **kwargs) -> (loss, grad)`` against :func:`reference`."""
     s64, t64 = hostile_pair(n, v, seed=v + k)
     student, teacher = s64.to(dtype), t64.to(dtype)
     tg = make_targets(mode, teacher, k, temperature)
     tail = "renorm" if mode == "renorm" else "bucket"
-    loss, grad = run(student, tg, tail=tail, reduction="none", backend=backend)
+    loss, grad = runner(student, tg, tail=tail, reduction="none", backend=backend)
     assert loss.dtype == torch.float32 and loss.shape == (n,)
     assert grad.dtype == dtype and grad.shape == student.shape
     ref_loss, ref_grad = reference(student, tg, temperature, tail)
@@ -262,31 +266,34 @@ def test_torch_backend_gradcheck(mode):
     assert torch.autograd.gradcheck(fn, (leaf,))
 
 
-def test_conventions_duplicates_empty_rows_and_empty_batch():
+def check_conventions(runner, backend):
+    """A repeated sampled id counts once per slot (like merged weights); with no listed id,
+    renorm contributes 0 and so does bucket without a tail (p_tail = q_tail = 1). Returns the
+    student and top-k targets with a repeated id."""
     s = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
     lp = torch.log(torch.tensor([[0.2, 0.2, 0.1, 0.0], [0.5, 0.0, 0.0, 0.0]]))
-    # Sampled: a repeated id counts once per slot, like merged weights.
     raw = kdfast.SparseTargets(indices=torch.tensor([[4, 4, 9, -1], [3, -1, -1, -1]]), logprobs=lp,
                                weights=torch.tensor([[0.25, 0.25, 0.5, 0.0], [1.0, 0, 0, 0]]), method="sample")
     merged = kdfast.SparseTargets(indices=torch.tensor([[4, 9, -1, -1], [3, -1, -1, -1]]),
                                   logprobs=lp[:, [0, 2, 3, 3]],
                                   weights=torch.tensor([[0.5, 0.5, 0, 0], [1.0, 0, 0, 0]]), method="sample")
+    la, ga = runner(s, raw, reduction="none", backend=backend)
+    lb, gb = runner(s, merged, reduction="none", backend=backend)
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(ga, gb)
+    none = kdfast.SparseTargets(indices=torch.full((2, 3), -1), logprobs=torch.full((2, 3), NEG_INF))
+    for tail in ("renorm", "bucket"):
+        loss, grad = runner(s, none, tail=tail, reduction="none", backend=backend)
+        assert loss.abs().max() < 1e-6 and grad.abs().max() < 1e-6
+    return s, kdfast.SparseTargets(indices=raw.indices, logprobs=lp)
+
+
+def test_conventions_duplicates_empty_rows_and_empty_batch():
     for backend in BACKENDS:
-        la, ga = run(s, raw, reduction="none", backend=backend)
-        lb, gb = run(s, merged, reduction="none", backend=backend)
-        torch.testing.assert_close(la, lb)
-        torch.testing.assert_close(ga, gb)
-    # Top-k: a repeated id is an error.
-    dup = kdfast.SparseTargets(indices=torch.tensor([[4, 4, 9, -1], [3, -1, -1, -1]]), logprobs=lp)
-    for backend in BACKENDS:
+        s, dup = check_conventions(run, backend)
+        # Top-k: a repeated id is an error.
         with pytest.raises(ValueError, match="targets.indices.*twice"):
             kdfast.sparse_kl(s, dup, backend=backend)
-    # No listed id: renorm contributes 0; bucket without a tail has p_tail = q_tail = 1: 0.
-    none = kdfast.SparseTargets(indices=torch.full((2, 3), -1), logprobs=torch.full((2, 3), NEG_INF))
-    for backend in BACKENDS:
-        for tail in ("renorm", "bucket"):
-            loss, grad = run(s, none, tail=tail, reduction="none", backend=backend)
-            assert loss.abs().max() < 1e-6 and grad.abs().max() < 1e-6
     # Empty batch.
     empty = kdfast.compress_topk(torch.zeros(0, 30), 3)
     for backend in BACKENDS:

@@ -1,7 +1,7 @@
 """Pure-PyTorch implementation of kdfast's offline-distillation numerics (api.md §2).
 
-The ``backend="torch"`` fallback of :func:`kdfast.compress_topk`, :func:`kdfast.compress_sample`
-and :func:`kdfast.sparse_kl` (CUDA tensors, float64), written to be read:
+The ``backend="torch"`` path of :func:`kdfast.compress_topk`, :func:`kdfast.compress_sample`
+and :func:`kdfast.sparse_kl` (float64, or any device without Triton), written to be read:
 
 * :func:`compress_topk` — a stable descending sort of ``x = z · (1/T)`` (f32, as the Rust
   kernel computes it): the same ids, in the same order (ties → lower id first), as Rust.

@@ -13,9 +13,13 @@ few ids per token instead:
   for storage.
 
 On CPU the work runs in the Rust kernels (one streaming pass over each teacher row, bounded
-memory; the loss and its gradient fused in forward); elsewhere (CUDA, float64) in the pure
-PyTorch :mod:`kdfast.reference_sparse`, which for sampling replays the same algorithm, so the
-same seed gives the same targets on every backend and thread count.
+memory; the loss and its gradient fused in forward), on CUDA in the Triton kernels of
+:mod:`kdfast._triton.compress` and :mod:`kdfast._triton.sparse` (the same algorithms), and for
+float64 in the pure PyTorch :mod:`kdfast.reference_sparse`. All three list the same top-k ids
+and, for sampling, replay the same draws, so the same seed gives the same targets on every
+backend and thread count. :func:`prepare_sparse` and the chunk-level ``sparse_call`` of
+:mod:`kdfast._native` and :mod:`kdfast._triton.sparse` are what
+:func:`kdfast.fused_linear_distill_loss` reuses.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from ._validate import (
     reduce_scale,
     reduce_scale_on_device,
 )
-from .losses import _auto_backend, _RustDense, _triton_usable, finish_fused_forward
+from .losses import _RustDense, finish_fused_forward, register_rows_autograd
 
 __all__ = [
     "SparseTargets",
@@ -177,10 +181,10 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     backend = check_backend(backend)
     native = dtype in _native.NATIVE_DTYPES
     if backend == "auto":
-        return _auto_backend(device.type) if native else "torch"
+        return _triton.auto_backend(device) if native else "torch"
     if backend == "rust" and device.type != "cpu":
         raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {device}; use backend='auto'")
-    if backend == "triton" and not _triton_usable(device.type):
+    if backend == "triton":
         _triton.check_usable(device)
     if backend in ("rust", "triton") and not native:
         raise DtypeError(f"backend: {backend!r} supports float32, bfloat16 and float16 logits, got {dtype}; "
@@ -553,18 +557,7 @@ def _(student, ids, lp, w, tail, labels, mode, temperature, t2_scale, ignore_ind
     return student.new_empty(n, dtype=torch.float32), student.new_empty(grad_shape)
 
 
-def _sparse_rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.student_shape = inputs[0].shape
-
-
-def _sparse_rows_backward(ctx, grad_rows, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    g = (grad * grad_rows.unsqueeze(1)).to(grad.dtype).reshape(ctx.student_shape)
-    return (g,) + (None,) * 11
-
-
-_sparse_rows_op.register_autograd(_sparse_rows_backward, setup_context=_sparse_rows_setup)
+register_rows_autograd(_sparse_rows_op, 12)
 
 
 def _sparse_traced(student, s2, prep: SparseInputs, t2_scale, ignore_index, reduction, num_items, backend):

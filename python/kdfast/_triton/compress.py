@@ -246,14 +246,15 @@ def _exp64(x):
 
 @triton.jit
 def _block_weights(x_row, b, V, inv_t, status, VB: tl.constexpr):
-    """Block ``b``'s ``x`` (cleaned), ids, in-vocabulary mask, max, running sums and status."""
+    """Block ``b``'s in-vocabulary mask, max of ``x``, weights ``exp(x − max)``, their running
+    sums and the row status."""
     cols = b * VB + tl.arange(0, VB)
     inb = cols < V
     x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
     x, status = _status_and_clean(x, status)
     m = tl.max(x, 0)
     w = _exp64(x.to(tl.float64) - tl.where(m == float("-inf"), 0.0, m).to(tl.float64))
-    return x, cols, inb, m, w, tl.cumsum(w, 0), status
+    return inb, m, w, tl.cumsum(w, 0), status
 
 
 @triton.jit
@@ -265,8 +266,8 @@ def _block_counts_kernel(x_ptr, cnt_ptr, off_ptr, lse_ptr, status_ptr, x_stride,
     bidx = tl.arange(0, NBP)
     lse_b = tl.full([NBP], float("-inf"), tl.float64)
     status = tl.zeros([], tl.int32)
-    for b in range(0, nb):
-        x, cols, inb, m, w, c, status = _block_weights(x_row, b, V, inv_t, status, VB)
+    for b in range(nb):
+        _inb, m, _w, c, status = _block_weights(x_row, b, V, inv_t, status, VB)
         s = tl.max(c, 0)  # the last running sum (all terms ≥ 0)
         lb = tl.where(m == float("-inf"), float("-inf"), m.to(tl.float64) + tl.log(tl.where(s > 0.0, s, 1.0)))
         lse_b = tl.where(bidx == b, lb, lse_b)
@@ -307,7 +308,7 @@ def _block_draws_kernel(x_ptr, cnt_ptr, off_ptr, key_ptr, x_stride, V, nb, n,
     if cnt > 0:
         x_row = x_ptr + row * x_stride
         off = tl.load(off_ptr + row * nb + b)
-        x, cols, inb, m, w, c, status = _block_weights(x_row, b, V, inv_t, tl.zeros([], tl.int32), VB)
+        inb, _m, w, c, _status = _block_weights(x_row, b, V, inv_t, tl.zeros([], tl.int32), VB)
         s = tl.max(c, 0)
         last = tl.max(tl.where((w > 0.0) & inb, tl.arange(0, VB), 0), 0)
         size = tl.minimum(V - b * VB, VB)
