@@ -38,11 +38,12 @@ from ._validate import (
     check_backend,
     check_int,
     check_num_items,
+    check_pair,
     check_real,
     check_reduction,
     check_temperature,
 )
-from .sparse import TAILS, SparseTargets
+from .sparse import prepare_sparse
 
 __all__ = ["fused_linear_distill_loss"]
 
@@ -383,7 +384,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
             raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape {tuple(num_items.shape)}")
     else:
         num_items = check_num_items(num_items)
-    labels = _check_labels(loss_kwargs.get("labels"), lead, h.device)
+    labels = _check_labels(loss_kwargs.get("labels"), lead, h.device)  # int64 [N] or None
     v_s = w.shape[0]
 
     th = tw = tb = tlog = ids = lp = sw = tail_lp = None
@@ -394,7 +395,9 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
         for key in ("beta", "skew", "vocab_size"):
             if key in loss_kwargs:
                 raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to sparse targets")
-        ids, lp, sw, tail_lp, mode, t = _sparse_inputs(targets, loss_kwargs, lead, h.device, v_s)
+        prep = prepare_sparse(targets, lead, v_s, h.device, tail=loss_kwargs.get("tail", "bucket"),
+                              temperature=loss_kwargs.get("temperature"), name="student_hidden")
+        ids, lp, sw, tail_lp, mode, t = prep.ids, prep.lp, prep.w, prep.tail, prep.mode, prep.temperature
         vocab = v_s
         loss = "sparse_kl"
     else:
@@ -510,17 +513,11 @@ def _torch_chunk_rows(h, w, b, th, tw, tb, tlog, ids, lp, sw, tail, *, spec, voc
 
 
 def _check_labels(labels, lead, device) -> Optional[torch.Tensor]:
+    """The dense losses' labels checks, on a stand-in for logits of leading shape ``lead``."""
     if labels is None:
         return None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise DtypeError(f"labels: expected an integer tensor, got {labels.dtype}")
-    if labels.shape != lead:
-        raise ValueError(f"labels: expected shape {tuple(lead)} (the leading shape of student_hidden), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels: expected device {device}, got {labels.device}")
-    return labels.reshape(-1).to(torch.int64).contiguous()
+    probe = torch.empty((), device=device).expand(*lead, 1)
+    return check_pair(probe, probe, vocab_size=None, labels=labels).labels
 
 
 def _loss_param(loss: str, kw: dict) -> float:
@@ -545,33 +542,3 @@ def _vocab(vocab_size, v_s: int, v_t: int) -> int:
     if not 1 <= v <= min(v_s, v_t):
         raise ValueError(f"vocab_size: expected 1 <= vocab_size <= min({v_s}, {v_t}) (student, teacher vocabulary sizes), got {v}")
     return v
-
-
-def _sparse_inputs(targets, kw: dict, lead, device, v_s: int):
-    if not isinstance(targets, SparseTargets):
-        raise TypeError(f"targets: expected kdfast.SparseTargets, got {type(targets).__name__}")
-    tail = kw.get("tail", "bucket")
-    if tail not in TAILS:
-        raise ValueError(f"tail: expected 'bucket' or 'renorm', got {tail!r}")
-    if targets.shape != lead:
-        raise ValueError(f"targets: expected leading shape {tuple(lead)} (that of student_hidden), got {tuple(targets.shape)}")
-    if targets.device != device:
-        raise ValueError(f"targets: expected the device of student_hidden ({device}), got {targets.device}")
-    t = kw.get("temperature")
-    t = targets.temperature if t is None else check_temperature(t)
-    mode = "sampled" if targets.method == "sample" else tail
-    k = targets.k
-    ids = targets.indices.detach().reshape(-1, k).to(torch.int64).contiguous()
-    # The range check reads the ids on the host: skipped where that is impossible (compiling,
-    # CUDA-graph capture); the kernels then give an out-of-range id's row a NaN loss.
-    capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (torch.compiler.is_compiling() or capturing) and ids.numel() and bool(((ids < -1) | (ids >= v_s)).any()):
-        bad = ids[(ids < -1) | (ids >= v_s)][0].item()
-        raise ValueError(f"targets.indices: expected vocabulary ids in [0, {v_s}) (the student head's vocabulary size) "
-                         f"or -1 for an unused slot, got {bad}")
-    lp = targets.logprobs.detach().reshape(-1, k).to(torch.float32).contiguous()
-    sw = None if mode != "sampled" else targets.weights.detach().reshape(-1, k).to(torch.float32).contiguous()
-    tail_lp = None
-    if mode == "bucket" and targets.tail_logprob is not None:
-        tail_lp = targets.tail_logprob.detach().reshape(-1).to(torch.float32).contiguous()
-    return ids, lp, sw, tail_lp, mode, t

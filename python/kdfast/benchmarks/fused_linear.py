@@ -214,30 +214,39 @@ def run_benchmark(sizes, dtypes, losses, impls, *, device: str, repeats: int, wa
                        "wall_s": time.perf_counter() - t_start, "command": " ".join(sys.argv)}}
 
 
+def ratio_table(groups: dict[tuple, dict[str, dict]], impls: Sequence[str], label_head: Sequence[str]) -> list[str]:
+    """Markdown rows: per group (its label cells, then ``{impl: case}``) the time of every
+    implementation, kdfast's time over each other's, and the extra peak memory in MiB."""
+    others = [i for i in impls if i != "kdfast"]
+    head = list(label_head) + [f"time {i}" for i in impls] + [f"kd/{i}" for i in others] + [f"MiB {i}" for i in impls]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, by in groups.items():
+        ok = {i: c for i, c in by.items() if "error" not in c}
+        kd = ok.get("kdfast", {}).get("time_s")
+        cells = list(label)
+        cells += [_fmt_s(ok[i]["time_s"]) if i in ok else ("error" if i in by else "-") for i in impls]
+        cells += [f"{kd / ok[i]['time_s']:.2f}" if (kd and i in ok) else "-" for i in others]
+        cells += [f"{ok[i]['extra_peak_bytes'] / 2**20:.0f}" if i in ok else "-" for i in impls]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Markdown: time and extra peak memory per implementation, kdfast's ratios to the others."""
     impls = [i for i in results["config"]["impls"] if any(c["impl"] == i for c in results["cases"])]
     groups: dict[tuple, dict[str, dict]] = {}
     for c in results["cases"]:
-        groups.setdefault((c["loss"], c["n"], c["h"], c["v"], c["dtype"]), {})[c["impl"]] = c
-    others = [i for i in impls if i != "kdfast"]
-    head = (["loss", "N×H×V", "dtype"] + [f"time {i}" for i in impls] + [f"kd/{i}" for i in others]
-            + [f"MiB {i}" for i in impls])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        label = (c["loss"], f"{c['n']}×{c['h']}×{c['v']}", c["dtype"])
+        groups.setdefault(label, {})[c["impl"]] = c
+    lines = ratio_table(groups, impls, ["loss", "N×H×V", "dtype"])
     notes = []
-    for (loss, n, h, v, dt), by in groups.items():
+    for (loss, size, dt), by in groups.items():
+        notes += [f"- {loss} {size} {dt} {i}: {c['error']}" for i, c in by.items() if "error" in c]
         ok = {i: c for i, c in by.items() if "error" not in c}
-        kd = ok.get("kdfast", {}).get("time_s")
-        cells = [loss, f"{n}×{h}×{v}", dt]
-        cells += [_fmt_s(ok[i]["time_s"]) if i in ok else ("error" if i in by else "-") for i in impls]
-        cells += [f"{kd / ok[i]['time_s']:.2f}" if (kd and i in ok) else "-" for i in others]
-        cells += [f"{ok[i]['extra_peak_bytes'] / 2**20:.0f}" if i in ok else "-" for i in impls]
-        lines.append("| " + " | ".join(cells) + " |")
-        notes += [f"- {loss} {n}×{h}×{v} {dt} {i}: {c['error']}" for i, c in by.items() if "error" in c]
         if "kdfast" in ok and "unfused" in ok:
             a, b = ok["kdfast"]["loss_value"], ok["unfused"]["loss_value"]
             if abs(a - b) > 1e-2 * max(abs(b), 1e-3):
-                notes.append(f"- {loss} {n}×{h}×{v} {dt}: MISMATCH kdfast loss {a} vs unfused {b}")
+                notes.append(f"- {loss} {size} {dt}: MISMATCH kdfast loss {a} vs unfused {b}")
     m, cfg = results["machine"], results["config"]
     where = m.get("gpu") or f"{m.get('cpu')}, {m.get('logical_cpus')} logical CPUs"
     lines += ["", f"Device: {where}; torch {m.get('torch')}; forward+backward through the LM head, median of "

@@ -82,18 +82,8 @@ def dense_table(cases: list[dict[str, Any]]) -> str:
     impls = [i for i in IMPLS if any(c["impl"] == i for c in cases)]
     groups: dict[tuple, dict[str, dict]] = {}
     for c in cases:
-        groups.setdefault((c["loss"], c["n"], c["v"], c["dtype"]), {})[c["impl"]] = c
-    others = [i for i in impls if i != "kdfast"]
-    head = ["loss", "BT×V", "dtype"] + [f"time {i}" for i in impls] + [f"kd/{i}" for i in others] + [f"MiB {i}" for i in impls]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (loss, n, v, dt), by in groups.items():
-        ok = {i: c for i, c in by.items() if "error" not in c}
-        kd = ok.get("kdfast", {}).get("time_s")
-        cells = [loss, f"{n}×{v}", dt]
-        cells += [_fmt_s(ok[i]["time_s"]) if i in ok else ("error" if i in by else "-") for i in impls]
-        cells += [f"{kd / ok[i]['time_s']:.2f}" if (kd and i in ok) else "-" for i in others]
-        cells += [f"{ok[i]['extra_peak_bytes'] / 2**20:.0f}" if i in ok else "-" for i in impls]
-        lines.append("| " + " | ".join(cells) + " |")
+        groups.setdefault((c["loss"], f"{c['n']}×{c['v']}", c["dtype"]), {})[c["impl"]] = c
+    lines = fused_linear.ratio_table(groups, impls, ["loss", "BT×V", "dtype"])
     lines += [f"- {c['loss']} {c['n']}×{c['v']} {c['impl']}: {c['error']}" for c in cases if "error" in c]
     return "\n".join(lines)
 
