@@ -63,8 +63,8 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
     """Student hidden/head (requiring grad) and teacher hidden/head, scaled so logits spread over
     a few units as an LLM's do."""
-    g = torch.Generator().manual_seed(seed)
-    mk = (lambda *s, std: (torch.randn(*s, generator=g) * std).to(dtype).to(device))
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: a V×H head is large
+    mk = (lambda *s, std: (torch.randn(*s, generator=g, device=device) * std).to(dtype))
     sh, sw = mk(n, h, std=1.0), mk(v, h, std=2.0 / h**0.5)
     th, tw = mk(n, h, std=1.0), mk(v, h, std=2.0 / h**0.5)
     return sh.requires_grad_(True), sw.requires_grad_(True), th, tw
