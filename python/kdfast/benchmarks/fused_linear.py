@@ -105,7 +105,7 @@ def make_step(loss: str, impl: str) -> Callable[..., torch.Tensor]:
 
         # Liger's JSD weighs the *teacher* by beta in the mixture; 0.5 is the symmetric case.
         mod = LigerFusedLinearJSD(jsd_beta=JSD_BETA, temperature=TEMPERATURE)
-        return lambda sh, sw, th, tw: mod(sh, sw, th, tw)
+        return lambda sh, sw, th, tw: mod(sh, sw, th, tw, None)  # shift_labels has no default
     raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
 
 

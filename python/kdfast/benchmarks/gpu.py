@@ -58,10 +58,11 @@ def dense_step(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor], t
     return lambda s, t: fn(s, t, **kwargs)
 
 
-def run_dense_case(loss: str, impl: str, n: int, v: int, dtype: str, repeats: int, warmup: int) -> dict[str, Any]:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    s = (torch.randn(n, v, device="cuda", generator=g) * LOGIT_SCALE).to(DTYPES[dtype]).requires_grad_(True)
-    t = (torch.randn(n, v, device="cuda", generator=g) * LOGIT_SCALE).to(DTYPES[dtype])
+def run_dense_case(loss: str, impl: str, n: int, v: int, dtype: str, repeats: int, warmup: int,
+                   device: str = "cuda") -> dict[str, Any]:
+    g = torch.Generator(device=device).manual_seed(0)
+    s = (torch.randn(n, v, device=device, generator=g) * LOGIT_SCALE).to(DTYPES[dtype]).requires_grad_(True)
+    t = (torch.randn(n, v, device=device, generator=g) * LOGIT_SCALE).to(DTYPES[dtype])
     step = dense_step(loss, impl)
 
     def run():
@@ -72,7 +73,7 @@ def run_dense_case(loss: str, impl: str, n: int, v: int, dtype: str, repeats: in
     def reset():
         s.grad = None
 
-    times, extra, out = fused_linear.measure_step(run, reset, "cuda", repeats, warmup)
+    times, extra, out = fused_linear.measure_step(run, reset, device, repeats, warmup)
     return {"loss": loss, "impl": impl, "n": n, "v": v, "dtype": dtype, "time_s": _measure.median(times),
             "times_s": times, "extra_peak_bytes": extra, "loss_value": float(out.detach()),
             "grad_norm": float(s.grad.float().norm()), "grad_dtype": str(s.grad.dtype)}
