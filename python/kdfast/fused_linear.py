@@ -194,6 +194,7 @@ def _fused_linear_op(
         lab = None if labels is None else labels[c0:c1]
         rows, g = _chunk_rows_and_grad(spec, backend, z, teacher, lab, w_c, need_grad, buf)
         rows_all[c0:c1] = rows
+        del z, teacher  # the logits are spent (the Triton kernels overwrote them with g)
         if not need_grad:
             continue
         # The matmul operands: float32 on CPU (with the float32 head), the head's dtype on CUDA.
@@ -205,7 +206,7 @@ def _fused_linear_op(
             g_w_acc = torch.mm(a, b) if g_w_acc is None else g_w_acc.addmm_(a, b)
         if need_bias:
             g_b_acc = g.sum(0, dtype=torch.float32) if g_b_acc is None else g_b_acc.add_(g.sum(0, dtype=torch.float32))
-        del z, g, g_mm
+        del g, g_mm
 
     out = (rows_all * row_weight).sum() if reduce else rows_all
     if need_weight and vocab == weight.shape[0]:
