@@ -358,10 +358,8 @@ def compress_topk(x2: torch.Tensor, k: int, temperature: float):
     kb = max(16, triton.next_power_of_2(k))
     block = max(kb, min(1024, triton.next_power_of_2(v)))
     inv_t = _inv_t(temperature)
-    # 8 warps for the 1024-wide blocks: with 4, ptxas caps the sort at 128 registers a thread and
-    # spills (sm_90, benches/triton_aot_check.py); 8 fit in 98-124 at the same warps per SM.
     _topk_kernel[(n,)](x2, ids, lp, tail, status, x2.stride(0), v, k, inv_t, K=kb, BLOCK=block,
-                       LOG_K=kb.bit_length() - 1, LOG_B=block.bit_length() - 1, num_warps=8 if block >= 1024 else 4)
+                       LOG_K=kb.bit_length() - 1, LOG_B=block.bit_length() - 1, num_warps=4 if block <= 1024 else 8)
     _raise_for_status(x2, status, inv_t)
     return ids, lp, tail
 
