@@ -358,8 +358,13 @@ def compress_topk(x2: torch.Tensor, k: int, temperature: float):
     kb = max(16, triton.next_power_of_2(k))
     block = max(kb, min(1024, triton.next_power_of_2(v)))
     inv_t = _inv_t(temperature)
+    # 8 warps for the 1024-wide blocks (every V > 512): with 4, ptxas holds the sorts to 128
+    # registers a thread and spills a little (8-40 B) in many variants on sm_90
+    # (benches/triton_aot_check.py --full: 15 with Triton 3.6, 23 with 3.9); with 8 (80-124
+    # registers, the same warps per SM) in none with 3.6, 3 with 3.9 (k = 1000, 16 B). Speed not
+    # yet measured on a GPU.
     _topk_kernel[(n,)](x2, ids, lp, tail, status, x2.stride(0), v, k, inv_t, K=kb, BLOCK=block,
-                       LOG_K=kb.bit_length() - 1, LOG_B=block.bit_length() - 1, num_warps=4 if block <= 1024 else 8)
+                       LOG_K=kb.bit_length() - 1, LOG_B=block.bit_length() - 1, num_warps=8 if block >= 1024 else 4)
     _raise_for_status(x2, status, inv_t)
     return ids, lp, tail
 
