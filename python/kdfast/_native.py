@@ -92,3 +92,61 @@ def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t
         temperature, t2_scale, grad_scale, desc(rows), opt(grad),
         s2.shape[1] if grad is None else grad.shape[1], isa(), num_threads(),
     )
+
+
+def compress_topk(x2: torch.Tensor, k: int, temperature: float):
+    """Top-k of ``[N, V]`` CPU logits: ``(ids int64 [N, k], logprobs float32 [N, k], tail float32 [N])``."""
+    x2 = as_rows(x2)
+    n = x2.shape[0]
+    ids = torch.empty((n, k), dtype=torch.int64)
+    lp = torch.empty((n, k), dtype=torch.float32)
+    tail = torch.empty(n, dtype=torch.float32)
+    _kdfast.compress_topk(desc(x2), k, temperature, desc(ids), desc(lp), desc(tail), isa(), num_threads())
+    return ids, lp, tail
+
+
+def compress_sample(x2: torch.Tensor, num_samples: int, temperature: float, seed: int, row_offset: int):
+    """Sampling compression of ``[N, V]`` CPU logits: ``(ids, logprobs, weights)``, each ``[N, num_samples]``."""
+    x2 = as_rows(x2)
+    n = x2.shape[0]
+    ids = torch.empty((n, num_samples), dtype=torch.int64)
+    lp = torch.empty((n, num_samples), dtype=torch.float32)
+    w = torch.empty((n, num_samples), dtype=torch.float32)
+    _kdfast.compress_sample(desc(x2), num_samples, temperature, seed, row_offset, desc(ids), desc(lp), desc(w),
+                            isa(), num_threads())
+    return ids, lp, w
+
+
+def encoded_row_bytes(k: int, vocab_size: int, has_tail: bool, num_samples) -> int:
+    """Bytes of one encoded record (kdfast-core ``encode.rs``)."""
+    return _kdfast.encoded_row_bytes(k, vocab_size, has_tail, num_samples)
+
+
+def _opt_desc(t):
+    return None if t is None else desc(t)
+
+
+def encode_targets(ids, lp, w, tail, vocab_size: int, num_samples) -> torch.Tensor:
+    """Pack contiguous CPU targets (``ids`` int64 ``[R, k]``, ``lp``/``w`` float32 ``[R, k]``,
+    ``tail`` float32 ``[R]``) into uint8 ``[R, row_bytes]``."""
+    rows, k = ids.shape
+    rb = encoded_row_bytes(k, vocab_size, tail is not None, num_samples)
+    data = torch.empty((rows, rb), dtype=torch.uint8)
+    if rows:
+        _kdfast.encode_targets(desc(ids), desc(lp), _opt_desc(w), _opt_desc(tail), vocab_size, num_samples,
+                               (data.data_ptr(), data.numel()), num_threads())
+    return data
+
+
+def decode_targets(data: torch.Tensor, k: int, vocab_size: int, num_samples, has_tail: bool):
+    """Unpack contiguous uint8 records ``[R, row_bytes]``: ``(ids, lp, w or None, tail or None)``;
+    sampled records (with weights) iff ``num_samples`` is not None."""
+    rows = data.shape[0]
+    ids = torch.empty((rows, k), dtype=torch.int64)
+    lp = torch.empty((rows, k), dtype=torch.float32)
+    w = torch.empty((rows, k), dtype=torch.float32) if num_samples is not None else None
+    tail = torch.empty(rows, dtype=torch.float32) if has_tail else None
+    if rows:
+        _kdfast.decode_targets((data.data_ptr(), data.numel()), rows, k, vocab_size, num_samples,
+                               desc(ids), desc(lp), _opt_desc(w), _opt_desc(tail))
+    return ids, lp, w, tail

@@ -14,9 +14,7 @@ BACKENDS = ("auto", "rust", "triton", "torch")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class DtypeError(TypeError, ValueError):
-    """A tensor has the wrong dtype. Both a ``TypeError`` and a ``ValueError``, so either
-    ``except`` clause catches it."""
+from ._errors import DtypeError  # noqa: F401  (re-exported)
 
 
 def check_logits(x, name: str) -> torch.Tensor:

@@ -95,7 +95,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "kdfast.cache needs pyarrow; install it with: pip install 'kdfast[capture]'"
     ) from exc
 
-from . import _kdfast
+from . import _native
 from .sparse import EncodedTargets, SparseTargets, decode_targets, encode_targets
 
 __all__ = [
@@ -241,7 +241,7 @@ def _dtypes(schema: "pa.Schema") -> Dict[str, str]:
 
 def _row_bytes(params: dict, k_row: int) -> int:
     n_s = params["num_samples"] if params["method"] == "sample" else None
-    return _kdfast.encoded_row_bytes(k_row, params["vocab_size"], params["has_tail"], n_s)
+    return _native.encoded_row_bytes(k_row, params["vocab_size"], params["has_tail"], n_s)
 
 
 def _lock(path: str):

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _kdfast, _native, _triton
+from . import _native, _triton
 from . import reference_sparse as _ref
 from ._validate import (
     DtypeError,
@@ -248,12 +248,7 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
     elif backend == "triton":
         ids, lp, tail = _triton_op("compress").compress_topk(x2, k, t)
     else:
-        x2 = _native.as_rows(x2)
-        ids = torch.empty((n, k), dtype=torch.int64)
-        lp = torch.empty((n, k), dtype=torch.float32)
-        tail = torch.empty(n, dtype=torch.float32)
-        _kdfast.compress_topk(_native.desc(x2), k, t, _native.desc(ids), _native.desc(lp),
-                              _native.desc(tail), _native.isa(), _native.num_threads())
+        ids, lp, tail = _native.compress_topk(x2, k, t)
     return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
                          tail_logprob=tail.reshape(lead), temperature=t, method="topk")
 
@@ -298,12 +293,7 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
     elif backend == "triton":
         ids, lp, w = _triton_op("compress").compress_sample(x2, n_s, t, seed, row_offset)
     else:
-        x2 = _native.as_rows(x2)
-        ids = torch.empty((n, n_s), dtype=torch.int64)
-        lp = torch.empty((n, n_s), dtype=torch.float32)
-        w = torch.empty((n, n_s), dtype=torch.float32)
-        _kdfast.compress_sample(_native.desc(x2), n_s, t, seed, row_offset, _native.desc(ids),
-                                _native.desc(lp), _native.desc(w), _native.isa(), _native.num_threads())
+        ids, lp, w = _native.compress_sample(x2, n_s, t, seed, row_offset)
     return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
                          weights=w.reshape(*lead, n_s), temperature=t, method="sample")
 
@@ -664,12 +654,8 @@ def encode_targets(targets: SparseTargets, vocab_size: int, *, num_samples: Opti
     w = cpu(targets.weights, torch.float32)
     tail = None if not has_tail else targets.tail_logprob.detach().to("cpu", torch.float32).reshape(-1).contiguous()
     rows = ids.shape[0]
-    rb = _kdfast.encoded_row_bytes(k, vocab, has_tail, n_s)
-    data = torch.empty((rows, rb), dtype=torch.uint8)
-    if rows:
-        opt = (lambda t: None if t is None else _native.desc(t))
-        _kdfast.encode_targets(_native.desc(ids), _native.desc(lp), opt(w), opt(tail), vocab, n_s,
-                               (data.data_ptr(), data.numel()), _native.num_threads())
+    data = _native.encode_targets(ids, lp, w, tail, vocab, n_s)
+    rb = data.shape[1]
     return EncodedTargets(data=data.reshape(*lead, rb), vocab_size=vocab, k=k, method=targets.method,
                           temperature=targets.temperature, has_tail=has_tail, num_samples=n_s)
 
@@ -684,20 +670,12 @@ def decode_targets(encoded: EncodedTargets, *, device=None) -> SparseTargets:
     k = encoded.k
     sampled = encoded.method == "sample"
     n_s = encoded.num_samples if sampled else None
-    rb = _kdfast.encoded_row_bytes(k, encoded.vocab_size, encoded.has_tail, n_s)
+    rb = _native.encoded_row_bytes(k, encoded.vocab_size, encoded.has_tail, n_s)
     if data.shape[-1] != rb:
         raise ValueError(f"encoded.data: expected records of {rb} bytes for k={k}, V={encoded.vocab_size}, got {data.shape[-1]}")
     lead = data.shape[:-1]
     flat = data.detach().to("cpu").reshape(-1, rb).contiguous()
-    rows = flat.shape[0]
-    ids = torch.empty((rows, k), dtype=torch.int64)
-    lp = torch.empty((rows, k), dtype=torch.float32)
-    w = torch.empty((rows, k), dtype=torch.float32) if sampled else None
-    tail = torch.empty(rows, dtype=torch.float32) if encoded.has_tail else None
-    if rows:
-        opt = (lambda t: None if t is None else _native.desc(t))
-        _kdfast.decode_targets((flat.data_ptr(), flat.numel()), rows, k, encoded.vocab_size, n_s,
-                               _native.desc(ids), _native.desc(lp), opt(w), opt(tail))
+    ids, lp, w, tail = _native.decode_targets(flat, k, encoded.vocab_size, n_s, encoded.has_tail)
     out = SparseTargets(
         indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
         weights=None if w is None else w.reshape(*lead, k),

@@ -443,7 +443,7 @@ def fidelity_table(teacher: torch.Tensor, student: torch.Tensor, *, ks: Sequence
     gradient of ``loss_fn(student_logits)`` (the cosine the Sparse Logit Sampling paper
     reports)."""
     import kdfast
-    from kdfast import _kdfast
+    from kdfast import _native
 
     t = teacher.float()
     s = student.float()
@@ -469,7 +469,7 @@ def fidelity_table(teacher: torch.Tensor, student: torch.Tensor, *, ks: Sequence
         ns_ = size if method == "sample" else None
         has_tail = method == "topk"
         kmax = int(used.max())
-        row_bytes_used = {u: _kdfast.encoded_row_bytes(max(1, u), v, has_tail, ns_)
+        row_bytes_used = {u: _native.encoded_row_bytes(max(1, u), v, has_tail, ns_)
                           for u in used.unique().tolist()}
         var_bytes = float(sum(row_bytes_used[u] for u in used.tolist()) / rows)
         # What-if for sampled targets: a variable-length record of ids and counts only (the
@@ -503,7 +503,7 @@ def fidelity_table(teacher: torch.Tensor, student: torch.Tensor, *, ks: Sequence
             "method": method, "size": size,
             "mean_used_slots": float(used.float().mean()), "max_used_slots": kmax,
             "bytes_record": enc.row_bytes,
-            "bytes_trimmed": _kdfast.encoded_row_bytes(kmax, v, has_tail, ns_),
+            "bytes_trimmed": _native.encoded_row_bytes(kmax, v, has_tail, ns_),
             "bytes_variable": var_bytes,
             "bytes_lean_ids_counts": lean_bytes,
             "kl_full_recon": float(kl_t.mean()) if bool(finite.all()) else float("inf"),
