@@ -16,31 +16,22 @@ Training loops (api.md §4): :class:`DistillationLoss` mixes a distillation loss
 cross-entropy on the labels; :mod:`kdfast.integrations.transformers` has a Hugging Face Trainer.
 """
 
-from . import reference
+from . import losses, reference
+from ._errors import DtypeError
 from ._kdfast import __version__
-from ._validate import DtypeError
+from ._registry import LOSSES
 from .distill import DistillationLoss
 from .fused_linear import fused_linear_distill_loss
-from .losses import forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
-from .sparse import (
-    EncodedTargets,
-    SparseTargets,
-    compress_sample,
-    compress_topk,
-    decode_targets,
-    encode_targets,
-    sparse_kl,
-)
+from .sparse import compress_sample, compress_topk, sparse_kl
+from .targets import EncodedTargets, SparseTargets, decode_targets, encode_targets
+
+# The dense losses of api.md §1, one per registry entry (kdfast.forward_kl, kdfast.jsd, ...).
+globals().update({name: getattr(losses, name) for name in LOSSES})
 
 __all__ = [
     "__version__",
     "DtypeError",
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
+    *LOSSES,
     "reference",
     "SparseTargets",
     "compress_topk",

@@ -1,4 +1,5 @@
-"""Argument checks shared by every loss: bad input gets a clear exception, never a crash."""
+"""Argument checks shared by every public function: bad input gets a clear exception naming
+the argument, what was expected and what was given — never a crash, a hang or a NaN."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Optional
 
 import torch
 
-REDUCTIONS = ("none", "sum", "mean", "batchmean")
-BACKENDS = ("auto", "rust", "triton", "torch")
+from ._errors import DtypeError
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-from ._errors import DtypeError  # noqa: F401  (re-exported)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The kernels compute in float32: T and 1/T must both be normal float32 numbers.
+_F32_TINY = 2.0**-126
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_logits(x, name: str) -> torch.Tensor:
@@ -22,8 +24,7 @@ def check_logits(x, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor of logits, got {type(x).__name__}")
     if x.dtype not in LOGIT_DTYPES:
         raise DtypeError(
-            f"{name}: expected floating-point logits (float32, bfloat16, float16 or float64), "
-            f"got {x.dtype}"
+            f"{name}: expected floating-point logits (float32, bfloat16, float16 or float64), got {x.dtype}"
         )
     if x.dim() == 0:
         raise ValueError(f"{name}: expected logits of shape [..., V], got a 0-d tensor")
@@ -39,7 +40,10 @@ def check_real(value, name: str, *, low: float, high: float, high_open: bool = F
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf if value > 0 else -math.inf
     lo_ok = v > low if low_open else v >= low
     hi_ok = v < high if high_open else v <= high
     if not (math.isfinite(v) and lo_ok and hi_ok):
@@ -50,41 +54,35 @@ def check_real(value, name: str, *, low: float, high: float, high_open: bool = F
 
 
 def check_temperature(t) -> float:
-    return check_real(t, "temperature", low=0.0, high=math.inf, low_open=True, high_open=True)
+    """T > 0 such that T and 1/T are normal float32 numbers (the kernels scale by 1/T in float32)."""
+    v = check_real(t, "temperature", low=0.0, high=math.inf, low_open=True, high_open=True)
+    if not (_F32_TINY <= v <= _F32_MAX and 1.0 / v <= _F32_MAX):
+        raise ValueError(f"temperature: expected a number in [{_F32_TINY:.3g}, {_F32_MAX:.3g}] "
+                         f"(T and 1/T must be normal float32 numbers), got {t!r}")
+    return v
 
 
-def check_reduction(reduction) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    return "mean" if reduction == "batchmean" else reduction
-
-
-def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    return backend
-
-
-def check_int(value, name: str) -> int:
+def check_int(value, name: str, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """An integer (not a bool) in [low, high] when bounds are given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return int(value)
+    v = int(value)
+    if (low is not None and v < low) or (high is not None and v > high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else (f"2**{(high + 1).bit_length() - 1} - 1" if high > 2**32 else str(high))
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v}")
+    return v
 
 
-def check_num_items(n) -> Optional[float]:
-    """``num_items_in_batch``: None, a positive int, or a one-element tensor. 0 is treated as 1
-    (a fully masked accumulation window gives loss 0, not NaN)."""
-    if n is None:
-        return None
-    if isinstance(n, torch.Tensor):
-        if n.numel() != 1 or n.dtype.is_complex:
-            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape {tuple(n.shape)}")
-        n = n.item()
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(float(n)):
-        raise TypeError(f"num_items_in_batch: expected a non-negative number, got {n!r}")
-    if n < 0:
-        raise ValueError(f"num_items_in_batch: expected a non-negative number, got {n!r}")
-    return max(float(n), 1.0)
+def check_ignore_index(value) -> int:
+    """``ignore_index`` is compared with int64 labels: it must be an int64."""
+    return check_int(value, "ignore_index", low=INT64_MIN, high=INT64_MAX)
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, int)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 @dataclass
@@ -97,6 +95,38 @@ class Pair:
     labels: Optional[torch.Tensor]  # int64 [N] or None
     lead_shape: torch.Size
     vocab: int
+
+
+def check_vocab(vocab_size, vs: int, vt: int, *, what: str = "student_logits", other: str = "teacher_logits") -> int:
+    """The vocabulary used: ``vocab_size`` (1 ≤ it ≤ both sizes) or, when None, the common size."""
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"vocab_size: {what} has vocabulary size {vs} but {other} has {vt}; "
+                f"pass vocab_size=... to use only the first columns of both"
+            )
+        return vs
+    v = check_int(vocab_size, "vocab_size")
+    if not 1 <= v <= min(vs, vt):
+        raise ValueError(
+            f"vocab_size: expected 1 <= vocab_size <= min({vs}, {vt}) (student, teacher vocabulary sizes), got {v}"
+        )
+    return v
+
+
+def check_labels(labels, lead: torch.Size, device: torch.device) -> Optional[torch.Tensor]:
+    """``labels`` of leading shape ``lead`` on ``device`` as int64 ``[N]`` (or None)."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DtypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(f"labels: expected shape {tuple(lead)} (the leading shape of the logits), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels: expected device {device}, got {labels.device}")
+    return labels.reshape(-1).to(torch.int64).contiguous()
 
 
 def check_pair(student, teacher, *, vocab_size, labels) -> Pair:
@@ -113,64 +143,17 @@ def check_pair(student, teacher, *, vocab_size, labels) -> Pair:
             f"got {tuple(teacher.shape)}"
         )
     vs, vt = student.shape[-1], teacher.shape[-1]
-    if vocab_size is None:
-        if vs != vt:
-            raise ValueError(
-                f"vocab_size: student_logits has vocabulary size {vs} but teacher_logits has {vt}; "
-                f"pass vocab_size=... to use only the first columns of both"
-            )
-        v = vs
-    else:
-        v = check_int(vocab_size, "vocab_size")
-        if not 1 <= v <= min(vs, vt):
-            raise ValueError(
-                f"vocab_size: expected 1 <= vocab_size <= min({vs}, {vt}) (student, teacher vocabulary sizes), got {v}"
-            )
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise DtypeError(f"labels: expected an integer tensor, got {labels.dtype}")
-        if labels.shape != lead:
-            raise ValueError(f"labels: expected shape {tuple(lead)} (the leading shape of the logits), got {tuple(labels.shape)}")
-        if labels.device != student.device:
-            raise ValueError(f"labels: expected device {student.device}, got {labels.device}")
-        labels = labels.reshape(-1).to(torch.int64).contiguous()
+    v = check_vocab(vocab_size, vs, vt)
+    labels = check_labels(labels, lead, student.device)
     s2 = student.reshape(-1, vs)[:, :v]
     t2 = teacher.reshape(-1, vt)[:, :v]
     return Pair(student, s2, t2, labels, lead, v)
 
 
-def reduce_scale(reduction: str, n_rows: int, labels: Optional[torch.Tensor], ignore_index: int,
-                 num_items: Optional[float]) -> Optional[float]:
-    """The factor turning Σℓ into the reduced loss: None for ``"none"``, 1 for ``"sum"``, and for
-    ``"mean"`` 1 / D with D = ``num_items`` or max(1, unmasked rows). ``reduction`` must
-    already be normalised by :func:`check_reduction`."""
-    if reduction == "none":
-        return None
-    if reduction == "sum":
-        return 1.0
-    if num_items is not None:
-        return 1.0 / num_items
-    kept = n_rows if labels is None else int((labels != ignore_index).sum())
-    return 1.0 / max(1, kept)
-
-
-def reduce_scale_on_device(reduction: str, n_rows: int, labels: Optional[torch.Tensor], ignore_index: int,
-                           num_items_in_batch):
-    """:func:`reduce_scale` without host syncs, for the device kernels: None, a float, or a 0-d
-    float32 tensor on the device of ``labels`` / ``num_items_in_batch`` (1 / D of ``"mean"``).
-    A ``num_items_in_batch`` tensor on an accelerator is not read on the host: its shape is
-    checked, and D = max(1, its value)."""
-    if reduction in ("none", "sum"):
-        return reduce_scale(reduction, n_rows, labels, ignore_index, None)
-    n = num_items_in_batch
-    if isinstance(n, torch.Tensor) and n.device.type != "cpu":
-        if n.numel() != 1 or n.dtype.is_complex or n.dtype == torch.bool:
-            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, "
-                             f"got shape {tuple(n.shape)} of {n.dtype}")
-        return 1.0 / n.reshape(()).to(torch.float32).clamp_min(1.0)
-    num_items = check_num_items(n)
-    if num_items is not None or labels is None:
-        return reduce_scale(reduction, n_rows, None, ignore_index, num_items)
-    return 1.0 / (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+def reject_unknown(what: str, kwargs: dict, allowed) -> None:
+    """Python's convention for an unexpected keyword: ``TypeError`` naming it (``what``: the
+    function, or ``loss='...'`` when the keywords are a loss's)."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(map(repr, unknown))} not accepted by {what}; "
+                        f"expected some of {', '.join(map(repr, sorted(allowed)))}")

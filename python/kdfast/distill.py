@@ -21,33 +21,20 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import losses as _losses
-from ._validate import (
-    check_backend,
-    check_int,
-    check_num_items,
-    check_real,
-    check_reduction,
-    check_temperature,
-    reduce_scale,
-)
-from .sparse import TAILS, SparseTargets, sparse_kl
+from . import _dispatch, losses
+from ._reduction import Reduction
+from ._registry import LOSSES as _SPECS
+from ._registry import get as _get_spec
+from ._validate import check_flag, check_int, check_labels, check_temperature, reject_unknown
+from .sparse import TAILS, sparse_kl
+from .targets import SparseTargets
 
 __all__ = ["DistillationLoss", "LOSSES"]
 
 #: Dense loss name → function (api.md §1). ``"sparse_kl"`` (sparse teacher only) is accepted too.
-LOSSES = {
-    "forward_kl": _losses.forward_kl,
-    "reverse_kl": _losses.reverse_kl,
-    "jsd": _losses.jsd,
-    "skew_forward_kl": _losses.skew_forward_kl,
-    "skew_reverse_kl": _losses.skew_reverse_kl,
-    "tvd": _losses.tvd,
-}
+LOSSES = {name: getattr(losses, name) for name in _SPECS}
 _SPARSE_OK = ("forward_kl", "sparse_kl")  # sparse_kl estimates forward KL; nothing else
 _COMMON = ("temperature", "t2_scale", "ignore_index", "reduction", "vocab_size", "backend")
-_EXTRA = {"jsd": ("beta",), "skew_forward_kl": ("skew",), "skew_reverse_kl": ("skew",),
-          "forward_kl": ("tail",), "sparse_kl": ("tail",)}
 
 
 def _compiling() -> bool:
@@ -61,6 +48,14 @@ def _weight(value, name: str) -> float:
     if not (math.isfinite(v) and v >= 0.0):
         raise ValueError(f"{name}: expected a finite number ≥ 0, got {value!r}")
     return v
+
+
+def _allowed_kwargs(loss: str) -> tuple:
+    if loss == "sparse_kl":
+        return _COMMON + ("tail",)
+    spec = _get_spec(loss)
+    own = (spec.param.name,) if spec.param is not None else ()
+    return _COMMON + own + (("tail",) if loss in _SPARSE_OK else ())
 
 
 class DistillationLoss(torch.nn.Module):
@@ -94,42 +89,29 @@ class DistillationLoss(torch.nn.Module):
     def __init__(self, loss: str = "forward_kl", *, hard_weight: float = 0.0, soft_weight: float = 1.0,
                  **loss_kwargs: Any):
         super().__init__()
-        if loss not in LOSSES and loss != "sparse_kl":
-            raise ValueError(
-                f"loss: expected one of {', '.join(map(repr, [*LOSSES, 'sparse_kl']))}, got {loss!r}"
-            )
+        if loss != "sparse_kl":
+            _get_spec(loss)  # ValueError listing the losses
         self.loss = loss
         self.hard_weight = _weight(hard_weight, "hard_weight")
         self.soft_weight = _weight(soft_weight, "soft_weight")
         if self.hard_weight == 0.0 and self.soft_weight == 0.0:
             raise ValueError("hard_weight, soft_weight: at least one weight must be > 0, got both 0")
-        allowed = _COMMON + _EXTRA.get(loss, ())
-        unknown = sorted(set(loss_kwargs) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"loss_kwargs: {', '.join(map(repr, unknown))} not accepted by loss={loss!r}; "
-                f"expected some of {', '.join(map(repr, allowed))}"
-            )
+        reject_unknown(f"loss={loss!r}", loss_kwargs, _allowed_kwargs(loss))
         kw = dict(loss_kwargs)
         # Validate eagerly, so that a bad configuration fails when the module is built.
         if "temperature" in kw:
             kw["temperature"] = check_temperature(kw["temperature"])
-        if "reduction" in kw:
-            kw["reduction"] = check_reduction(kw["reduction"])
-        if "ignore_index" in kw:
-            kw["ignore_index"] = check_int(kw["ignore_index"], "ignore_index")
+        self._reduction = Reduction(kw.get("reduction", "mean"), ignore_index=kw.get("ignore_index", -100))
+        kw["reduction"], kw["ignore_index"] = self._reduction.kind, self._reduction.ignore_index
         if "backend" in kw:
-            kw["backend"] = check_backend(kw["backend"])
-        if "t2_scale" in kw and not isinstance(kw["t2_scale"], (bool, int)):
-            raise TypeError(f"t2_scale: expected a bool, got {type(kw['t2_scale']).__name__}")
+            kw["backend"] = _dispatch.check_backend(kw["backend"])
+        if "t2_scale" in kw:
+            kw["t2_scale"] = check_flag(kw["t2_scale"], "t2_scale")
         if kw.get("vocab_size") is not None:
-            v = check_int(kw["vocab_size"], "vocab_size")
-            if v < 1:
-                raise ValueError(f"vocab_size: expected an integer ≥ 1, got {v}")
-        if "beta" in kw:
-            kw["beta"] = check_real(kw["beta"], "beta", low=0.0, high=1.0)
-        if "skew" in kw:
-            kw["skew"] = check_real(kw["skew"], "skew", low=0.0, high=1.0, high_open=True)
+            kw["vocab_size"] = check_int(kw["vocab_size"], "vocab_size", low=1)
+        spec = _SPECS.get(loss)
+        if spec is not None and spec.param is not None and spec.param.name in kw:
+            kw[spec.param.name] = spec.param.check(kw[spec.param.name])
         if "tail" in kw and kw["tail"] not in TAILS:
             raise ValueError(f"tail: expected 'bucket' or 'renorm', got {kw['tail']!r}")
         self.ignore_index: int = kw.pop("ignore_index", -100)
@@ -164,9 +146,9 @@ class DistillationLoss(torch.nn.Module):
         if self.hard_weight > 0 and labels is None:
             raise ValueError(f"labels: hard_weight={self.hard_weight} > 0 needs labels for the cross-entropy, got None")
         # Under torch.compile a tensor count stays a tensor (no host sync); the losses take it as is.
-        num_items = num_items_in_batch if _compiling() else check_num_items(num_items_in_batch)
+        red = Reduction(self.reduction, ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch)
         common = dict(labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                      num_items_in_batch=num_items, **self.loss_kwargs)
+                      num_items_in_batch=red.num_items, **self.loss_kwargs)
 
         want_soft = self.soft_weight > 0 or return_parts
         want_hard = labels is not None and (self.hard_weight > 0 or return_parts)
@@ -181,7 +163,7 @@ class DistillationLoss(torch.nn.Module):
                 soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common)
         if want_hard:
             s = student_logits if self.hard_weight > 0 else student_logits.detach()
-            hard = self._cross_entropy(s, labels, num_items)
+            hard = self._cross_entropy(s, labels, red)
 
         total = None
         for w, part in ((self.soft_weight, soft), (self.hard_weight, hard)):
@@ -191,47 +173,21 @@ class DistillationLoss(torch.nn.Module):
             return total
         return total, soft.detach(), (None if hard is None else hard.detach())
 
-    def _cross_entropy(self, student_logits: torch.Tensor, labels: torch.Tensor,
-                       num_items: Optional[float]) -> torch.Tensor:
+    def _cross_entropy(self, student_logits: torch.Tensor, labels, red: Reduction) -> torch.Tensor:
         """Cross-entropy of the student at T = 1, masked and reduced like the distillation part."""
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
         lead = student_logits.shape[:-1]
-        if labels.shape != lead:
-            raise ValueError(
-                f"labels: expected shape {tuple(lead)} (the leading shape of the logits), got {tuple(labels.shape)}"
-            )
+        y = check_labels(labels, lead, student_logits.device)
         z = student_logits if self.vocab_size is None else student_logits[..., : self.vocab_size]
         v = z.shape[-1]
         z2 = z.reshape(-1, v).float()
-        y = labels.reshape(-1).to(device=z2.device, dtype=torch.int64)
-        keep = y != self.ignore_index
+        keep = red.keep(y)
         if z2.shape[0] == 0:
-            rows = z2.sum(-1) * 0.0
-        else:
-            if not _compiling():
-                bad = keep & ((y < 0) | (y >= v))
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"labels: expected class ids in [0, {v}) or ignore_index={self.ignore_index}, "
-                        f"got {int(y[bad][0])}"
-                    )
-            rows = F.cross_entropy(z2, y.masked_fill(~keep, 0), reduction="none") * keep
-        if _compiling():  # the reduction as tensor ops: no host sync, no graph break
-            if self.reduction == "none":
-                return rows.reshape(lead)
-            total = rows.sum()
-            if self.reduction == "sum":
-                return total
-            if num_items is not None:
-                d = torch.as_tensor(num_items, dtype=total.dtype, device=total.device).clamp_min(1)
-            else:
-                d = keep.sum().clamp_min(1).to(total.dtype)
-            return total / d
-        scale = reduce_scale(self.reduction, rows.shape[0], y, self.ignore_index, num_items)
-        if scale is None:
-            return rows.reshape(lead)
-        return rows.sum() * scale
-
+            return red.apply(z2.sum(-1) * 0.0, lead, y)
+        if _dispatch.host_reads_allowed(z2.device):
+            bad = keep & ((y < 0) | (y >= v))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"labels: expected class ids in [0, {v}) or ignore_index={self.ignore_index}, got {int(y[bad][0])}"
+                )
+        rows = F.cross_entropy(z2, y.masked_fill(~keep, 0), reduction="none") * keep
+        return red.apply(rows, lead, y)

@@ -31,23 +31,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _native, _triton, reference
+from . import _dispatch, _ops
 from . import reference_sparse as _ref_sparse
-from ._validate import (
-    DtypeError,
-    check_backend,
-    check_int,
-    check_num_items,
-    check_pair,
-    check_real,
-    check_reduction,
-    check_temperature,
-)
+from ._errors import DtypeError
+from ._reduction import Reduction
+from ._registry import LOSSES, param_names
+from ._registry import get as get_loss
+from ._validate import check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
 from .sparse import prepare_sparse
 
 __all__ = ["fused_linear_distill_loss"]
-
-DENSE_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 _HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Elements of one chunk's float32 logits (64 MiB on CPU, 1 GiB on CUDA).
 _CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
@@ -96,26 +89,14 @@ def _chunk_rows_and_grad(spec, backend, z, teacher, labels, weight, need_grad, b
         scale = torch.ones((), device=z.device) if per_row else weight.to(torch.float32)
     if mode:
         ids, lp, w, tail = teacher
-        call = _native.sparse_call if backend == "rust" else _triton_sparse().sparse_call
-        call(mode, z, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, scale, rows, grad)
+        _ops.sparse_call(backend)(mode, z, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale,
+                                  scale, rows, grad)
     else:
-        call = _native.dense_call if backend == "rust" else _triton_dense().dense_call
-        call(loss, param, z, teacher, labels, ignore_index, temperature, t2_scale, scale, rows, grad)
+        _ops.dense_call(backend)(loss, param, z, teacher, labels, ignore_index, temperature, t2_scale,
+                                 scale, rows, grad)
     if need_grad and per_row:
         grad.mul_(weight.to(grad.dtype).unsqueeze(1))
     return rows, grad
-
-
-def _triton_dense():
-    from ._triton import dense
-
-    return dense
-
-
-def _triton_sparse():
-    from ._triton import sparse
-
-    return sparse
 
 
 # ----------------------------------------------------------------------------- the custom op
@@ -272,8 +253,8 @@ _fused_linear_op.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------- the public function
 
-_KWARGS = {"temperature", "t2_scale", "labels", "ignore_index", "reduction", "num_items_in_batch",
-           "vocab_size", "backend", "beta", "skew", "tail"}
+_COMMON_KWARGS = ("temperature", "t2_scale", "labels", "ignore_index", "reduction", "num_items_in_batch",
+                  "vocab_size", "backend")
 
 
 def _matrix(x, name: str, dim: int) -> torch.Tensor:
@@ -299,31 +280,13 @@ def _check_bias(bias, name: str, weight: torch.Tensor) -> Optional[torch.Tensor]
     return bias
 
 
-def _resolve(backend: str, device: torch.device, wide: bool) -> str:
-    if wide:  # float64: exact on the PyTorch reference only
-        if backend in ("rust", "triton"):
-            raise DtypeError(f"backend: {backend!r} computes in float32; float64 inputs need backend='torch' or 'auto'")
-        return "torch"
-    if backend == "auto":
-        return _triton.auto_backend(device)
-    if backend == "rust" and device.type != "cpu":
-        raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {device}; use backend='auto'")
-    if backend == "triton":
-        _triton.check_usable(device)
-    return backend
-
-
-def _row_weight(reduction, n, labels, ignore_index, num_items, device, dtype):
+def _row_weight(red: Reduction, n: int, labels, device, dtype) -> torch.Tensor:
     """The 0-d weight of every row (``1`` for sum, ``1/D`` for mean), as a tensor: no host sync."""
-    if reduction == "sum":
+    if red.kind != "mean":
         return torch.ones((), dtype=dtype, device=device)
-    if num_items is not None:
-        d = num_items.to(device=device, dtype=dtype) if isinstance(num_items, torch.Tensor) else torch.tensor(float(num_items), dtype=dtype, device=device)
-    elif labels is not None:
-        d = (labels != ignore_index).sum().to(dtype)
-    else:
-        d = torch.tensor(float(n), dtype=dtype, device=device)
-    return 1.0 / d.reshape(()).clamp_min(1.0)
+    d = red.denominator(n, labels)
+    d = d.to(device=device, dtype=dtype) if isinstance(d, torch.Tensor) else torch.tensor(d, dtype=dtype, device=device)
+    return 1.0 / d
 
 
 def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=None, teacher_weight=None,
@@ -345,9 +308,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
         teacher_logits: ``[..., V_t]``, or
         targets: :class:`kdfast.SparseTargets` (then the loss is :func:`kdfast.sparse_kl`).
             Exactly one of the three teacher forms.
-        loss: one of the dense losses (``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``,
-            ``"skew_forward_kl"``, ``"skew_reverse_kl"``, ``"tvd"``); with ``targets``,
-            ``"forward_kl"`` or ``"sparse_kl"``.
+        loss: the name of a dense loss (``kdfast.LOSSES``: ``"forward_kl"``, ``"jsd"``, ...);
+            with ``targets``, ``"forward_kl"`` or ``"sparse_kl"``.
         chunk_size: tokens per chunk; default keeps a chunk's float32 logits near 64 MiB (CPU)
             or 1 GiB (CUDA). Peak extra memory is O(chunk_size · V).
         **loss_kwargs: those of the loss: ``temperature``, ``t2_scale``, ``labels``,
@@ -357,9 +319,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     Returns:
         float32 loss (float64 for float64 inputs), reduced as asked.
     """
-    unknown = set(loss_kwargs) - _KWARGS
-    if unknown:
-        raise TypeError(f"fused_linear_distill_loss: unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    reject_unknown("fused_linear_distill_loss", loss_kwargs, _COMMON_KWARGS + param_names() + ("tail",))
     h = _matrix(student_hidden, "student_hidden", 1)
     w = _matrix(student_weight, "student_weight", 2)
     if w.device != h.device:
@@ -373,19 +333,10 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     if len(forms) != 1:
         raise ValueError(f"expected exactly one teacher: teacher_hidden+teacher_weight, teacher_logits or targets; got {forms or 'none'}")
 
-    reduction = check_reduction(loss_kwargs.get("reduction", "mean"))
-    backend = check_backend(loss_kwargs.get("backend", "auto"))
-    ignore_index = check_int(loss_kwargs.get("ignore_index", -100), "ignore_index")
-    t2_scale = loss_kwargs.get("t2_scale", False)
-    if not isinstance(t2_scale, (bool, int)):
-        raise TypeError(f"t2_scale: expected a bool, got {type(t2_scale).__name__}")
-    num_items = loss_kwargs.get("num_items_in_batch")
-    if isinstance(num_items, torch.Tensor):  # kept a tensor: no host sync (clamped to ≥ 1 later)
-        if num_items.numel() != 1 or num_items.dtype.is_complex:
-            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape {tuple(num_items.shape)}")
-    else:
-        num_items = check_num_items(num_items)
-    labels = _check_labels(loss_kwargs.get("labels"), lead, h.device)  # int64 [N] or None
+    red = Reduction(loss_kwargs.get("reduction", "mean"), ignore_index=loss_kwargs.get("ignore_index", -100),
+                    num_items_in_batch=loss_kwargs.get("num_items_in_batch"))
+    t2_scale = check_flag(loss_kwargs.get("t2_scale", False), "t2_scale")
+    labels = check_labels(loss_kwargs.get("labels"), lead, h.device)  # int64 [N] or None
     v_s = w.shape[0]
 
     th = tw = tb = tlog = ids = lp = sw = tail_lp = None
@@ -393,7 +344,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     if targets is not None:
         if loss not in ("forward_kl", "sparse_kl"):
             raise ValueError(f"loss: with sparse targets the loss is sparse_kl (loss='forward_kl' or 'sparse_kl'), got {loss!r}")
-        for key in ("beta", "skew", "vocab_size"):
+        for key in (*param_names(), "vocab_size"):
             if key in loss_kwargs:
                 raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to sparse targets")
         prep = prepare_sparse(targets, lead, v_s, h.device, tail=loss_kwargs.get("tail", "bucket"),
@@ -402,11 +353,12 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
         vocab = v_s
         loss = "sparse_kl"
     else:
-        if loss not in DENSE_LOSSES:
-            raise ValueError(f"loss: expected one of {', '.join(map(repr, DENSE_LOSSES))}, got {loss!r}")
+        spec = get_loss(loss)
         if "tail" in loss_kwargs:
             raise TypeError("fused_linear_distill_loss: 'tail' applies only to sparse targets")
-        param = _loss_param(loss, loss_kwargs)
+        param = _loss_param(spec, loss_kwargs)
+        spec, param = spec.canonical(param)
+        loss = spec.name
         t = check_temperature(loss_kwargs.get("temperature", 1.0))
         if teacher_logits is not None:
             tlog = _matrix(teacher_logits, "teacher_logits", 1)
@@ -432,16 +384,17 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
             th, tw = th.detach().reshape(-1, th.shape[-1]), tw.detach()
             tb = None if tb is None else tb.detach()
             v_t = tw.shape[0]
-        vocab = _vocab(loss_kwargs.get("vocab_size"), v_s, v_t)
+        vocab = check_vocab(loss_kwargs.get("vocab_size"), v_s, v_t, what="the student head", other="the teacher")
 
     n = h.numel() // h_dim if h_dim else 0
     wide = torch.float64 in (h.dtype, w.dtype)
-    backend = _resolve(backend, h.device, wide)
+    backend = _dispatch.resolve(loss_kwargs.get("backend", "auto"), h.device, (h.dtype, w.dtype),
+                                op="fused_linear_distill_loss")
     out_dtype = torch.float64 if wide else torch.float32
     h2 = h.reshape(n, h_dim)
     if n == 0:
         zero = (h2.sum() * 0.0 + w.sum() * 0.0).to(out_dtype)
-        return zero.expand(lead) if reduction == "none" else zero
+        return zero.expand(lead) if red.per_row else zero
     if chunk_size is None:
         chunk = max(1, _CHUNK_ELEMS.get(h.device.type, 1 << 24) // vocab)
     else:
@@ -452,13 +405,10 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
 
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and h.requires_grad, grad_on and w.requires_grad, grad_on and b is not None and b.requires_grad)
-    reduce = reduction != "none"
-    if reduce:
-        row_weight = _row_weight(reduction, n, labels, ignore_index, num_items, h.device, out_dtype)
-    else:
-        row_weight = torch.ones((), dtype=out_dtype, device=h.device)
+    reduce = not red.per_row
+    row_weight = _row_weight(red, n, labels, h.device, out_dtype)
     teacher = (th, tw, tb, tlog, ids, lp, sw, tail_lp)
-    spec = (loss, mode, float(param), float(t), bool(t2_scale), ignore_index)
+    spec = (loss, mode, float(param), float(t), t2_scale, red.ignore_index)
     if backend == "torch":
         rows = _torch_rows(h2, w, b, teacher, labels, spec, vocab, chunk)
         return (rows * row_weight).sum() if reduce else rows.reshape(lead)
@@ -507,39 +457,16 @@ def _torch_chunk_rows(h, w, b, th, tw, tb, tlog, ids, lp, sw, tail, *, spec, voc
             t_logits = th.to(dt) @ tw[:vocab].to(dt).t()
             if tb is not None:
                 t_logits = t_logits + tb[:vocab].to(dt)
-        rows = reference.row_losses(loss, param, z, t_logits, temperature)
+        rows = LOSSES[loss].row_losses(z, t_logits, temperature, param)
     if t2_scale:
         rows = rows * (temperature * temperature)
     return rows.to(dt)
 
 
-def _check_labels(labels, lead, device) -> Optional[torch.Tensor]:
-    """The dense losses' labels checks, on a stand-in for logits of leading shape ``lead``."""
-    if labels is None:
-        return None
-    probe = torch.empty((), device=device).expand(*lead, 1)
-    return check_pair(probe, probe, vocab_size=None, labels=labels).labels
-
-
-def _loss_param(loss: str, kw: dict) -> float:
-    extra = {"jsd": "beta"}.get(loss, "skew" if loss.startswith("skew") else None)
-    for key in ("beta", "skew"):
-        if key in kw and key != extra:
-            raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to loss={loss!r}")
-    if loss == "jsd":
-        return check_real(kw.get("beta", 0.5), "beta", low=0.0, high=1.0)
-    if extra == "skew":
-        return check_real(kw.get("skew", 0.1), "skew", low=0.0, high=1.0, high_open=True)
-    return 0.0
-
-
-def _vocab(vocab_size, v_s: int, v_t: int) -> int:
-    if vocab_size is None:
-        if v_s != v_t:
-            raise ValueError(f"vocab_size: the student head has vocabulary size {v_s} but the teacher has {v_t}; "
-                             f"pass vocab_size=... to use only the first entries of both")
-        return v_s
-    v = check_int(vocab_size, "vocab_size")
-    if not 1 <= v <= min(v_s, v_t):
-        raise ValueError(f"vocab_size: expected 1 <= vocab_size <= min({v_s}, {v_t}) (student, teacher vocabulary sizes), got {v}")
-    return v
+def _loss_param(spec, kw: dict) -> float:
+    """The loss's own parameter from ``kw`` (its default when absent); another loss's is a TypeError."""
+    own = spec.param.name if spec.param is not None else None
+    for key in param_names():
+        if key in kw and key != own:
+            raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to loss={spec.name!r}")
+    return spec.check_param(kw.get(own, spec.param.default) if own else None)

@@ -17,33 +17,22 @@ memory; the loss and its gradient fused in forward), on CUDA in the Triton kerne
 :mod:`kdfast._triton.compress` and :mod:`kdfast._triton.sparse` (the same algorithms), and for
 float64 in the pure PyTorch :mod:`kdfast.reference_sparse`. All three list the same top-k ids
 and, for sampling, replay the same draws, so the same seed gives the same targets on every
-backend and thread count. :func:`prepare_sparse` and the chunk-level ``sparse_call`` of
-:mod:`kdfast._native` and :mod:`kdfast._triton.sparse` are what
-:func:`kdfast.fused_linear_distill_loss` reuses.
+backend and thread count. :func:`prepare_sparse` (the validated flat target arrays) is what
+:func:`kdfast.fused_linear_distill_loss` reuses. :class:`SparseTargets` and the storage
+encoding live in :mod:`kdfast.targets`.
 """
-
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from . import _native, _triton
+from . import _dispatch, _native, _ops, _triton
 from . import reference_sparse as _ref
-from ._validate import (
-    DtypeError,
-    check_backend,
-    check_int,
-    check_logits,
-    check_num_items,
-    check_pair,
-    check_reduction,
-    check_temperature,
-    reduce_scale,
-    reduce_scale_on_device,
-)
-from .losses import _RustDense, finish_fused_forward, register_rows_autograd
+from ._reduction import Reduction
+from ._validate import check_flag, check_int, check_labels, check_logits, check_temperature
+from .targets import EncodedTargets, SparseTargets, decode_targets, encode_targets, positive_int
 
 __all__ = [
     "SparseTargets",
@@ -55,165 +44,19 @@ __all__ = [
     "decode_targets",
 ]
 
-METHODS = ("topk", "sample")
 TAILS = ("bucket", "renorm")
-_U64 = 1 << 64
-
-
-# ----------------------------------------------------------------------------- SparseTargets
-
-
-def _tensor(x, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def _float_tensor(x, name: str, shape, device) -> torch.Tensor:
-    x = _tensor(x, name)
-    if not x.dtype.is_floating_point:
-        raise DtypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name}: expected device {device} (that of indices), got {x.device}")
-    return x
-
-
-class SparseTargets:
-    """Sparse teacher targets for every row (token) of a batch; built by keyword.
-
-    Args:
-        indices: integer tensor ``[..., k]`` of vocabulary ids; ``-1`` marks an unused slot.
-        logprobs: float tensor ``[..., k]``: the teacher's log-probability of each id,
-            normalised over the full vocabulary at ``temperature`` (``-inf`` in unused slots).
-        weights: float tensor ``[..., k]`` (sampled targets: ``count / N``) or None (top-k).
-        tail_logprob: float tensor ``[...]`` or None: log of the teacher mass outside
-            ``indices`` (top-k; without it the loss uses ``1 − Σ exp(logprobs)``).
-        temperature: the temperature the teacher log-probs were computed at (> 0).
-        method: ``"topk"`` (no ``weights``) or ``"sample"`` (``weights`` required, no tail).
-
-    The fields are attributes; :meth:`to` moves every tensor. Shapes, dtypes, devices and the
-    method are validated on construction (``ValueError``/``TypeError`` naming the field);
-    values (id range, duplicates, NaN) are checked by :func:`sparse_kl` against the student.
-    """
-
-    __slots__ = ("indices", "logprobs", "weights", "tail_logprob", "temperature", "method")
-
-    def __init__(self, *, indices: torch.Tensor, logprobs: torch.Tensor,
-                 weights: Optional[torch.Tensor] = None, tail_logprob: Optional[torch.Tensor] = None,
-                 temperature: float = 1.0, method: str = "topk"):
-        indices = _tensor(indices, "indices")
-        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-            raise DtypeError(f"indices: expected an integer tensor of vocabulary ids, got {indices.dtype}")
-        if indices.dim() == 0 or indices.shape[-1] == 0:
-            raise ValueError(f"indices: expected shape [..., k] with k ≥ 1, got {tuple(indices.shape)}")
-        dev = indices.device
-        logprobs = _float_tensor(logprobs, "logprobs", indices.shape, dev)
-        if weights is not None:
-            weights = _float_tensor(weights, "weights", indices.shape, dev)
-        if tail_logprob is not None:
-            tail_logprob = _float_tensor(tail_logprob, "tail_logprob", indices.shape[:-1], dev)
-        if method not in METHODS:
-            raise ValueError(f"method: expected 'topk' or 'sample', got {method!r}")
-        if method == "sample" and weights is None:
-            raise ValueError("weights: method='sample' needs weights (count / N per slot), got None")
-        if method == "topk" and weights is not None:
-            raise ValueError("weights: top-k targets have no weights; pass method='sample' for sampled targets")
-        if method == "sample" and tail_logprob is not None:
-            raise ValueError("tail_logprob: sampled targets have no tail; pass tail_logprob=None")
-        self.indices = indices
-        self.logprobs = logprobs
-        self.weights = weights
-        self.tail_logprob = tail_logprob
-        self.temperature = check_temperature(temperature)
-        self.method = method
-
-    @property
-    def shape(self) -> torch.Size:
-        """The leading shape ``[...]`` (that of the student logits without V)."""
-        return self.indices.shape[:-1]
-
-    @property
-    def k(self) -> int:
-        """Slots per row."""
-        return self.indices.shape[-1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.indices.device
-
-    def _replace(self, **changes) -> "SparseTargets":
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        fields.update(changes)
-        return SparseTargets(**fields)
-
-    def to(self, device, *, non_blocking: bool = False) -> "SparseTargets":
-        """The same targets with every tensor on ``device``."""
-        move = (lambda t: None if t is None else t.to(device, non_blocking=non_blocking))
-        return self._replace(indices=move(self.indices), logprobs=move(self.logprobs),
-                             weights=move(self.weights), tail_logprob=move(self.tail_logprob))
-
-    def reshape(self, *shape) -> "SparseTargets":
-        """Targets with leading shape ``shape`` (e.g. ``reshape(-1)`` for ``[N, k]``)."""
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-            shape = tuple(shape[0])
-        lead = torch.empty(self.shape, device="meta").reshape(shape).shape
-        k = self.k
-        return self._replace(
-            indices=self.indices.reshape(*lead, k), logprobs=self.logprobs.reshape(*lead, k),
-            weights=None if self.weights is None else self.weights.reshape(*lead, k),
-            tail_logprob=None if self.tail_logprob is None else self.tail_logprob.reshape(lead),
-        )
-
-    def __repr__(self) -> str:
-        return (f"SparseTargets(method={self.method!r}, shape={tuple(self.shape)}, k={self.k}, "
-                f"temperature={self.temperature}, tail={'yes' if self.tail_logprob is not None else 'no'}, "
-                f"device={self.device})")
-
-
-# ----------------------------------------------------------------------------- backends
-
-
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``"auto"``: Rust on CPU, Triton on CUDA (float32/bf16/fp16), else PyTorch; a forced
-    ``"rust"``/``"triton"`` must be able to run on ``device`` and ``dtype``."""
-    backend = check_backend(backend)
-    native = dtype in _native.NATIVE_DTYPES
-    if backend == "auto":
-        return _triton.auto_backend(device) if native else "torch"
-    if backend == "rust" and device.type != "cpu":
-        raise ValueError(f"backend: 'rust' runs on CPU tensors, got tensors on {device}; use backend='auto'")
-    if backend == "triton":
-        _triton.check_usable(device)
-    if backend in ("rust", "triton") and not native:
-        raise DtypeError(f"backend: {backend!r} supports float32, bfloat16 and float16 logits, got {dtype}; "
-                         f"use backend='torch'")
-    return backend
-
-
-def _triton_op(name: str):
-    """``kdfast._triton.<name>``, imported on first use (``import kdfast`` never needs Triton)."""
-    import importlib
-
-    return importlib.import_module(f"._triton.{name}", __package__)
-
-
-def _positive_int(value, name: str) -> int:
-    v = check_int(value, name)
-    if v < 1:
-        raise ValueError(f"{name}: expected an integer ≥ 1, got {v}")
-    return v
-
-
-def _seed(value, name: str) -> int:
-    v = check_int(value, name)
-    if not 0 <= v < _U64:
-        raise ValueError(f"{name}: expected an integer in [0, 2**64), got {v}")
-    return v
 
 
 # ----------------------------------------------------------------------------- compression
+
+
+def _teacher_rows(teacher_logits, backend, op: str):
+    """Validated ``[N, V]`` teacher logits (detached) and the backend compressing them."""
+    x = check_logits(teacher_logits, "teacher_logits").detach()
+    if x.device.type == "meta":
+        raise ValueError("teacher_logits: expected a tensor with values, got a meta tensor (compression reads the logits)")
+    backend = _dispatch.resolve(backend, x.device, (x.dtype,), op=op)
+    return x.reshape(-1, x.shape[-1]), backend
 
 
 def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
@@ -236,17 +79,14 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
             (CUDA, or CPU under ``TRITON_INTERPRET=1``; k above 1024 falls back to the PyTorch
             sort on the same device) or ``"torch"``. Every backend lists the same ids.
     """
-    x = check_logits(teacher_logits, "teacher_logits").detach()
-    k = _positive_int(k, "k")
+    x2, backend = _teacher_rows(teacher_logits, backend, "compress_topk")
+    k = positive_int(k, "k")
     t = check_temperature(temperature)
-    backend = _resolve_backend(backend, x.device, x.dtype)
-    lead, v = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, v)
-    n = x2.shape[0]
-    if backend == "torch" or n == 0:
+    lead = teacher_logits.shape[:-1]
+    if backend == "torch" or x2.shape[0] == 0:
         ids, lp, tail = _ref.compress_topk(x2, k, t)
     elif backend == "triton":
-        ids, lp, tail = _triton_op("compress").compress_topk(x2, k, t)
+        ids, lp, tail = _triton.kernels("compress").compress_topk(x2, k, t)
     else:
         ids, lp, tail = _native.compress_topk(x2, k, t)
     return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
@@ -277,21 +117,16 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
             (they could differ only if a uniform fell within ~1e-15 of a cumulative-sum
             boundary, where two float64 ``exp`` implementations may round differently).
     """
-    x = check_logits(teacher_logits, "teacher_logits").detach()
-    n_s = _positive_int(num_samples, "num_samples")
-    if n_s >= 1 << 32:
-        raise ValueError(f"num_samples: expected an integer below 2**32, got {n_s}")
+    x2, backend = _teacher_rows(teacher_logits, backend, "compress_sample")
+    n_s = positive_int(num_samples, "num_samples")
     t = check_temperature(temperature)
-    seed = _seed(seed, "seed")
-    row_offset = _seed(row_offset, "row_offset")
-    backend = _resolve_backend(backend, x.device, x.dtype)
-    lead, v = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, v)
-    n = x2.shape[0]
-    if backend == "torch" or n == 0:
+    seed = check_int(seed, "seed", low=0, high=2**64 - 1)
+    row_offset = check_int(row_offset, "row_offset", low=0, high=2**64 - 1)
+    lead = teacher_logits.shape[:-1]
+    if backend == "torch" or x2.shape[0] == 0:
         ids, lp, w = _ref.compress_sample(x2, n_s, t, seed, row_offset)
     elif backend == "triton":
-        ids, lp, w = _triton_op("compress").compress_sample(x2, n_s, t, seed, row_offset)
+        ids, lp, w = _triton.kernels("compress").compress_sample(x2, n_s, t, seed, row_offset)
     else:
         ids, lp, w = _native.compress_sample(x2, n_s, t, seed, row_offset)
     return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
@@ -320,15 +155,6 @@ class SparseInputs:
     lead_shape: torch.Size
     vocab: int
 
-
-def _host_checks_allowed(device: torch.device) -> bool:
-    """Whether value checks may read tensors on the host: not while compiling, not during
-    CUDA-graph capture."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 def prepare_sparse(targets: SparseTargets, lead_shape, vocab: int, device, *, tail: str = "bucket",
                    temperature: Optional[float] = None, labels: Optional[torch.Tensor] = None,
                    float_dtype: torch.dtype = torch.float32, name: str = "student_logits") -> SparseInputs:
@@ -352,14 +178,11 @@ def prepare_sparse(targets: SparseTargets, lead_shape, vocab: int, device, *, ta
         raise ValueError(f"targets: expected leading shape {tuple(lead)} (that of {name}), got {tuple(targets.shape)}")
     if targets.device != torch.device(device):
         raise ValueError(f"targets: expected the device of {name} ({device}), got {targets.device}")
-    if labels is not None:
-        # The labels checks of the dense losses, on a stand-in for the student (no memory).
-        probe = torch.empty((), device=device).expand(*lead, 1)
-        labels = check_pair(probe, probe, vocab_size=None, labels=labels).labels
+    labels = check_labels(labels, lead, torch.device(device))
     mode = "sampled" if targets.method == "sample" else tail
     k = targets.k
     ids = targets.indices.detach().reshape(-1, k).to(torch.int64).contiguous()
-    if _host_checks_allowed(ids.device) and ids.numel():
+    if _dispatch.host_reads_allowed(ids.device) and ids.numel():
         bad = (ids < -1) | (ids >= vocab)
         if bool(bad.any()):
             raise ValueError(
@@ -386,23 +209,6 @@ def check_values(prep: SparseInputs, s2: torch.Tensor, ignore_index: int) -> Opt
     keep = (prep.labels != ignore_index).nonzero().squeeze(1)
     _ref.check_rows(s2.detach()[keep], "student_logits", rows=keep)
     return keep
-
-
-class _RustSparse(_RustDense):
-    """Loss rows from the Rust kernel, the gradient produced in forward (backward as dense)."""
-
-    @staticmethod
-    def forward(ctx, student, flat: tuple, spec: tuple, ignore_index: int, reduce_scale):
-        s2, prep = flat
-        (t2_scale,) = spec
-        s2 = _native.as_rows(s2)
-        n, v = s2.shape
-        rows = torch.empty(n, dtype=torch.float32)
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty((n, v), dtype=student.dtype) if need_grad else None
-        _native.sparse_call(prep.mode, s2, prep.ids, prep.lp, prep.w, prep.tail, prep.labels, ignore_index,
-                            prep.temperature, t2_scale, 1.0 if reduce_scale is None else reduce_scale, rows, grad)
-        return finish_fused_forward(ctx, student, rows, grad, prep.lead_shape, reduce_scale)
 
 
 def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str = "bucket",
@@ -447,239 +253,50 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str
         backend: ``"auto"`` (Rust for CPU and Triton for CUDA float32/bf16/fp16 tensors, else
             PyTorch), ``"rust"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or
             ``"torch"``. Usable inside ``torch.compile(fullgraph=True)`` on every backend (the
-            kernels are the custom op ``kdfast::sparse_rows``).
+            kernels are the custom op ``kdfast::sparse``).
 
     Returns:
         float32 loss (float64 for float64 students on the torch backend); the gradient w.r.t.
         ``student_logits`` has its dtype. The targets never receive a gradient.
     """
     student_logits = check_logits(student_logits, "student_logits")
-    if not isinstance(targets, SparseTargets):
-        raise TypeError(f"targets: expected kdfast.SparseTargets, got {type(targets).__name__}")
-    if tail not in TAILS:
-        raise ValueError(f"tail: expected 'bucket' or 'renorm', got {tail!r}")
-    reduction = check_reduction(reduction)
-    backend = check_backend(backend)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    if not isinstance(t2_scale, (bool, int)):
-        raise TypeError(f"t2_scale: expected a bool, got {type(t2_scale).__name__}")
+    red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+    t2_scale = check_flag(t2_scale, "t2_scale")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     dtype = student_logits.dtype
     float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     prep = prepare_sparse(targets, lead, v, student_logits.device, tail=tail, temperature=temperature,
                           labels=labels, float_dtype=float_dtype)
     s = student_logits.reshape(-1, v)
-    backend = _resolve_backend(backend, s.device, dtype)
-    t2_scale = bool(t2_scale)
-
+    backend = _dispatch.resolve(backend, s.device, (dtype,), op="sparse_kl")
     n = s.shape[0]
     if n == 0:
         zeros = student_logits.to(float_dtype).sum(-1) * 0.0
-        return zeros if reduction == "none" else zeros.sum()
-    if torch.compiler.is_compiling():
-        return _sparse_traced(student_logits, s, prep, t2_scale, ignore_index, reduction, num_items_in_batch, backend)
-    # Under torch.no_grad() a student that requires grad must not cost a gradient.
-    student = student_logits if torch.is_grad_enabled() else student_logits.detach()
-
-    if backend == "triton":
-        if s.device.type == "cpu":
-            check_values(prep, s, ignore_index)
-        scale = reduce_scale_on_device(reduction, n, prep.labels, ignore_index, num_items_in_batch)
-        return _triton_op("sparse").TritonSparse.apply(student, (s, prep), (t2_scale,), ignore_index, scale)
-    scale = reduce_scale(reduction, n, prep.labels, ignore_index, check_num_items(num_items_in_batch))
-    if backend == "rust":
-        return _RustSparse.apply(student, (s, prep), (t2_scale,), ignore_index, scale)
-
-    keep = check_values(prep, s, ignore_index)
-    if keep is None:
-        rows = _ref.sparse_rows(s, prep.ids, prep.lp, prep.w, prep.tail, prep.temperature, prep.mode)
-    else:
-        sel = (lambda x: None if x is None else x[keep])
-        vals = _ref.sparse_rows(s[keep], prep.ids[keep], prep.lp[keep], sel(prep.w), sel(prep.tail),
-                                prep.temperature, prep.mode)
-        rows = vals.new_zeros(n).index_put((keep,), vals)
-    if t2_scale:
-        rows = rows * (prep.temperature ** 2)
-    if scale is None:
-        return rows.reshape(lead)
-    return rows.sum() * scale
-
-
-# ----------------------------------------------------------------------------- torch.compile
-
-
-@torch.library.custom_op("kdfast::sparse_rows", mutates_args=())
-def _sparse_rows_op(
-    student: torch.Tensor,
-    ids: torch.Tensor,
-    lp: torch.Tensor,
-    w: Optional[torch.Tensor],
-    tail: Optional[torch.Tensor],
-    labels: Optional[torch.Tensor],
-    mode: str,
-    temperature: float,
-    t2_scale: bool,
-    ignore_index: int,
-    need_grad: bool,
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses ``[N]`` and the unscaled student gradient ``[N, V]`` (empty when
-    ``need_grad`` is False): the Rust (``backend="rust"``) or Triton sparse kernel as an opaque
-    op for ``torch.compile``."""
-    v = student.shape[-1]
-    s2 = student.reshape(-1, v)
-    n = s2.shape[0]
-    rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, v), dtype=student.dtype, device=student.device) if need_grad else student.new_empty(0)
-    call = _native.sparse_call if backend == "rust" else _triton_op("sparse").sparse_call
-    if backend == "rust":
-        s2 = _native.as_rows(s2)
-    if n:
-        call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, 1.0, rows,
-             grad if need_grad else None)
-    return rows, grad
-
-
-@_sparse_rows_op.register_fake
-def _(student, ids, lp, w, tail, labels, mode, temperature, t2_scale, ignore_index, need_grad, backend):
-    n = student.numel() // student.shape[-1]
-    grad_shape = (n, student.shape[-1]) if need_grad else (0,)
-    return student.new_empty(n, dtype=torch.float32), student.new_empty(grad_shape)
-
-
-register_rows_autograd(_sparse_rows_op, 12)
-
-
-def _sparse_traced(student, s2, prep: SparseInputs, t2_scale, ignore_index, reduction, num_items, backend):
-    """The path taken under ``torch.compile``: no host syncs, no data-dependent shapes, no value
-    checks (out-of-range ids give NaN rows on Triton; Rust still raises)."""
-    labels = prep.labels
-    if backend in ("rust", "triton"):
-        need_grad = student.requires_grad and torch.is_grad_enabled()
-        rows, _ = _sparse_rows_op(student, prep.ids, prep.lp, prep.w, prep.tail, labels, prep.mode,
-                                  prep.temperature, t2_scale, ignore_index, need_grad, backend)
-    else:
-        rows = _ref.sparse_rows(s2, prep.ids, prep.lp, prep.w, prep.tail, prep.temperature, prep.mode)
-        if labels is not None:
-            rows = torch.where(labels != ignore_index, rows, 0.0)
+        return zeros if red.per_row else zeros.sum()
+    if backend == "torch":
+        rows = _reference_rows(s, prep, red)
         if t2_scale:
             rows = rows * (prep.temperature ** 2)
-    if reduction == "none":
-        return rows.reshape(prep.lead_shape)
-    kept = None if labels is None else (labels != ignore_index).sum()
-    return rows.sum() / _traced_denominator(reduction, num_items, kept, rows.shape[0])
+        return red.apply(rows, lead, prep.labels)
+    if backend == "triton" and s.device.type == "cpu" and _dispatch.host_reads_allowed(s.device):
+        check_values(prep, s, red.ignore_index)  # the Triton kernel cannot raise: check first
+    need_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    student = student_logits if need_grad else student_logits.detach()
+    out, _ = _ops.sparse(student, prep.ids, prep.lp, prep.w, prep.tail, prep.labels,
+                         red.weight(n, prep.labels, s.device), prep.mode, prep.temperature, t2_scale,
+                         red.ignore_index, not red.per_row, need_grad, backend)
+    return out.reshape(lead) if red.per_row else out
 
 
-def _traced_denominator(reduction: str, num_items, kept: Optional[torch.Tensor], n: int):
-    """D of ``"mean"`` (1 for ``"sum"``) as traceable tensor ops: ``num_items_in_batch`` (number
-    or tensor), else the unmasked row count ``kept``, else ``n``; at least 1."""
-    if reduction == "sum":
-        return 1.0
-    if num_items is not None:
-        return torch.as_tensor(num_items, dtype=torch.float32).clamp_min(1)
-    if kept is not None:
-        return kept.clamp_min(1).to(torch.float32)
-    return float(max(1, n))
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EncodedTargets:
-    """:class:`SparseTargets` packed into fixed-size byte records, one per row.
-
-    ``data`` is uint8 ``[..., row_bytes]``; each record holds (see kdfast-core ``encode.rs``):
-
-    * the ids, ``b = max(1, ceil(log2 vocab_size))`` bits each, little-endian bit order
-      (``ceil(k·b/8)`` bytes);
-    * the log-probs as uint16 codes ``round(−logprob · 2048)`` saturated to 65534, 65535 = -inf
-      (``2k`` bytes). **Error bound**: ``|decoded − logprob| ≤ 2^-12 ≈ 2.44e-4`` for
-      ``logprob ≥ −31.999`` (each probability within ±0.025 %); smaller log-probs decode as
-      −31.999 (probabilities below 1.3e-14 are overstated by at most that); values above 0
-      (rounding noise) decode as 0; -inf is exact. A slot with log-prob -inf decodes as unused
-      (id -1);
-    * ``tail_logprob`` as float32 (4 bytes, exact) when ``has_tail``;
-    * for sampled targets, ``weights · num_samples`` as uint16 counts (``2k`` bytes), decoded
-      exactly as ``count / num_samples``.
-
-    Records are independent and fixed-size: slice ``data`` by row, memory-map it, concatenate it.
-    """
-
-    data: torch.Tensor
-    vocab_size: int
-    k: int
-    method: str
-    temperature: float
-    has_tail: bool
-    num_samples: Optional[int] = None
-
-    @property
-    def row_bytes(self) -> int:
-        return self.data.shape[-1]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape[:-1]
-
-
-def encode_targets(targets: SparseTargets, vocab_size: int, *, num_samples: Optional[int] = None) -> EncodedTargets:
-    """Pack ``targets`` (any device; encoded on CPU) for a vocabulary of ``vocab_size`` ids.
-
-    ``num_samples`` (sampled targets only; default ``targets.k``, as produced by
-    :func:`compress_sample`) is the N of ``weights = count / N``; weights that are not
-    multiples of 1/N raise ``ValueError``. See :class:`EncodedTargets` for the format and the
-    log-prob error bound.
-    """
-    if not isinstance(targets, SparseTargets):
-        raise TypeError(f"targets: expected kdfast.SparseTargets, got {type(targets).__name__}")
-    vocab = check_int(vocab_size, "vocab_size")
-    if not 1 <= vocab <= 1 << 32:
-        raise ValueError(f"vocab_size: expected an integer in [1, 2**32], got {vocab}")
-    k = targets.k
-    sampled = targets.method == "sample"
-    if sampled:
-        n_s = k if num_samples is None else _positive_int(num_samples, "num_samples")
-        if n_s >= 1 << 32:
-            raise ValueError(f"num_samples: expected an integer below 2**32, got {n_s}")
-    elif num_samples is not None:
-        raise ValueError("num_samples: only sampled targets (method='sample') have a num_samples")
-    else:
-        n_s = None
-    has_tail = targets.tail_logprob is not None
-    lead = targets.shape
-    cpu = (lambda x, dt: None if x is None else x.detach().to("cpu", dt).reshape(-1, *x.shape[len(lead):]).contiguous())
-    ids = cpu(targets.indices, torch.int64)
-    lp = cpu(targets.logprobs, torch.float32)
-    w = cpu(targets.weights, torch.float32)
-    tail = None if not has_tail else targets.tail_logprob.detach().to("cpu", torch.float32).reshape(-1).contiguous()
-    rows = ids.shape[0]
-    data = _native.encode_targets(ids, lp, w, tail, vocab, n_s)
-    rb = data.shape[1]
-    return EncodedTargets(data=data.reshape(*lead, rb), vocab_size=vocab, k=k, method=targets.method,
-                          temperature=targets.temperature, has_tail=has_tail, num_samples=n_s)
-
-
-def decode_targets(encoded: EncodedTargets, *, device=None) -> SparseTargets:
-    """Unpack :class:`EncodedTargets` into :class:`SparseTargets` (on ``device``, default CPU)."""
-    if not isinstance(encoded, EncodedTargets):
-        raise TypeError(f"encoded: expected kdfast.EncodedTargets, got {type(encoded).__name__}")
-    data = encoded.data
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() == 0:
-        raise ValueError(f"encoded.data: expected a uint8 tensor [..., row_bytes], got {getattr(data, 'dtype', type(data))}")
-    k = encoded.k
-    sampled = encoded.method == "sample"
-    n_s = encoded.num_samples if sampled else None
-    rb = _native.encoded_row_bytes(k, encoded.vocab_size, encoded.has_tail, n_s)
-    if data.shape[-1] != rb:
-        raise ValueError(f"encoded.data: expected records of {rb} bytes for k={k}, V={encoded.vocab_size}, got {data.shape[-1]}")
-    lead = data.shape[:-1]
-    flat = data.detach().to("cpu").reshape(-1, rb).contiguous()
-    ids, lp, w, tail = _native.decode_targets(flat, k, encoded.vocab_size, n_s, encoded.has_tail)
-    out = SparseTargets(
-        indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
-        weights=None if w is None else w.reshape(*lead, k),
-        tail_logprob=None if tail is None else tail.reshape(lead),
-        temperature=encoded.temperature, method=encoded.method,
-    )
-    return out if device is None else out.to(device)
+def _reference_rows(s2: torch.Tensor, prep: SparseInputs, red: Reduction) -> torch.Tensor:
+    """Per-row ℓ by the PyTorch reference, 0 in masked rows (never computed in eager mode)."""
+    rows_of = (lambda s, sel: _ref.sparse_rows(s, sel(prep.ids), sel(prep.lp), sel(prep.w), sel(prep.tail),
+                                               prep.temperature, prep.mode))
+    if not _dispatch.host_reads_allowed(s2.device):
+        rows = rows_of(s2, lambda x: x)
+        return rows if prep.labels is None else torch.where(red.keep(prep.labels), rows, 0.0)
+    keep = check_values(prep, s2, red.ignore_index)
+    if keep is None:
+        return rows_of(s2, lambda x: x)
+    vals = rows_of(s2[keep], lambda x: None if x is None else x[keep])
+    return vals.new_zeros(s2.shape[0]).index_put((keep,), vals)

@@ -3,20 +3,20 @@
 One module per op, each holding its kernel(s), launcher and docstring with the math
 (style.md item 7):
 
-* :mod:`.dense` — the six dense losses, loss and student gradient in one kernel;
+* :mod:`.dense` — the dense losses, loss and student gradient in one kernel;
 * :mod:`.sparse` — ``sparse_kl`` against top-k / sampled targets;
 * :mod:`.compress` — ``compress_topk`` and ``compress_sample``.
 
-Triton is imported lazily: ``import kdfast`` never needs it, and ``backend="auto"`` only picks
-these kernels for CUDA tensors when Triton is importable.
+Triton is imported lazily: ``import kdfast`` never needs it; :func:`kernels` imports a
+kernel module on first use. Backend choice lives in :mod:`kdfast._dispatch`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
-
 
 _importable = None  # cached answer of importable()
 
@@ -50,22 +50,6 @@ def usable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
-def check_usable(device: torch.device) -> None:
-    """Raise the ``ValueError`` of ``backend="triton"`` when the kernels cannot run on ``device``."""
-    if usable(device):
-        return
-    if not importable():
-        raise ValueError("backend: 'triton' needs the triton package, which is not importable here; "
-                         "use 'auto', 'rust' or 'torch'")
-    raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
-                     f"got tensors on {device}; use 'auto', 'rust' or 'torch'")
-
-
-def auto_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` means for tensors on ``device``: Rust on CPU, Triton on CUDA
-    (when importable), else the PyTorch reference."""
-    if device.type == "cpu":
-        return "rust"
-    if device.type == "cuda" and importable():
-        return "triton"
-    return "torch"
+def kernels(name: str):
+    """The kernel module ``kdfast._triton.<name>`` (``dense``, ``sparse`` or ``compress``)."""
+    return importlib.import_module(f"{__name__}.{name}")

@@ -51,11 +51,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from ..losses import finish_fused_forward, fused_backward
-
-__all__ = ["TritonDense", "dense_call", "scale_grad_"]
+__all__ = ["dense_call", "scale_grad_"]
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
 MAX_BLOCK = 4096
@@ -308,32 +305,3 @@ def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # Written behind autograd's back: record it, so that a saved ``grad`` cannot be reused.
     torch.autograd.graph.increment_version(grad)
     return grad
-
-
-class TritonDense(torch.autograd.Function):
-    """Loss rows from :func:`dense_call`; the gradient is produced in forward and saved.
-
-    ``reduce_scale`` is None for ``reduction="none"`` (rows scaled in backward), else the
-    reduction's factor (float or 0-d tensor), folded into the gradient in forward so that
-    backward is a no-op for the usual grad_output of 1. Backward scales in place with
-    :func:`scale_grad_`, reading grad_output on the device (no host sync).
-    """
-
-    @staticmethod
-    def forward(ctx, student, pair, spec: tuple, ignore_index: int, reduce_scale):
-        # spec: (loss, param, temperature, t2_scale), as for kdfast.losses._RustDense.
-        n, dev = pair.s2.shape[0], pair.s2.device
-        rows = torch.empty(n, dtype=torch.float32, device=dev)
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=dev)
-        dense_call(*spec[:2], pair.s2, pair.t2, pair.labels, ignore_index, *spec[2:],
-                   1.0 if reduce_scale is None else reduce_scale, rows, grad)
-        return finish_fused_forward(ctx, student, rows, grad, pair.lead_shape, reduce_scale)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        # Always marks grad modified (whether grad_out is 1 is only known on the device), so a
-        # second backward through a retained graph raises.
-        return fused_backward(ctx, grad_out, lambda grad, g_out, _per_row: scale_grad_(grad, g_out))

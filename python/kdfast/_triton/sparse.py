@@ -55,10 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import finish_fused_forward
-from .dense import _INT64, TritonDense, _block, _unit_columns
+from .dense import _INT64, _block, _unit_columns
 
-__all__ = ["sparse_call", "TritonSparse", "MODES"]
+__all__ = ["sparse_call", "MODES"]
 
 MODES = {"bucket": 0, "renorm": 1, "sampled": 2}
 # Sort keys of slots that are not listed: unused (id −1, weight 0), then invalid.
@@ -288,21 +287,3 @@ def sparse_call(mode: str, s2: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor
         MODE=MODES[mode], HAS_TAIL=has_tail, HAS_LABELS=has_labels, NEED_GRAD=grad is not None,
         GS_PTR=gs_is_tensor, KC=min(max(16, triton.next_power_of_2(k)), 1024), BLOCK=block, num_warps=warps,
     )
-
-
-class TritonSparse(TritonDense):
-    """Loss rows from :func:`sparse_call`, the gradient produced in forward and saved; backward
-    is :class:`kdfast._triton.dense.TritonDense`'s (scales in place on the device, no host
-    sync). ``reduce_scale``: None for ``reduction="none"``, else a float or a 0-d tensor."""
-
-    @staticmethod
-    def forward(ctx, student, flat, spec: tuple, ignore_index: int, reduce_scale):
-        s2, prep = flat
-        (t2_scale,) = spec
-        n, v = s2.shape
-        rows = torch.empty(n, dtype=torch.float32, device=s2.device)
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty((n, v), dtype=student.dtype, device=s2.device) if need_grad else None
-        sparse_call(prep.mode, s2, prep.ids, prep.lp, prep.w, prep.tail, prep.labels, ignore_index,
-                    prep.temperature, t2_scale, 1.0 if reduce_scale is None else reduce_scale, rows, grad)
-        return finish_fused_forward(ctx, student, rows, grad, prep.lead_shape, reduce_scale)

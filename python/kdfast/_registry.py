@@ -1,0 +1,114 @@
+"""The registry of losses: every dense loss is one :class:`LossSpec` here.
+
+Validation, backend choice, the pure-PyTorch reference, the public functions and their
+docstrings, :class:`kdfast.DistillationLoss`, :func:`kdfast.fused_linear_distill_loss` and the
+tests all read this table; a loss name is written once. Adding a loss means: one entry here,
+its math in each backend's kernel file (``reference.py``, ``kdfast-core`` ``divergence.rs`` and
+its name in the binding, ``_triton/dense.py``) and tests — the tests parametrise over
+:data:`LOSSES`. A loss without a kernel on some backend lists only the ones it has in
+``backends``; ``backend="auto"`` then falls back to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+from . import reference
+from ._validate import check_real
+
+
+@dataclass(frozen=True)
+class Param:
+    """A loss's one real parameter: name, default and valid range (``[low, high]`` or
+    ``[low, high)`` with ``high_open``)."""
+
+    name: str
+    default: float
+    low: float
+    high: float
+    high_open: bool = False
+    doc: str = ""
+
+    def check(self, value) -> float:
+        return check_real(value, self.name, low=self.low, high=self.high, high_open=self.high_open)
+
+    @property
+    def range_text(self) -> str:
+        return f"[{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One dense loss of api.md §1.
+
+    ``reference(student, teacher, temperature[, param])`` gives the per-row ℓ of ``[N, V]``
+    logits; ``edges`` maps a parameter value to the loss it is exactly (jsd at β = 0 is forward
+    KL), so every backend computes an edge the same way; ``kernel_id`` numbers the loss for the
+    Triton kernels.
+    """
+
+    name: str
+    formula: str
+    summary: str
+    reference: Callable
+    param: Optional[Param] = None
+    edges: Dict[float, str] = field(default_factory=dict)
+    backends: Tuple[str, ...] = ("rust", "triton", "torch")
+    kernel_id: int = 0
+
+    def check_param(self, value) -> float:
+        return 0.0 if self.param is None else self.param.check(value)
+
+    def canonical(self, param: float) -> Tuple["LossSpec", float]:
+        """The loss (and parameter) that every backend runs for ``param``: an edge value is
+        the plain loss it equals exactly."""
+        target = self.edges.get(param)
+        return (self, param) if target is None else (LOSSES[target], 0.0)
+
+    def row_losses(self, student, teacher, temperature: float, param: float = 0.0):
+        """Per-row ℓ by the pure-PyTorch reference (differentiable; exact in float64)."""
+        if self.param is None:
+            return self.reference(student, teacher, temperature)
+        return self.reference(student, teacher, temperature, param)
+
+
+def _specs(*specs: LossSpec) -> Dict[str, LossSpec]:
+    return {s.name: LossSpec(**{**s.__dict__, "kernel_id": i}) for i, s in enumerate(specs)}
+
+
+_BETA = Param("beta", 0.5, 0.0, 1.0, doc="β ∈ [0, 1]: the mixture weight of the teacher")
+_SKEW = Param("skew", 0.1, 0.0, 1.0, high_open=True, doc="λ ∈ [0, 1): the skew of the mixture")
+
+LOSSES: Dict[str, LossSpec] = _specs(
+    LossSpec("forward_kl", "KL(p‖q)", "Forward KL ``KL(p‖q) = Σ p (log p − log q)`` per row.",
+             reference.forward_kl),
+    LossSpec("reverse_kl", "KL(q‖p)", "Reverse KL ``KL(q‖p) = Σ q (log q − log p)`` per row.",
+             reference.reverse_kl),
+    LossSpec("jsd", "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q",
+             "Generalised Jensen-Shannon divergence ``β KL(p‖m) + (1−β) KL(q‖m)``, ``m = βp + (1−β)q``; "
+             "exactly forward KL at β = 0 and reverse KL at β = 1 (the GKD / TRL convention).",
+             reference.jsd, _BETA, {0.0: "forward_kl", 1.0: "reverse_kl"}),
+    LossSpec("skew_forward_kl", "KL(p ‖ λp + (1−λ)q)",
+             "Skew forward KL ``KL(p ‖ λp + (1−λ)q)``, λ = skew (DistiLLM); exactly forward KL at λ = 0.",
+             reference.skew_forward_kl, _SKEW, {0.0: "forward_kl"}),
+    LossSpec("skew_reverse_kl", "KL(q ‖ λq + (1−λ)p)",
+             "Skew reverse KL ``KL(q ‖ λq + (1−λ)p)``, λ = skew; exactly reverse KL at λ = 0.",
+             reference.skew_reverse_kl, _SKEW, {0.0: "reverse_kl"}),
+    LossSpec("tvd", "½ Σ |p − q|", "Total variation distance ``½ Σ |p − q|`` per row.", reference.tvd),
+)
+
+
+def get(name) -> LossSpec:
+    """The spec of loss ``name`` (``ValueError`` listing the known names otherwise)."""
+    spec = LOSSES.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"loss: expected one of {', '.join(map(repr, LOSSES))}, got {name!r}")
+    return spec
+
+
+def param_names() -> Tuple[str, ...]:
+    """Every loss parameter's keyword (``beta``, ``skew``, ...)."""
+    return tuple(dict.fromkeys(s.param.name for s in LOSSES.values() if s.param is not None))
+
+
