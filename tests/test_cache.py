@@ -292,6 +292,169 @@ def test_truncated_and_missing_shards_are_named(tmp_path):
         TeacherCache(tmp_path)
 
 
+# ----------------------------------------------------------------------------- file safety
+
+
+def _edit_manifest(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _put_shard(path, index, data):
+    """Replace shard ``index`` by ``data`` and record its size and sha256 in the manifest."""
+    def edit(m):
+        entry = m["shards"][index]
+        (path / entry["file"]).write_bytes(data)
+        entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+
+    _edit_manifest(path, edit)
+
+
+@pytest.mark.parametrize("name", ["../outside.arrow", "ABSOLUTE", "sub/shard-00000.arrow", "shard-00000.arrow/",
+                                  "..", "", None, 7])
+def test_manifest_cannot_name_files_outside_the_cache(tmp_path, name):
+    path = _small_cache(tmp_path / "c")
+    outside = tmp_path / "outside.arrow"
+    outside.write_bytes((path / "shard-00000.arrow").read_bytes())  # a valid shard, outside the cache
+    (path / "sub").mkdir()
+    (path / "sub" / "shard-00000.arrow").write_bytes(outside.read_bytes())
+    name = str(outside) if name == "ABSOLUTE" else name
+
+    def edit(m):
+        m["shards"][0]["file"] = name
+
+    _edit_manifest(path, edit)
+    with pytest.raises(ValueError, match="is not a shard name of this cache"):
+        TeacherCache(path)
+    with pytest.raises(ValueError, match="is not a shard name of this cache"):
+        writer(path, shard_size=3)  # resuming reads the manifest the same way
+    # per-rank manifests are checked before they are merged
+    ranks = tmp_path / "r"
+    with writer(ranks, rank=0, world_size=2) as w0, writer(ranks, rank=1, world_size=2) as w1:
+        for i, (ids, t) in enumerate(make_sequences(4)):
+            (w0, w1)[i % 2].append(ids, t, seq_id=i)
+    m = json.loads((ranks / "manifest.rank001.json").read_text())
+    m["shards"][0]["file"] = name
+    (ranks / "manifest.rank001.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="is not a shard name of this cache"):
+        merge_manifests(ranks)
+    assert not (ranks / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("key, value", [("bytes", -1), ("rows", "3"), ("tokens", 1.5), ("sha256", "../x"),
+                                        ("bytes", True)])
+def test_manifest_shard_entries_are_checked(tmp_path, key, value):
+    path = _small_cache(tmp_path / "c")
+
+    def edit(m):
+        m["shards"][1][key] = value
+
+    _edit_manifest(path, edit)
+    with pytest.raises(ValueError, match=rf"shard entry 1 \(shard-00001\.arrow\): {key}"):
+        TeacherCache(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("encoding", "raw", "no column 'target_ids'; not a shard of this cache"),
+    ("vocab_size", 70000, "column 'input_ids' is list<item: uint16>, the manifest expects list<item: int32>"),
+    ("vocab_size", 10, r"token ids outside \[0, 10\)"),
+    ("k", 4, r"has k=8 slots, expected 1\.\.4"),
+    ("vocab_size", 0, "vocab_size 0 is not an integer"),
+    ("method", "../x", "method '../x' is not one of"),
+    ("temperature", float("nan"), "temperature nan is not a finite number"),
+])
+def test_manifest_that_disagrees_with_its_shards(tmp_path, key, value, message):
+    path = _small_cache(tmp_path / "c")
+
+    def edit(m):
+        m[key] = value
+
+    _edit_manifest(path, edit)
+    with pytest.raises(ValueError, match=message):
+        cache = TeacherCache(path)
+        for i in range(len(cache)):
+            cache[i]
+
+
+def test_list_offsets_past_the_end_are_refused(tmp_path):
+    """A shard whose offsets point past its values (with a matching checksum) is refused on
+    open; Arrow's IPC reader alone accepts it."""
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "c"
+    seqs = make_sequences(3)
+    with writer(path, encoding="raw") as w:
+        for ids, t in seqs:
+            w.append(ids, t)
+    data = bytearray((path / "shard-00000.arrow").read_bytes())
+    offsets = np.cumsum([0] + [ids.shape[0] for ids, _ in seqs]).astype(np.int32).tobytes()
+    at = data.find(offsets)  # the input_ids offsets (the first list column)
+    assert at >= 0
+    data[at + len(offsets) - 4:at + len(offsets)] = np.array([1 << 30], np.int32).tobytes()
+    _put_shard(path, 0, bytes(data))
+    assert pa.ipc.open_stream(pa.py_buffer(bytes(data))).read_all().num_rows == 3
+    with pytest.raises(ValueError, match=r"column 'input_ids' has offsets outside its values"):
+        TeacherCache(path)
+
+
+def test_symbolic_links_in_the_cache_are_refused(tmp_path):
+    path = _small_cache(tmp_path / "c")
+    shard = path / "shard-00001.arrow"
+    outside = tmp_path / "elsewhere.arrow"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(ValueError, match=r"shard-00001\.arrow: shard is a symbolic link"):
+        TeacherCache(path)
+    with pytest.raises(ValueError, match=r"shard-00001\.arrow: shard is a symbolic link"):
+        writer(path, shard_size=3)
+    shard.unlink()
+    shard.write_bytes(outside.read_bytes())
+    manifest = path / "manifest.json"
+    (tmp_path / "m.json").write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(tmp_path / "m.json")
+    with pytest.raises(ValueError, match=r"manifest\.json: cache manifest is a symbolic link"):
+        TeacherCache(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_in_place_of_a_shard_is_refused_without_blocking(tmp_path):
+    path = _small_cache(tmp_path / "c")
+    (path / "shard-00000.arrow").unlink()
+    os.mkfifo(path / "shard-00000.arrow")
+    with pytest.raises(ValueError, match=r"shard-00000\.arrow: shard is not a regular file"):
+        TeacherCache(path)
+
+
+def test_writes_do_not_follow_planted_links(tmp_path):
+    from kdfast.cache.durable import atomic_write
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    path = tmp_path / "c"
+    path.mkdir()
+    (path / f".manifest.json.tmp-{os.getpid()}").symlink_to(victim)
+    atomic_write(str(path / "manifest.json"), b"{}")
+    assert victim.read_text() == "keep me" and (path / "manifest.json").read_bytes() == b"{}"
+    (path / "manifest.json").unlink()
+    (path / ".lock.rank000").symlink_to(victim)
+    with pytest.raises(OSError):
+        writer(path)
+    assert victim.read_text() == "keep me"
+
+
+def test_resume_refuses_a_manifest_of_other_shard_names(tmp_path):
+    path = _small_cache(tmp_path / "c")
+
+    def edit(m):
+        m["shards"][0]["file"], m["shards"][1]["file"] = m["shards"][1]["file"], m["shards"][0]["file"]
+
+    _edit_manifest(path, edit)
+    with pytest.raises(ValueError, match="shard entry 0 is 'shard-00001.arrow'"):
+        writer(path, shard_size=3)
+
+
 # ----------------------------------------------------------------------------- datasets
 
 

@@ -388,10 +388,10 @@ class _FakeGenerator:
 
 
 def test_generate_left_pads_and_cuts_after_eos():
-    from kdfast.capture import _generate
+    from kdfast.capture.teacher import generate
 
     fake = _FakeGenerator([[7, 3, 9, 3], [3, 5, 5, 5], [5, 6, 7, 8]])
-    fulls = _generate(fake, [[1, 2, 3], [4], [5, 6]], 0, [3], torch.device("cpu"), 4, False, 1.0, 1.0, 0, 0)
+    fulls = generate(fake, [[1, 2, 3], [4], [5, 6]], 0, [3], torch.device("cpu"), 4, False, 1.0, 1.0, 0, 0)
     ids, mask, kwargs = fake.seen
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
@@ -426,11 +426,11 @@ def test_capture_with_a_saved_tokenizer(tmp_path, teacher_dir, docs_txt):
 @pytest.mark.parametrize("method", ["topk", "sample"])
 def test_chunked_compression_equals_one_call(method):
     """The row chunks used off the CPU give the same targets as one call."""
-    from kdfast.capture import _compress_rows
+    from kdfast.capture.teacher import compress_rows
 
     rows = torch.randn(10, 50, generator=torch.Generator().manual_seed(0)) * 3
-    one = _compress_rows(rows, method, 5, 7, 1.3, 11, 40)
-    chunked = _compress_rows(rows, method, 5, 7, 1.3, 11, 40, chunk_rows=3)
+    one = compress_rows(rows, method, 5, 7, 1.3, 11, 40)
+    chunked = compress_rows(rows, method, 5, 7, 1.3, 11, 40, chunk_rows=3)
     for name in ("indices", "logprobs", "weights", "tail_logprob"):
         a, b = getattr(one, name), getattr(chunked, name)
         assert (a is None and b is None) or torch.equal(a, b), name

@@ -87,13 +87,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# kdfast capture (defined in kdfast.capture)
+# kdfast capture (defined in kdfast.capture.cli)
 
 
 def _register_capture(subparsers: argparse._SubParsersAction) -> None:
-    from kdfast import capture
+    from kdfast.capture import cli as capture_cli
 
-    capture.add_parser(subparsers)
+    capture_cli.add_parser(subparsers)
 
 
 # ---------------------------------------------------------------------------------------------

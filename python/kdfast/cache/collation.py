@@ -1,0 +1,104 @@
+"""Batching cache items for training: :class:`Collator` / :func:`collate`.
+
+**Alignment.** ``targets[t]`` is the teacher's distribution at position ``t``, i.e. over the
+token at position ``t + 1`` (the teacher's logits at ``t``); it is stored for every position,
+the last one included. :func:`collate` builds ``labels[t] = input_ids[t + 1]`` with -100 at the
+last position and in padding, so the student's logits at position ``t`` line up with
+``targets[t]`` and ``labels[t]`` with no further shifting::
+
+    batch = collate([cache[i] for i in idx])
+    logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = kdfast.sparse_kl(logits, batch["targets"], labels=batch["labels"])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..sparse import SparseTargets
+from .format import IGNORE_INDEX
+
+
+class Collator:
+    """Pads a list of :class:`TeacherCache` items into a training batch.
+
+    Returns ``input_ids`` [B, S] (``pad_id`` in padding), ``attention_mask`` [B, S] (1 on
+    tokens), ``labels`` [B, S] (``labels[t] = input_ids[t + 1]``; ``ignore_index`` at each
+    sequence's last position and in padding), ``targets`` (:class:`~kdfast.SparseTargets`
+    [B, S, K], K the widest item: id -1, log-prob -inf, weight 0 and tail log-prob 0 — all
+    mass in the tail — in padded positions and slots), ``response_mask`` [B, S] (True where
+    ``labels[t]`` is a response token, i.e. ``t + 1 ≥ prompt_length``; every labelled position
+    for given text), ``prompt_length`` and ``seq_id`` [B].
+
+    With ``response_only=True`` the labels are also ``ignore_index`` where the next token is
+    part of the prompt, so losses train on generated responses only (sequence-level KD).
+    The batch is ready for ``kdfast.sparse_kl(student_logits, batch["targets"],
+    labels=batch["labels"])`` with no further shifting.
+    """
+
+    def __init__(self, pad_id: int = 0, *, response_only: bool = False, ignore_index: int = IGNORE_INDEX):
+        self.pad_id = int(pad_id)
+        self.response_only = bool(response_only)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, batch: Sequence[dict]) -> dict:
+        if not batch:
+            raise ValueError("collate: empty batch")
+        b = len(batch)
+        lengths = [int(item["input_ids"].shape[0]) for item in batch]
+        s = max(lengths)
+        t0 = batch[0]["targets"]
+        method, temperature = t0.method, t0.temperature
+        k = max(item["targets"].k for item in batch)
+        sampled = method == "sample"
+        has_tail = t0.tail_logprob is not None
+        input_ids = torch.full((b, s), self.pad_id, dtype=torch.int64)
+        attention = torch.zeros((b, s), dtype=torch.int64)
+        labels = torch.full((b, s), self.ignore_index, dtype=torch.int64)
+        response = torch.zeros((b, s), dtype=torch.bool)
+        ids = torch.full((b, s, k), -1, dtype=torch.int64)
+        lps = torch.full((b, s, k), float("-inf"), dtype=torch.float32)
+        weights = torch.zeros((b, s, k), dtype=torch.float32) if sampled else None
+        tails = torch.zeros((b, s), dtype=torch.float32) if has_tail else None
+        for r, item in enumerate(batch):
+            n = lengths[r]
+            t = item["targets"]
+            if t.method != method or (t.tail_logprob is not None) != has_tail:
+                raise ValueError("collate: items mix target methods or tail layouts")
+            if not math.isclose(t.temperature, temperature, rel_tol=1e-9):
+                raise ValueError("collate: items have targets at different temperatures")
+            if tuple(t.shape) != (n,):
+                raise ValueError(f"collate: item {r} has {n} tokens but targets of leading shape {tuple(t.shape)}")
+            x = item["input_ids"]
+            input_ids[r, :n] = x
+            attention[r, :n] = 1
+            if n > 1:
+                labels[r, :n - 1] = x[1:]
+                pl = int(item.get("prompt_length", 0))
+                first = max(0, pl - 1)  # first position whose next token is a response token
+                response[r, first:n - 1] = True
+                if self.response_only:
+                    labels[r, :first] = self.ignore_index
+            kr = t.k
+            ids[r, :n, :kr] = t.indices
+            lps[r, :n, :kr] = t.logprobs
+            if sampled:
+                weights[r, :n, :kr] = t.weights
+            if has_tail:
+                tails[r, :n] = t.tail_logprob
+        targets = SparseTargets(indices=ids, logprobs=lps, weights=weights, tail_logprob=tails,
+                                temperature=temperature, method=method)
+        return {
+            "input_ids": input_ids, "attention_mask": attention, "labels": labels, "targets": targets,
+            "response_mask": response,
+            "prompt_length": torch.tensor([int(item.get("prompt_length", 0)) for item in batch]),
+            "seq_id": torch.tensor([int(item.get("seq_id", -1)) for item in batch]),
+        }
+
+
+def collate(batch: Sequence[dict], pad_id: int = 0, *, response_only: bool = False) -> dict:
+    """``Collator(pad_id, response_only=response_only)(batch)``; see :class:`Collator`."""
+    return Collator(pad_id, response_only=response_only)(batch)
