@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("pyarrow")
 
-from kdfast import cli, demo  # noqa: E402
+from kdfast import cli, tiny  # noqa: E402
 
 # The quick preset, a little shorter still, so that the test stays well under 2 minutes on a
 # shared 2-core machine: about 35 s of CPU time in one thread. One thread: on an oversubscribed
@@ -71,7 +71,7 @@ def test_quick_demo_outputs(quick_run):
 
 def test_byte_chunks_cut_between_characters():
     text = "héllo wörld — ünïcode " * 20 + "\n\n   \n\n" + "tail"
-    chunks = demo._byte_chunks(text, 16)
+    chunks = tiny.byte_chunks(text, 16)
     assert all(len(c.encode("utf-8")) <= 16 for c in chunks)
     assert all(c.strip() for c in chunks)
     assert "".join(chunks).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")

@@ -72,9 +72,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     status = dense.run_from_args(args, default_sizes=default_sizes)
     if args.dense_only:
         return status
-    from kdfast.benchmarks import offline
-
-    from kdfast.benchmarks import fused_linear
+    from kdfast.benchmarks import fused_linear, offline
 
     offline_argv = ["--parts", "compress,loss"] + ([] if args.full else ["--quick"])
     fused_argv = ["--device", "cpu"] + ([] if args.full else ["--quick"])

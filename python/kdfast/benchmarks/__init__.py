@@ -1,7 +1,16 @@
-"""kdfast's benchmarks, importable so that ``kdfast bench`` can run them.
+"""kdfast's benchmarks, importable so that ``kdfast bench`` can run them. They are tools over
+kdfast's public API: they import ``kdfast``, :mod:`kdfast.tiny` and each other, nothing private.
 
+- :mod:`kdfast.benchmarks.harness`: timing, peak memory, machine info, cases in fresh worker
+  processes, table helpers — shared by every benchmark (and ``kdfast demo``'s phases);
+- :mod:`kdfast.benchmarks.references`: the PyTorch code users write (eager forward KL, TRL's
+  JSD), and the random logits the dense benchmarks share;
 - :mod:`kdfast.benchmarks.dense`: dense losses (forward KL, JSD), forward + backward, against the
-  PyTorch code users write, eager and under ``torch.compile``, with the memory-bandwidth floor.
+  PyTorch code users write, eager and under ``torch.compile``, with the memory-bandwidth floor;
+- :mod:`kdfast.benchmarks.offline`: compression, ``sparse_kl``, storage and fidelity of sparse
+  targets (a package: one module per part);
+- :mod:`kdfast.benchmarks.fused_linear`: ``fused_linear_distill_loss`` against materialised logits;
+- :mod:`kdfast.benchmarks.gpu`: the Triton kernels against eager, ``torch.compile`` and Liger.
 """
 
-__all__ = ["dense"]
+__all__ = ["harness", "references", "dense", "offline", "fused_linear", "gpu"]

@@ -3,7 +3,7 @@
 For every (loss, N, V, dtype) this runs, each in a fresh subprocess so that its peak memory is
 its own:
 
-* ``eager``   - the naive PyTorch reference below (what users write), in float32;
+* ``eager``   - the PyTorch code users write (:mod:`.references`), in float32;
 * ``compile`` - the same reference function wrapped in ``torch.compile`` (compile time excluded);
 * ``kdfast``  - ``kdfast.<loss>(..., backend="rust")`` (loss and gradient in the forward call);
 * ``kdfast-torch`` (opt-in) - ``kdfast.<loss>(..., backend="torch")``, the library's own reference;
@@ -25,26 +25,25 @@ Run ``python -m kdfast.benchmarks.dense --help``, ``python benches/bench_dense.p
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import math
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from kdfast.benchmarks import _measure
+from kdfast.benchmarks import harness, tables
+from kdfast.benchmarks.references import (
+    DTYPES,
+    EAGER,
+    JSD_BETA,
+    LOGIT_SCALE,
+    TEMPERATURE,
+    kdfast_kwargs,
+    random_logits,
+)
 
 MODULE = "kdfast.benchmarks.dense"
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
 LOSSES = ("forward_kl", "jsd")
 IMPLS = ("eager", "compile", "kdfast", "kdfast-torch")
 DEFAULT_IMPLS = ("eager", "compile", "kdfast")
@@ -53,48 +52,11 @@ DEFAULT_IMPLS = ("eager", "compile", "kdfast")
 FULL_SIZES = ((2048, 32000), (2048, 128256))
 QUICK_SIZES = ((256, 32000),)
 
-TEMPERATURE = 1.0
-JSD_BETA = 0.5
-LOGIT_SCALE = 2.0  # std of the random logits; LLM logits spread over a few units
-
 # The goals kdfast's CPU kernels are held to (see BENCHMARKS.md).
 TARGET_VS_COMPILE = 0.5
 TARGET_VS_EAGER = 0.1
 TARGET_VS_FLOOR = 2.0
 TARGET_EXTRA_MEM = 1.1
-
-
-# ----------------------------------------------------------------------------------------------
-# The references: plain PyTorch as users write it (upcast to float32 first, as users do).
-
-
-def eager_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_teacher || q_student), batchmean: the usual ``log_softmax`` + ``kl_div``."""
-    T = TEMPERATURE
-    student_log_probs = F.log_softmax(student_logits.float() / T, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-
-
-def eager_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Generalized JSD as TRL's ``generalized_jsd_loss`` computes it, batchmean."""
-    T, beta = TEMPERATURE, JSD_BETA
-    student_log_probs = F.log_softmax(student_logits.float() / T, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    beta_t = torch.tensor(beta, dtype=student_log_probs.dtype, device=student_log_probs.device)
-    mixture_log_probs = torch.logsumexp(
-        torch.stack(
-            [student_log_probs + torch.log(1 - beta_t), teacher_log_probs + torch.log(beta_t)]
-        ),
-        dim=0,
-    )
-    kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
-    jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
-    return jsd.sum() / jsd.size(0)
-
-
-EAGER = {"forward_kl": eager_forward_kl, "jsd": eager_jsd}
 
 
 def make_loss_fn(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -108,126 +70,60 @@ def make_loss_fn(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor],
     if impl in ("kdfast", "kdfast-torch"):
         import kdfast
 
-        backend = "rust" if impl == "kdfast" else "torch"
         fn = getattr(kdfast, loss)
-        kwargs: dict[str, Any] = {"temperature": TEMPERATURE, "reduction": "mean", "backend": backend}
-        if loss == "jsd":
-            kwargs["beta"] = JSD_BETA
-
-        def kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-            return fn(student, teacher, **kwargs)
-
-        return kd
+        kwargs = kdfast_kwargs(loss, reduction="mean", backend="rust" if impl == "kdfast" else "torch")
+        return lambda student, teacher: fn(student, teacher, **kwargs)
     raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
-
-
-def make_inputs(n: int, v: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher logits ``[n, v]``; the same values for every implementation."""
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(n, v, generator=g, dtype=dtype).mul_(LOGIT_SCALE)
-    teacher = torch.randn(n, v, generator=g, dtype=dtype).mul_(LOGIT_SCALE)
-    return student, teacher
 
 
 # ----------------------------------------------------------------------------------------------
 # One case, run inside a worker process.
 
 
-def _step(fn: Callable, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    loss = fn(student, teacher)
-    loss.backward()
-    return loss
-
-
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Time forward+backward of one (loss, impl, n, v, dtype) and measure its extra peak memory."""
-    loss_name, impl = spec["loss"], spec["impl"]
-    n, v, dtype = spec["n"], spec["v"], DTYPES[spec["dtype"]]
-    repeats, warmup = spec["repeats"], spec["warmup"]
-
-    student, teacher = make_inputs(n, v, dtype)
+    student, teacher = random_logits(spec["n"], spec["v"], DTYPES[spec["dtype"]])
     student.requires_grad_(True)
     input_bytes = student.numel() * student.element_size()
-    gc.collect()
-    hwm_after_inputs = _measure.read_status_kib("VmHWM")
+    fn = make_loss_fn(spec["loss"], spec["impl"])
 
-    fn = make_loss_fn(loss_name, impl)
-    warm_times = []
-    for _ in range(warmup):  # includes torch.compile's compilation; not reported as run time
+    def step():
+        loss = fn(student, teacher)
+        loss.backward()
+        return loss
+
+    def reset():  # the gradient is freed outside the timed region and allocated again inside it
         student.grad = None
-        dt, _loss = _measure.time_call(lambda: _step(fn, student, teacher))
-        warm_times.append(dt)
-        del _loss
 
-    student.grad = None
-    gc.collect()
-    if _measure.reset_peak_rss():
-        peak_method = "clear_refs"
-        baseline_kib = _measure.read_status_kib("VmHWM")
-    else:  # the baseline is the high-water mark once the inputs existed (warmup included in peak)
-        peak_method = "hwm_after_inputs"
-        baseline_kib = hwm_after_inputs
-
-    times = []
-    loss = None
-    for _ in range(repeats):
-        student.grad = None  # freed outside the timed region; allocated again inside it
-        loss = None
-        dt, loss = _measure.time_call(lambda: _step(fn, student, teacher))
-        times.append(dt)
-    peak_kib = _measure.read_status_kib("VmHWM")
-
-    result: dict[str, Any] = {
-        **spec,
-        "time_s": _measure.median(times),
-        "times_s": times,
-        "warmup_times_s": warm_times,
-        "input_bytes": input_bytes,
-        "peak_method": peak_method,
-        "threads": torch.get_num_threads(),
-    }
-    if baseline_kib is not None and peak_kib is not None:
-        extra = (peak_kib - baseline_kib) * 1024
-        result["extra_peak_bytes"] = extra
-        result["extra_peak_inputs"] = extra / input_bytes
+    timing, loss = harness.measure(step, repeats=spec["repeats"], warmup=spec["warmup"], reset=reset)
+    result: dict[str, Any] = {**timing, "input_bytes": input_bytes, "threads": torch.get_num_threads()}
+    if "extra_peak_bytes" in result:
+        result["extra_peak_inputs"] = result["extra_peak_bytes"] / input_bytes
     # Checks (outside the measured window): every implementation should agree on these.
     grad = student.grad
-    result["loss_value"] = float(loss.detach()) if loss is not None else None
-    result["loss_dtype"] = str(loss.dtype).replace("torch.", "") if loss is not None else None
+    result["loss_value"] = float(loss.detach())
+    result["loss_dtype"] = str(loss.dtype).replace("torch.", "")
+    result["grad_dtype"] = None
     if grad is not None:
         g32 = grad.float()
         result["grad_dtype"] = str(grad.dtype).replace("torch.", "")
         result["grad_norm"] = float(g32.norm())
         result["grad_dot_teacher"] = float((g32 * teacher.float()).sum())
         result["grad_finite"] = bool(torch.isfinite(g32).all())
-    else:
-        result["grad_dtype"] = None
     return result
 
 
 def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
     """Memory-bandwidth floor: read both inputs, write one gradient-sized tensor."""
-    n, v, dtype = spec["n"], spec["v"], DTYPES[spec["dtype"]]
-    student, teacher = make_inputs(n, v, dtype)
+    student, teacher = random_logits(spec["n"], spec["v"], DTYPES[spec["dtype"]])
     reps = max(3, spec["repeats"])
-
-    def timed(fn: Callable[[], torch.Tensor]) -> list[float]:
-        fn()  # warmup
-        ts = []
-        for _ in range(reps):
-            dt, res = _measure.time_call(fn)
-            ts.append(dt)
-            del res  # freeing a fresh result is not timed
-        return ts
-
     out = torch.empty_like(student)
     out.fill_(0)  # touch every page once, so the preallocated timings are pure bandwidth
-    add_s = _measure.median(timed(lambda: torch.add(student, teacher, out=out)))
-    copy_s = _measure.median(timed(lambda: out.copy_(student)))
+    add_s = harness.median_time(lambda: torch.add(student, teacher, out=out), reps)
+    copy_s = harness.median_time(lambda: out.copy_(student), reps)
     # Into a fresh tensor, as a gradient is: adds the cost of faulting its pages in.
-    add_fresh_s = _measure.median(timed(lambda: torch.add(student, teacher)))
+    add_fresh_s = harness.median_time(lambda: torch.add(student, teacher), reps)
     return {
-        **spec,
         "add_s": add_s,
         "copy_s": copy_s,
         "add_fresh_s": add_fresh_s,
@@ -237,51 +133,23 @@ def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_main(spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    try:
-        result = run_floor(spec) if spec["kind"] == "floor" else run_case(spec)
-    except Exception as exc:  # noqa: BLE001 - reported, not raised: the parent keeps going
-        result = {**spec, "error": f"{type(exc).__name__}: {exc}"}
-    _measure.emit_result(result)
-    return 0
+def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return run_floor(spec) if spec["kind"] == "floor" else run_case(spec)
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver.
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``"2048x32000,2048x128256"`` -> ``[(2048, 32000), (2048, 128256)]``."""
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            n_s, v_s = item.split("x")
-            n, v = int(n_s), int(v_s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size must look like NxV (e.g. 2048x32000), got {item!r}")
-        if n <= 0 or v <= 0:
-            raise argparse.ArgumentTypeError(f"size must be positive, got {item!r}")
-        sizes.append((n, v))
-    if not sizes:
-        raise argparse.ArgumentTypeError("no sizes given")
-    return sizes
-
-
-def _choices(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a comma-separated subset of {','.join(allowed)}, got {text!r}"
-            )
-        return items
-
-    return parse
+def _describe(spec: dict[str, Any], res: dict[str, Any]) -> str:
+    label = f"{spec['n']}x{spec['v']} {spec['dtype']}"
+    if spec["kind"] == "floor":
+        what = res.get("error") or (f"add {res['add_s']:.4f} s, copy {res['copy_s']:.4f} s, "
+                                    f"add into fresh {res['add_fresh_s']:.4f} s")
+        return f"floor {label}: {what}"
+    what = res.get("error") or (
+        f"{res['time_s']:.4f} s, extra mem {res.get('extra_peak_inputs', float('nan')):.2f}x input")
+    return f"{spec['loss']} {label} {spec['impl']}: {what}"
 
 
 def run_benchmark(
@@ -298,79 +166,28 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every case and the floors; returns ``{"machine", "config", "floors", "cases"}``."""
     sizes, dtypes, losses, impls = list(sizes), list(dtypes), list(losses), list(impls)
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     specs: list[dict[str, Any]] = []
     for n, v in sizes:
         for dt in dtypes:
             specs.append({"kind": "floor", "n": n, "v": v, "dtype": dt, "repeats": repeats})
-            for loss in losses:
-                for impl in impls:
-                    specs.append(
-                        {"kind": "case", "loss": loss, "impl": impl, "n": n, "v": v, "dtype": dt,
-                         "repeats": repeats, "warmup": warmup}
-                    )
-    floors, cases = [], []
-    load_before = _measure.load_average()
-    t_start = time.perf_counter()
-    for i, spec in enumerate(specs, 1):
-        t0 = time.perf_counter()
-        if subprocess:
-            res = _measure.run_worker(MODULE, spec, timeout=timeout)
-            res = {**spec, **res}
-        else:
-            res = json.loads(json.dumps(spec))
-            try:
-                res = run_floor(spec) if spec["kind"] == "floor" else run_case(spec)
-            except Exception as exc:  # noqa: BLE001 - one failed case does not end the run
-                res = {**spec, "error": f"{type(exc).__name__}: {exc}"}
-        res["load_average"] = _measure.load_average()  # other work on the machine skews timings
-        (floors if spec["kind"] == "floor" else cases).append(res)
-        label = f"{spec['n']}x{spec['v']} {spec['dtype']}"
-        if spec["kind"] == "floor":
-            label = f"floor {label}"
-            what = (f"add {res['add_s']:.4f} s, copy {res['copy_s']:.4f} s, "
-                    f"add into fresh {res['add_fresh_s']:.4f} s"
-                    if "error" not in res else res["error"])
-        else:
-            label = f"{spec['loss']} {label} {spec['impl']}"
-            what = res.get("error") or (
-                f"{res['time_s']:.4f} s, extra mem {res.get('extra_peak_inputs', float('nan')):.2f}x input"
-            )
-        log(f"[{i}/{len(specs)}] {label}: {what} ({time.perf_counter() - t0:.0f} s)")
+            specs += [{"kind": "case", "loss": loss, "impl": impl, "n": n, "v": v, "dtype": dt,
+                       "repeats": repeats, "warmup": warmup} for loss in losses for impl in impls]
+    results, run = harness.run_cases(specs, run_spec, module=MODULE, subprocess=subprocess, timeout=timeout,
+                                describe=_describe, log=log)
     return {
-        "machine": _measure.machine_info(),
+        "machine": harness.machine_info(),
         "config": {
             "sizes": [list(s) for s in sizes], "dtypes": dtypes, "losses": losses, "impls": impls,
             "repeats": repeats, "warmup": warmup, "subprocess": subprocess,
-            "temperature": TEMPERATURE, "jsd_beta": JSD_BETA, "logit_std": LOGIT_SCALE,
-            "wall_s": time.perf_counter() - t_start,
-            "load_average_before": load_before, "load_average_after": _measure.load_average(),
+            "temperature": TEMPERATURE, "jsd_beta": JSD_BETA, "logit_std": LOGIT_SCALE, **run,
         },
-        "floors": floors,
-        "cases": cases,
+        "floors": [r for r in results if r["kind"] == "floor"],
+        "cases": [r for r in results if r["kind"] == "case"],
     }
 
 
 # ----------------------------------------------------------------------------------------------
 # Report.
-
-
-def _fmt_s(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    if x < 1e-3:
-        return f"{x * 1e6:.0f} µs"
-    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def _fmt_ratio(a: float | None, b: float | None, target: float | None = None) -> str:
-    if a is None or b is None or not b:
-        return "-"
-    r = a / b
-    mark = ""
-    if target is not None:
-        mark = " ✓" if r <= target else " ✗"
-    return f"{r:.2f}{mark}" if r < 100 else f"{r:.0f}{mark}"
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -425,14 +242,14 @@ def format_table(results: dict[str, Any]) -> str:
     for r in rows:
         t = r["time_s"]
         cells = [r["loss"], f"{r['n']}×{r['v']}", r["dtype"]]
-        cells += [_fmt_s(t.get(i)) if i not in r["errors"] else "error" for i in impls]
-        cells += [_fmt_s(r["floor_s"]), _fmt_s(r["add_fresh_s"])]
+        cells += [tables.fmt_s(t.get(i)) if i not in r["errors"] else "error" for i in impls]
+        cells += [tables.fmt_s(r["floor_s"]), tables.fmt_s(r["add_fresh_s"])]
         if have_kd:
             kd = t.get("kdfast")
             cells += [
-                _fmt_ratio(kd, t.get("compile"), TARGET_VS_COMPILE),
-                _fmt_ratio(kd, t.get("eager"), TARGET_VS_EAGER),
-                _fmt_ratio(kd, r["floor_s"], TARGET_VS_FLOOR),
+                tables.fmt_x(tables.ratio(kd, t.get("compile")), at_most=TARGET_VS_COMPILE, sign=""),
+                tables.fmt_x(tables.ratio(kd, t.get("eager")), at_most=TARGET_VS_EAGER, sign=""),
+                tables.fmt_x(tables.ratio(kd, r["floor_s"]), at_most=TARGET_VS_FLOOR, sign=""),
             ]
         for i in impls:
             m = r["extra_mem"].get(i)
@@ -468,14 +285,14 @@ def format_table(results: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_sizes: Sequence[tuple[int, int]] | None = FULL_SIZES) -> None:
     """The benchmark's options, shared by this module's CLI and ``kdfast bench``."""
-    parser.add_argument("--sizes", type=parse_sizes, default=None,
+    parser.add_argument("--sizes", type=tables.sizes(), default=None,
                         help="comma-separated NxV (default: "
                         + ",".join(f"{n}x{v}" for n, v in (default_sizes or FULL_SIZES)) + ")")
-    parser.add_argument("--dtypes", type=_choices(tuple(DTYPES), "--dtypes"), default=["fp32", "bf16"],
+    parser.add_argument("--dtypes", type=tables.subset(tuple(DTYPES), "--dtypes"), default=["fp32", "bf16"],
                         help="comma-separated subset of fp32,bf16,fp16 (default: fp32,bf16)")
-    parser.add_argument("--losses", type=_choices(LOSSES, "--losses"), default=list(LOSSES),
+    parser.add_argument("--losses", type=tables.subset(LOSSES, "--losses"), default=list(LOSSES),
                         help="comma-separated subset of forward_kl,jsd (default: both)")
-    parser.add_argument("--impls", type=_choices(IMPLS, "--impls"), default=list(DEFAULT_IMPLS),
+    parser.add_argument("--impls", type=tables.subset(IMPLS, "--impls"), default=list(DEFAULT_IMPLS),
                         help="comma-separated subset of " + ",".join(IMPLS)
                         + " (default: " + ",".join(DEFAULT_IMPLS) + ")")
     parser.add_argument("--repeats", type=int, default=None,
@@ -501,25 +318,23 @@ def run_from_args(args: argparse.Namespace, *, default_sizes: Sequence[tuple[int
     results["config"]["command"] = " ".join(sys.argv)
     results["rows"] = summarize(results)
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        print(f"\nwrote {args.json}", file=sys.stderr)
+    tables.write_json(args.json, results)
     failed = any("error" in c for c in results["cases"] + results["floors"])
     failed = failed or any(r["mismatch"] for r in results["rows"])
     return 1 if failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"] and len(argv) == 2:
-        return _worker_main(argv[1])
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kdfast.benchmarks.dense",
         description="kdfast dense losses vs PyTorch eager and torch.compile, forward+backward.",
     )
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return harness.main(argv, run_spec, _parser, run_from_args)
 
 
 if __name__ == "__main__":

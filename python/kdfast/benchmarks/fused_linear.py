@@ -7,7 +7,7 @@ states and head of the same shape, no gradient) and measures its extra peak memo
 * ``unfused`` - ``z = h Wᵀ`` materialised, then the kdfast dense loss on it (the best a user can
   do without fusing: the loss itself is already the fused kernel);
 * ``eager``   - ``z = h Wᵀ`` then the plain PyTorch loss (``log_softmax`` + ``kl_div`` / TRL's
-  JSD), as in :mod:`kdfast.benchmarks.dense`;
+  JSD), as in :mod:`kdfast.benchmarks.references`;
 * ``compile`` - ``eager`` under ``torch.compile`` (compile time excluded);
 * ``kdfast``  - ``kdfast.fused_linear_distill_loss`` (chunked; no ``[N, V]`` tensor);
 * ``liger``   - ``liger_kernel``'s ``LigerFusedLinearJSD`` (CUDA, when installed; jsd only).
@@ -23,17 +23,14 @@ Run ``python -m kdfast.benchmarks.fused_linear --help`` or ``python benches/benc
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
 
-from kdfast.benchmarks import _measure
-from kdfast.benchmarks.dense import DTYPES, EAGER, JSD_BETA, TEMPERATURE, _choices, _fmt_s
+from kdfast.benchmarks import harness, tables
+from kdfast.benchmarks.references import DTYPES, EAGER, JSD_BETA, TEMPERATURE, kdfast_kwargs
 
 MODULE = "kdfast.benchmarks.fused_linear"
 IMPLS = ("unfused", "eager", "compile", "kdfast", "liger")
@@ -42,22 +39,6 @@ LOSSES = ("forward_kl", "jsd")
 CPU_SIZES = ((256, 512, 32000), (1024, 512, 32000), (4096, 512, 32000))
 QUICK_SIZES = ((256, 256, 8000),)
 GPU_SIZES = ((1024, 4096, 128256), (4096, 4096, 128256), (8192, 4096, 128256))
-
-
-def parse_sizes(text: str) -> list[tuple[int, int, int]]:
-    """``"512x1024x32000,2048x1024x32000"`` -> ``[(512, 1024, 32000), ...]`` (N x H x V)."""
-    out = []
-    for item in filter(None, (x.strip().lower() for x in text.split(","))):
-        try:
-            n, h, v = (int(x) for x in item.split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size must look like NxHxV (e.g. 2048x1024x32000), got {item!r}")
-        if min(n, h, v) <= 0:
-            raise argparse.ArgumentTypeError(f"size must be positive, got {item!r}")
-        out.append((n, h, v))
-    if not out:
-        raise argparse.ArgumentTypeError("no sizes given")
-    return out
 
 
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -74,9 +55,7 @@ def make_step(loss: str, impl: str) -> Callable[..., torch.Tensor]:
     """``step(sh, sw, th, tw) -> loss`` (forward only; the caller runs backward)."""
     import kdfast
 
-    kwargs: dict[str, Any] = {"temperature": TEMPERATURE}
-    if loss == "jsd":
-        kwargs["beta"] = JSD_BETA
+    kwargs = kdfast_kwargs(loss)
     if impl == "kdfast":
         return lambda sh, sw, th, tw: kdfast.fused_linear_distill_loss(
             sh, sw, teacher_hidden=th, teacher_weight=tw, loss=loss, **kwargs)
@@ -109,40 +88,6 @@ def make_step(loss: str, impl: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure_step(run: Callable[[], torch.Tensor], reset: Callable[[], None], device: str,
-                 repeats: int, warmup: int) -> tuple[list[float], int, torch.Tensor]:
-    """Wall times of ``run()`` (synchronised on CUDA), the extra peak memory of the timed runs
-    over what was held before them, and the last output. ``reset()`` drops old gradients."""
-    for _ in range(warmup):
-        reset()
-        run()
-    reset()
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _measure.reset_peak_rss()
-        base = (_measure.read_status_kib("VmHWM") or 0) * 1024
-    times, out = [], None
-    for _ in range(repeats):
-        reset()
-        _sync(device)
-        t0 = time.perf_counter()
-        out = run()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else (_measure.read_status_kib("VmHWM") or 0) * 1024
-    return times, peak - base, out
-
-
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Time forward+backward of one case and measure its extra peak memory."""
     n, h, v = spec["n"], spec["h"], spec["v"]
@@ -158,12 +103,9 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     def reset():
         sh.grad = sw.grad = None
 
-    times, extra, out = measure_step(run, reset, device, spec["repeats"], spec["warmup"])
+    timing, out = harness.measure(run, repeats=spec["repeats"], warmup=spec["warmup"], reset=reset, device=device)
     return {
-        **spec,
-        "time_s": _measure.median(times),
-        "times_s": times,
-        "extra_peak_bytes": extra,
+        **timing,
         "logits_bytes": n * v * 4,
         "loss_value": float(out.detach()),
         "grad_hidden_norm": float(sh.grad.float().norm()),
@@ -171,64 +113,26 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_main(spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    try:
-        result = run_case(spec)
-    except Exception as exc:  # noqa: BLE001 - reported; the parent keeps going
-        result = {**spec, "error": f"{type(exc).__name__}: {exc}"}
-    _measure.emit_result(result)
-    return 0
-
-
 def run_benchmark(sizes, dtypes, losses, impls, *, device: str, repeats: int, warmup: int,
                   subprocess: bool, timeout: float = 1800.0) -> dict[str, Any]:
-    cases = []
-    t_start = time.perf_counter()
     specs = [{"n": n, "h": h, "v": v, "dtype": dt, "loss": loss, "impl": impl, "device": device,
               "repeats": repeats, "warmup": warmup}
              for n, h, v in sizes for dt in dtypes for loss in losses for impl in impls
              if not (impl == "liger" and (loss != "jsd" or device != "cuda"))]
-    for i, spec in enumerate(specs, 1):
-        t0 = time.perf_counter()
-        if subprocess:
-            res = {**spec, **_measure.run_worker(MODULE, spec, timeout=timeout)}
-        else:
-            try:
-                res = run_case(spec)
-            except Exception as exc:  # noqa: BLE001 - one failed case does not end the run
-                res = {**spec, "error": f"{type(exc).__name__}: {exc}"}
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        res["load_average"] = _measure.load_average()
-        cases.append(res)
-        what = res.get("error") or f"{res['time_s']:.4f} s, extra {res['extra_peak_bytes'] / 2**20:.0f} MiB"
-        print(f"[{i}/{len(specs)}] {spec['loss']} {spec['n']}x{spec['h']}x{spec['v']} {spec['dtype']} "
-              f"{spec['impl']}: {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    machine = _measure.machine_info()
+    cases, run = harness.run_cases(specs, run_case, module=MODULE, subprocess=subprocess, timeout=timeout,
+                              describe=_describe)
+    machine = harness.machine_info()
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
     return {"machine": machine, "cases": cases,
             "config": {"device": device, "impls": list(impls), "repeats": repeats, "warmup": warmup,
                        "temperature": TEMPERATURE, "jsd_beta": JSD_BETA,
-                       "wall_s": time.perf_counter() - t_start, "command": " ".join(sys.argv)}}
+                       "command": " ".join(sys.argv), **run}}
 
 
-def ratio_table(groups: dict[tuple, dict[str, dict]], impls: Sequence[str], label_head: Sequence[str]) -> list[str]:
-    """Markdown rows: per group (its label cells, then ``{impl: case}``) the time of every
-    implementation, kdfast's time over each other's, and the extra peak memory in MiB."""
-    others = [i for i in impls if i != "kdfast"]
-    head = list(label_head) + [f"time {i}" for i in impls] + [f"kd/{i}" for i in others] + [f"MiB {i}" for i in impls]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, by in groups.items():
-        ok = {i: c for i, c in by.items() if "error" not in c}
-        kd = ok.get("kdfast", {}).get("time_s")
-        cells = list(label)
-        cells += [_fmt_s(ok[i]["time_s"]) if i in ok else ("error" if i in by else "-") for i in impls]
-        cells += [f"{kd / ok[i]['time_s']:.2f}" if (kd and i in ok) else "-" for i in others]
-        cells += [f"{ok[i]['extra_peak_bytes'] / 2**20:.0f}" if i in ok else "-" for i in impls]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+def _describe(spec: dict[str, Any], res: dict[str, Any]) -> str:
+    what = res.get("error") or f"{res['time_s']:.4f} s, extra {tables.fmt_mib(res.get('extra_peak_bytes'))} MiB"
+    return f"{spec['loss']} {spec['n']}x{spec['h']}x{spec['v']} {spec['dtype']} {spec['impl']}: {what}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -238,7 +142,7 @@ def format_table(results: dict[str, Any]) -> str:
     for c in results["cases"]:
         label = (c["loss"], f"{c['n']}×{c['h']}×{c['v']}", c["dtype"])
         groups.setdefault(label, {})[c["impl"]] = c
-    lines = ratio_table(groups, impls, ["loss", "N×H×V", "dtype"])
+    lines = tables.ratio_table(groups, impls, ["loss", "N×H×V", "dtype"])
     notes = []
     for (loss, size, dt), by in groups.items():
         notes += [f"- {loss} {size} {dt} {i}: {c['error']}" for i, c in by.items() if "error" in c]
@@ -257,24 +161,24 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"] and len(argv) == 2:
-        return _worker_main(argv[1])
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m " + MODULE, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", type=parse_sizes, default=None,
+    p.add_argument("--sizes", type=tables.sizes("NxHxV", "2048x1024x32000"), default=None,
                    help="comma-separated NxHxV (default: the CPU or GPU sizes of BENCHMARKS.md)")
-    p.add_argument("--dtypes", type=_choices(tuple(DTYPES), "--dtypes"), default=None,
+    p.add_argument("--dtypes", type=tables.subset(tuple(DTYPES), "--dtypes"), default=None,
                    help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--losses", type=_choices(LOSSES, "--losses"), default=["jsd"])
-    p.add_argument("--impls", type=_choices(IMPLS, "--impls"), default=None,
+    p.add_argument("--losses", type=tables.subset(LOSSES, "--losses"), default=["jsd"])
+    p.add_argument("--impls", type=tables.subset(IMPLS, "--impls"), default=None,
                    help="default: unfused,eager,kdfast on CPU; eager,compile,liger,kdfast on CUDA")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one small size, 1 repeat")
     p.add_argument("--json", metavar="PATH")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     cuda = args.device == "cuda"
     sizes = args.sizes or (list(QUICK_SIZES) if args.quick else list(GPU_SIZES if cuda else CPU_SIZES))
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
@@ -289,10 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             repeats=1 if args.quick else args.repeats, warmup=args.warmup,
                             subprocess=not cuda)
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    tables.write_json(args.json, results)
     return 1 if any("error" in c for c in results["cases"]) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return harness.main(argv, run_case, _parser, run_from_args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 ``torch.compile`` and Liger-Kernel, forward+backward time and peak memory on one CUDA device.
 
 * dense ``jsd`` and ``forward_kl`` at BT=8192, V=128256, bf16: ``eager`` (the references of
-  :mod:`kdfast.benchmarks.dense`), ``compile`` (the same under ``torch.compile``), ``liger``
+  :mod:`kdfast.benchmarks.references`), ``compile`` (the same under ``torch.compile``), ``liger``
   (``LigerJSD`` / ``LigerKLDIVLoss``, fed ``log_softmax`` of the logits, as its API requires;
   that ``log_softmax`` is part of the timed step) and ``kdfast`` (``backend="triton"``);
 * fused linear (H=4096, V=128256, BT ∈ {1024, 4096, 8192}, bf16): :mod:`.fused_linear`.
@@ -15,7 +15,6 @@ before them (inputs), in MiB. Run ``python -m kdfast.benchmarks.gpu [--quick] [-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -23,8 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from kdfast.benchmarks import _measure, fused_linear
-from kdfast.benchmarks.dense import DTYPES, EAGER, JSD_BETA, LOGIT_SCALE, TEMPERATURE, _fmt_s
+from kdfast.benchmarks import fused_linear, harness, tables
+from kdfast.benchmarks.references import DTYPES, EAGER, JSD_BETA, TEMPERATURE, kdfast_kwargs, random_logits
 
 DENSE_SIZES = ((8192, 128256),)
 QUICK_DENSE = ((1024, 32000),)
@@ -51,18 +50,15 @@ def dense_step(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor], t
         return _liger(loss)
     import kdfast
 
-    kwargs: dict[str, Any] = {"temperature": TEMPERATURE, "backend": "triton"}
-    if loss == "jsd":
-        kwargs["beta"] = JSD_BETA
+    kwargs = kdfast_kwargs(loss, backend="triton")
     fn = getattr(kdfast, loss)
     return lambda s, t: fn(s, t, **kwargs)
 
 
 def run_dense_case(loss: str, impl: str, n: int, v: int, dtype: str, repeats: int, warmup: int,
                    device: str = "cuda") -> dict[str, Any]:
-    g = torch.Generator(device=device).manual_seed(0)
-    s = (torch.randn(n, v, device=device, generator=g) * LOGIT_SCALE).to(DTYPES[dtype]).requires_grad_(True)
-    t = (torch.randn(n, v, device=device, generator=g) * LOGIT_SCALE).to(DTYPES[dtype])
+    s, t = random_logits(n, v, DTYPES[dtype], device=device)
+    s.requires_grad_(True)
     step = dense_step(loss, impl)
 
     def run():
@@ -73,9 +69,8 @@ def run_dense_case(loss: str, impl: str, n: int, v: int, dtype: str, repeats: in
     def reset():
         s.grad = None
 
-    times, extra, out = fused_linear.measure_step(run, reset, device, repeats, warmup)
-    return {"loss": loss, "impl": impl, "n": n, "v": v, "dtype": dtype, "time_s": _measure.median(times),
-            "times_s": times, "extra_peak_bytes": extra, "loss_value": float(out.detach()),
+    timing, out = harness.measure(run, repeats=repeats, warmup=warmup, reset=reset, device=device)
+    return {"loss": loss, "impl": impl, "n": n, "v": v, "dtype": dtype, **timing, "loss_value": float(out.detach()),
             "grad_norm": float(s.grad.float().norm()), "grad_dtype": str(s.grad.dtype)}
 
 
@@ -84,7 +79,7 @@ def dense_table(cases: list[dict[str, Any]]) -> str:
     groups: dict[tuple, dict[str, dict]] = {}
     for c in cases:
         groups.setdefault((c["loss"], f"{c['n']}×{c['v']}", c["dtype"]), {})[c["impl"]] = c
-    lines = fused_linear.ratio_table(groups, impls, ["loss", "BT×V", "dtype"])
+    lines = tables.ratio_table(groups, impls, ["loss", "BT×V", "dtype"])
     lines += [f"- {c['loss']} {c['n']}×{c['v']} {c['impl']}: {c['error']}" for c in cases if "error" in c]
     return "\n".join(lines)
 
@@ -107,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("liger_kernel is not installed: skipping it", file=sys.stderr)
         impls.remove("liger")
     parts = set(args.parts.split(","))
-    results: dict[str, Any] = {"machine": {**_measure.machine_info(), "gpu": torch.cuda.get_device_name()}}
+    results: dict[str, Any] = {"machine": {**harness.machine_info(), "gpu": torch.cuda.get_device_name()}}
     status = 0
     if "dense" in parts:
         cases = []
@@ -122,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         status = 1
                     torch.cuda.empty_cache()
                     cases.append(res)
-                    print(f"dense {loss} {n}x{v} {impl}: {res.get('error') or _fmt_s(res['time_s'])}",
+                    print(f"dense {loss} {n}x{v} {impl}: {res.get('error') or tables.fmt_s(res['time_s'])}",
                           file=sys.stderr, flush=True)
         results["dense"] = cases
         print("## Dense losses (" + results["machine"]["gpu"] + ")\n\n" + dense_table(cases) + "\n")
@@ -133,9 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["fused_linear"] = fused
         status |= any("error" in c for c in fused["cases"])
         print("## Fused linear JSD\n\n" + fused_linear.format_table(fused))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    tables.write_json(args.json, results)
     return int(status)
 
 

@@ -1,0 +1,7 @@
+"""``python -m kdfast.benchmarks.offline``."""
+
+import sys
+
+from kdfast.benchmarks.offline import main
+
+sys.exit(main())

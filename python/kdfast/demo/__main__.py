@@ -1,0 +1,7 @@
+"""``python -m kdfast.demo``."""
+
+import sys
+
+from kdfast.demo import main
+
+sys.exit(main())
