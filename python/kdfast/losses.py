@@ -64,12 +64,13 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
 
 def _reference_rows(spec: LossSpec, param: float, pair: Pair, t: float, red: Reduction) -> torch.Tensor:
     """Per-row ℓ by the PyTorch reference, 0 in masked rows. In eager mode masked rows are never
-    computed (their logits may be anything); under ``torch.compile`` they are masked out."""
+    computed (their logits may be anything); under ``torch.compile`` (and for meta tensors, which
+    have no values) they are masked out."""
     teacher = pair.t2.detach()
     if pair.labels is None:
         return spec.row_losses(pair.s2, teacher, t, param)
     keep = red.keep(pair.labels)
-    if torch.compiler.is_compiling():
+    if not _dispatch.host_reads_allowed(pair.s2.device):
         return torch.where(keep, spec.row_losses(pair.s2, teacher, t, param), 0.0)
     idx = keep.nonzero().squeeze(1)
     vals = spec.row_losses(pair.s2[idx], teacher[idx], t, param)

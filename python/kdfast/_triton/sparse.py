@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense import _INT64, _block, _unit_columns
+from .launch import block_and_warps, unit_columns
 
 __all__ = ["sparse_call", "MODES"]
 
@@ -264,13 +264,13 @@ def sparse_call(mode: str, s2: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor
         raise ValueError(f"grad: expected [{n}, >= {v}] with unit column stride, got shape "
                          f"{tuple(grad.shape)} strides {grad.stride()}")
     if grad is None or grad.data_ptr() != s2.data_ptr():
-        s2 = _unit_columns(s2)  # a copy would break the aliasing, which needs unit strides anyway
+        s2 = unit_columns(s2)  # a copy would break the aliasing, which needs unit strides anyway
     k = ids.shape[1]
-    block, warps = _block(v)
+    block, warps = block_and_warps(v)
     sampled = mode == "sampled"
     sids, slp, sw, bounds, nb = _sorted_slots(ids, lp, w if sampled else None, v, sampled, block)
     has_tail = mode == "bucket" and tail is not None
-    has_labels = labels is not None and _INT64[0] <= ignore_index <= _INT64[1]
+    has_labels = labels is not None  # ignore_index is an int64 (checked by the caller)
     gs_is_tensor = isinstance(grad_scale, torch.Tensor)
     t32 = np.float32(temperature)
     loss_scale = t32 * t32 if t2_scale else np.float32(1.0)

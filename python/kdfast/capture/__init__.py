@@ -58,7 +58,4 @@ from .run import DEFAULT_CONTEXT, METHODS, MODES, CaptureSummary, capture
 from .teacher import DTYPES
 from .tokenizer import TOKENIZER_FILES, ByteTokenizer, has_tokenizer_files
 
-# The name kdfast.demo used before TOKENIZER_FILES was public; remove once it imports the new one.
-_TOKENIZER_FILES = TOKENIZER_FILES
-
 __all__ = ["capture", "CaptureSummary", "ByteTokenizer", "read_documents", "add_parser", "main"]

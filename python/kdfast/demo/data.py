@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import List, Optional
 
 import torch
 
 from kdfast import tiny
+from kdfast.capture.tokenizer import has_tokenizer_files
 from kdfast.demo.presets import Preset
-
-# The files that make a directory's tokenizer loadable; without any, the teacher reads bytes
-# (the same test as ``kdfast capture``'s on a model directory).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
-                   "spiece.model", "vocab.txt")
 
 
 class Tokenizer:
@@ -22,7 +17,7 @@ class Tokenizer:
 
     def __init__(self, teacher_dir: Optional[str]):
         self.hf = None
-        if teacher_dir is not None and any(os.path.exists(os.path.join(teacher_dir, f)) for f in TOKENIZER_FILES):
+        if teacher_dir is not None and has_tokenizer_files(teacher_dir):  # as kdfast capture decides
             from transformers import AutoTokenizer
 
             self.hf = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
