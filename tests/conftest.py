@@ -61,6 +61,29 @@ settings.register_profile(
 settings.load_profile(os.environ.get("KDFAST_HYPOTHESIS_PROFILE", "kdfast"))
 
 
+# Markers (registered in pyproject.toml), set here by concern so test files stay plain:
+# `python -m pytest -m "not slow"` is the inner loop (about 2 minutes on 2 cores); CI and the
+# README's command run everything.
+SLOW_FILES = {"test_triton_dense.py", "test_triton_sparse.py", "test_triton_compress.py", "test_demo.py",
+              "test_threads_and_fork.py", "test_compile.py"}
+HF_FILES = {"test_trainer.py", "test_capture.py", "test_demo.py", "test_training_smoke.py", "test_cache.py"}
+SLOW_TESTS = {"test_loss_falls_and_parts_are_logged", "test_fuzz_only_value_or_type_errors"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        base = item.name.split("[")[0]
+        params = getattr(item, "callspec", None)
+        big_vocab = params is not None and params.params.get("vocab", 0) >= 32000
+        if name in SLOW_FILES or base in SLOW_TESTS or big_vocab:
+            item.add_marker(pytest.mark.slow)
+        if name.startswith("test_triton_") or "triton" in item.name:
+            item.add_marker(pytest.mark.triton)
+        if name in HF_FILES:
+            item.add_marker(pytest.mark.hf)
+
+
 def pytest_configure(config):
     # style.md item 9: warnings are errors in the test suite.
     config.addinivalue_line("filterwarnings", "error")

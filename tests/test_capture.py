@@ -340,6 +340,7 @@ def _run_two_ranks(argv, fail_at=None):
     return codes
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork()")
 def test_two_ranks_store_every_sequence_once_and_resume(tmp_path, teacher_dir, docs_txt):
     """Two gloo ranks with torchrun's environment; rank 1 is killed once, then the same command
@@ -356,8 +357,8 @@ def test_two_ranks_store_every_sequence_once_and_resume(tmp_path, teacher_dir, d
     _check_two_rank_cache(out, teacher_dir, docs_txt, tmp_path)
 
 
-@pytest.mark.skipif(not os.environ.get("KDFAST_TEST_TORCHRUN"),
-                    reason="about 30 s on 2 cores (three fresh interpreters); set KDFAST_TEST_TORCHRUN=1")
+@pytest.mark.slow  # about 30 s on 2 cores: three fresh interpreters
+@pytest.mark.distributed
 def test_torchrun_two_ranks_store_every_sequence_once(tmp_path, teacher_dir, docs_txt):
     out = tmp_path / "cache"
     env = dict(os.environ, OMP_NUM_THREADS="1", KDFAST_NUM_THREADS="1")

@@ -32,17 +32,9 @@ from . import _dispatch, _native, _ops, _triton
 from . import reference_sparse as _ref
 from ._reduction import Reduction
 from ._validate import check_flag, check_int, check_labels, check_logits, check_temperature
-from .targets import EncodedTargets, SparseTargets, decode_targets, encode_targets, positive_int
+from .targets import SparseTargets, positive_int
 
-__all__ = [
-    "SparseTargets",
-    "compress_topk",
-    "compress_sample",
-    "sparse_kl",
-    "EncodedTargets",
-    "encode_targets",
-    "decode_targets",
-]
+__all__ = ["compress_topk", "compress_sample", "sparse_kl", "prepare_sparse", "SparseInputs", "TAILS"]
 
 TAILS = ("bucket", "renorm")
 

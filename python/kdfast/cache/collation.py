@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..sparse import SparseTargets
+from ..targets import SparseTargets
 from .format import IGNORE_INDEX
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from .. import _native
-from ..sparse import EncodedTargets, SparseTargets, decode_targets, encode_targets
+from ..targets import EncodedTargets, SparseTargets, decode_targets, encode_targets
 from .format import input_dtype, raw_id_dtype
 
 

@@ -19,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 import pyarrow as pa
 
-from ..sparse import SparseTargets
+from ..targets import SparseTargets
 from .durable import WriterLock, atomic_write, fsync_dir, sha256_hex
 from .format import (CACHE_FILE_RE, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, ENCODINGS, FORMAT, FORMAT_VERSION,
                      IDENTITY, MANIFEST, MAX_NUM_SAMPLES, MAX_SHARD_BYTES, MAX_VOCAB_SIZE, METHODS,

@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..distill import DistillationLoss
-from ..sparse import SparseTargets
+from ..targets import SparseTargets
 
 __all__ = ["DistillationTrainer"]
 
