@@ -1,94 +1,104 @@
-"""Type stubs of the private Rust extension ``kdfast._kdfast`` (see rust/kdfast-py)."""
+"""Type stubs of the private Rust extension ``kdfast._kdfast`` (see rust/kdfast-py).
+
+Every tensor argument is a ``torch.Tensor`` itself: a 1-D or 2-D CPU tensor with unit stride
+along its last dimension. Outputs are preallocated by the caller (``kdfast/_native.py``) and
+must share no memory with the other arguments. Bad values raise ``ValueError`` naming the
+argument; a wrong dtype raises ``kdfast.DtypeError`` (a ``TypeError`` and a ``ValueError``).
+"""
 
 from typing import Optional, Tuple
 
-# (data_ptr, rows, cols, row_stride, dtype name)
-Tensor2d = Tuple[int, int, int, int, str]
+from torch import Tensor
+
+# (ids int64 [N, k], logprobs float32 [N, k], weights float32 [N, k] | None, tail float32 [N] | None)
+Targets = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]
 
 __version__: str
 
+class Runtime:
+    """Instruction set ("auto", "scalar", "baseline", "avx2", "avx512") and worker threads (≥ 1)."""
+    def __init__(self, isa: str = "auto", num_threads: int = 1) -> None: ...
+    @property
+    def isa(self) -> str: ...
+    @property
+    def num_threads(self) -> int: ...
+
 def best_isa() -> str: ...
+
+# ---- dense losses (rust/kdfast-py/src/dense.rs)
+
+class DenseConfig:
+    def __init__(
+        self,
+        loss: str,
+        param: float = 0.0,
+        temperature: float = 1.0,
+        t2_scale: bool = False,
+        grad_scale: float = 1.0,
+        ignore_index: int = -100,
+    ) -> None: ...
+
 def dense_loss(
-    loss: str,
-    param: float,
-    student: Tensor2d,
-    teacher: Tensor2d,
-    labels: Optional[Tensor2d],
-    ignore_index: int,
-    temperature: float,
-    t2_scale: bool,
-    grad_scale: float,
-    loss_out: Tensor2d,
-    grad_out: Optional[Tensor2d],
-    grad_cols: int,
-    isa: str,
-    num_threads: int,
+    config: DenseConfig,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor],
+    loss_out: Tensor,
+    grad_out: Optional[Tensor],
+    runtime: Runtime,
 ) -> None: ...
 
-# ---- offline distillation (rust/kdfast-py/src/offline.rs)
+# ---- sparse-target losses (rust/kdfast-py/src/sparse.rs)
 
-# (data_ptr, len) of a contiguous uint8 buffer
-Bytes = Tuple[int, int]
+class SparseConfig:
+    def __init__(
+        self,
+        mode: str,
+        temperature: float = 1.0,
+        t2_scale: bool = False,
+        grad_scale: float = 1.0,
+        ignore_index: int = -100,
+    ) -> None: ...
 
-def compress_topk(
-    logits: Tensor2d,
-    k: int,
-    temperature: float,
-    ids_out: Tensor2d,
-    logprobs_out: Tensor2d,
-    tail_out: Tensor2d,
-    isa: str,
-    num_threads: int,
-) -> None: ...
-def compress_sample(
-    logits: Tensor2d,
-    num_samples: int,
-    temperature: float,
-    seed: int,
-    row_offset: int,
-    ids_out: Tensor2d,
-    logprobs_out: Tensor2d,
-    weights_out: Tensor2d,
-    isa: str,
-    num_threads: int,
-) -> None: ...
 def sparse_kl(
-    mode: str,
-    student: Tensor2d,
-    ids: Tensor2d,
-    logprobs: Tensor2d,
-    weights: Optional[Tensor2d],
-    tail: Optional[Tensor2d],
-    labels: Optional[Tensor2d],
-    ignore_index: int,
-    temperature: float,
-    t2_scale: bool,
-    grad_scale: float,
-    loss_out: Tensor2d,
-    grad_out: Optional[Tensor2d],
-    grad_cols: int,
-    isa: str,
-    num_threads: int,
+    config: SparseConfig,
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Optional[Tensor],
+    loss_out: Tensor,
+    grad_out: Optional[Tensor],
+    runtime: Runtime,
 ) -> None: ...
-def encoded_row_bytes(k: int, vocab_size: int, has_tail: bool, num_samples: Optional[int]) -> int: ...
-def encode_targets(
-    ids: Tensor2d,
-    logprobs: Tensor2d,
-    weights: Optional[Tensor2d],
-    tail: Optional[Tensor2d],
-    vocab_size: int,
-    num_samples: Optional[int],
-    out: Bytes,
-    num_threads: int,
-) -> None: ...
-def decode_targets(
-    data: Bytes,
-    rows: int,
-    k: int,
-    vocab_size: int,
-    num_samples: Optional[int],
-    ids_out: Tensor2d,
-    logprobs_out: Tensor2d,
-    weights_out: Optional[Tensor2d],
-    tail_out: Optional[Tensor2d],
-) -> None: ...
+
+# ---- compression (rust/kdfast-py/src/compress.rs)
+
+class TopK:
+    def __init__(self, k: int, temperature: float = 1.0) -> None: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+
+class Sampling:
+    def __init__(self, num_samples: int, temperature: float = 1.0, seed: int = 0, row_offset: int = 0) -> None: ...
+    @property
+    def num_samples(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def row_offset(self) -> int: ...
+
+def compress_topk(options: TopK, teacher_logits: Tensor, out: Targets, runtime: Runtime) -> None: ...
+def compress_sample(options: Sampling, teacher_logits: Tensor, out: Targets, runtime: Runtime) -> None: ...
+
+# ---- storage encoding (rust/kdfast-py/src/encode.rs)
+
+class Layout:
+    def __init__(self, k: int, vocab_size: int, has_tail: bool, num_samples: Optional[int] = None) -> None: ...
+    @property
+    def row_bytes(self) -> int: ...
+
+def encode_targets(layout: Layout, targets: Targets, out: Tensor, runtime: Runtime) -> None: ...
+def decode_targets(layout: Layout, data: Tensor, out: Targets) -> None: ...

@@ -1,20 +1,25 @@
-"""The bridge to the Rust extension: tensor descriptors, thread count, instruction set."""
+"""The bridge to the Rust extension ``kdfast._kdfast``: thread count, instruction set, output
+allocation, and one wrapper per Rust entry point.
+
+The extension takes torch tensors themselves (it checks device, dtype, shape, strides and
+pointers at its border) and typed configurations; this module owns allocation policy: outputs
+are allocated here, and only after their size was compared with the memory the process can
+have, so that an oversized ``k`` or ``num_samples`` is a ``ValueError`` naming it, never an
+aborted interpreter.
+"""
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import torch
 
 from . import _kdfast
 
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.int64: "int64",
-}
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_COUNT = 1 << 32  # k and num_samples (slot indices and counts are 32-bit in the kernels)
 
 
 def num_threads() -> int:
@@ -36,6 +41,15 @@ def isa() -> str:
     return os.environ.get("KDFAST_ISA", "auto")
 
 
+@functools.lru_cache(maxsize=16)
+def _runtime_of(isa_name: str, threads: int) -> _kdfast.Runtime:
+    return _kdfast.Runtime(isa_name, threads)
+
+
+def _runtime() -> _kdfast.Runtime:
+    return _runtime_of(isa(), num_threads())
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """A 2-D CPU tensor whose rows the kernels can read in place (unit column stride)."""
     if x.dim() != 2:
@@ -46,33 +60,68 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def desc(x: torch.Tensor) -> tuple:
-    """``(data_ptr, rows, cols, row_stride, dtype)`` of a 2-D (or 1-D) CPU tensor."""
-    if x.dim() == 1:
-        return (x.data_ptr(), 1, x.shape[0], x.shape[0], _DTYPE_NAMES[x.dtype])
-    rows, cols = x.shape
-    stride = x.stride(0) if rows > 1 else cols
-    return (x.data_ptr(), rows, cols, stride, _DTYPE_NAMES[x.dtype])
+# ------------------------------------------------------------------------ output allocation
+
+
+def _memory_limit():
+    """Bytes this process may map: its address-space limit if set, else physical memory (None
+    if neither is known)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            return soft
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _count(value, name: str) -> int:
+    """``k`` / ``num_samples``: an integer in ``[1, 2**32)``."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}") from None
+    if not 1 <= v < _MAX_COUNT:
+        raise ValueError(f"{name}: expected an integer in [1, 2**32), got {v}")
+    return v
+
+
+def _empty(name: str, value: int, *specs):
+    """Fresh CPU tensors ``torch.empty(shape, dtype)`` for each ``(shape, dtype)``, or a
+    ``ValueError`` naming the argument ``name`` (of value ``value``) that sized them when they
+    cannot fit in memory."""
+    need = 0
+    for shape, dtype in specs:
+        n = 1
+        for d in shape:
+            n *= d
+        need += n * dtype.itemsize
+    limit = _memory_limit()
+
+    def too_large(detail: str):
+        return ValueError(f"{name}: expected a value whose outputs fit in memory, got {value}: "
+                          f"the outputs would need {need} bytes; {detail}")
+
+    if limit is not None and need > limit:
+        raise too_large(f"this process can have at most {limit}")
+    try:
+        return tuple(torch.empty(shape, dtype=dtype) for shape, dtype in specs)
+    except (RuntimeError, MemoryError) as e:  # torch's allocator: "can't allocate memory"
+        raise too_large(f"allocation failed ({e})") from None
+
+
+# ------------------------------------------------------------------------- loss kernels
 
 
 def dense_call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad):
     """Run the Rust dense kernel: per-row losses into ``rows``, the gradient into ``grad``."""
-    _kdfast.dense_loss(
-        loss,
-        param,
-        desc(s2),
-        desc(t2),
-        None if labels is None else desc(labels),
-        ignore_index,
-        temperature,
-        t2_scale,
-        grad_scale,
-        desc(rows),
-        None if grad is None else desc(grad),
-        0 if grad is None else grad.shape[1],
-        isa(),
-        num_threads(),
-    )
+    cfg = _kdfast.DenseConfig(loss, param, temperature, t2_scale, grad_scale, ignore_index)
+    _kdfast.dense_loss(cfg, s2, t2, labels, rows, grad, _runtime())
 
 
 def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad):
@@ -86,67 +135,60 @@ def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t
     ``V' ≥ V``, not aliasing ``s2``), ``grad_scale`` × ∂row/∂(student logits) into it (columns
     beyond V zero-filled). Bad values raise ``ValueError`` naming the argument.
     """
-    opt = (lambda t: None if t is None else desc(t))
-    _kdfast.sparse_kl(
-        mode, desc(s2), desc(ids), desc(lp), opt(w), opt(tail), opt(labels), ignore_index,
-        temperature, t2_scale, grad_scale, desc(rows), opt(grad),
-        s2.shape[1] if grad is None else grad.shape[1], isa(), num_threads(),
-    )
+    cfg = _kdfast.SparseConfig(mode, temperature, t2_scale, grad_scale, ignore_index)
+    _kdfast.sparse_kl(cfg, s2, (ids, lp, w, tail), labels, rows, grad, _runtime())
+
+
+# ------------------------------------------------------------------------- compression
 
 
 def compress_topk(x2: torch.Tensor, k: int, temperature: float):
     """Top-k of ``[N, V]`` CPU logits: ``(ids int64 [N, k], logprobs float32 [N, k], tail float32 [N])``."""
+    k = _count(k, "k")
     x2 = as_rows(x2)
     n = x2.shape[0]
-    ids = torch.empty((n, k), dtype=torch.int64)
-    lp = torch.empty((n, k), dtype=torch.float32)
-    tail = torch.empty(n, dtype=torch.float32)
-    _kdfast.compress_topk(desc(x2), k, temperature, desc(ids), desc(lp), desc(tail), isa(), num_threads())
+    ids, lp, tail = _empty("k", k, ((n, k), torch.int64), ((n, k), torch.float32), ((n,), torch.float32))
+    _kdfast.compress_topk(_kdfast.TopK(k, temperature), x2, (ids, lp, None, tail), _runtime())
     return ids, lp, tail
 
 
 def compress_sample(x2: torch.Tensor, num_samples: int, temperature: float, seed: int, row_offset: int):
     """Sampling compression of ``[N, V]`` CPU logits: ``(ids, logprobs, weights)``, each ``[N, num_samples]``."""
+    num_samples = _count(num_samples, "num_samples")
     x2 = as_rows(x2)
-    n = x2.shape[0]
-    ids = torch.empty((n, num_samples), dtype=torch.int64)
-    lp = torch.empty((n, num_samples), dtype=torch.float32)
-    w = torch.empty((n, num_samples), dtype=torch.float32)
-    _kdfast.compress_sample(desc(x2), num_samples, temperature, seed, row_offset, desc(ids), desc(lp), desc(w),
-                            isa(), num_threads())
+    shape = (x2.shape[0], num_samples)
+    ids, lp, w = _empty("num_samples", num_samples, (shape, torch.int64), (shape, torch.float32), (shape, torch.float32))
+    options = _kdfast.Sampling(num_samples, temperature, seed, row_offset)
+    _kdfast.compress_sample(options, x2, (ids, lp, w, None), _runtime())
     return ids, lp, w
+
+
+# ------------------------------------------------------------------------- encoding
 
 
 def encoded_row_bytes(k: int, vocab_size: int, has_tail: bool, num_samples) -> int:
     """Bytes of one encoded record (kdfast-core ``encode.rs``)."""
-    return _kdfast.encoded_row_bytes(k, vocab_size, has_tail, num_samples)
-
-
-def _opt_desc(t):
-    return None if t is None else desc(t)
+    return _kdfast.Layout(k, vocab_size, has_tail, num_samples).row_bytes
 
 
 def encode_targets(ids, lp, w, tail, vocab_size: int, num_samples) -> torch.Tensor:
     """Pack contiguous CPU targets (``ids`` int64 ``[R, k]``, ``lp``/``w`` float32 ``[R, k]``,
     ``tail`` float32 ``[R]``) into uint8 ``[R, row_bytes]``."""
     rows, k = ids.shape
-    rb = encoded_row_bytes(k, vocab_size, tail is not None, num_samples)
-    data = torch.empty((rows, rb), dtype=torch.uint8)
-    if rows:
-        _kdfast.encode_targets(desc(ids), desc(lp), _opt_desc(w), _opt_desc(tail), vocab_size, num_samples,
-                               (data.data_ptr(), data.numel()), num_threads())
+    layout = _kdfast.Layout(k, vocab_size, tail is not None, num_samples)
+    data = torch.empty((rows, layout.row_bytes), dtype=torch.uint8)
+    _kdfast.encode_targets(layout, (ids, lp, w, tail), data, _runtime())
     return data
 
 
 def decode_targets(data: torch.Tensor, k: int, vocab_size: int, num_samples, has_tail: bool):
     """Unpack contiguous uint8 records ``[R, row_bytes]``: ``(ids, lp, w or None, tail or None)``;
     sampled records (with weights) iff ``num_samples`` is not None."""
+    layout = _kdfast.Layout(k, vocab_size, has_tail, num_samples)
     rows = data.shape[0]
     ids = torch.empty((rows, k), dtype=torch.int64)
     lp = torch.empty((rows, k), dtype=torch.float32)
     w = torch.empty((rows, k), dtype=torch.float32) if num_samples is not None else None
     tail = torch.empty(rows, dtype=torch.float32) if has_tail else None
-    if rows:
-        _kdfast.decode_targets((data.data_ptr(), data.numel()), rows, k, vocab_size, num_samples,
-                               desc(ids), desc(lp), _opt_desc(w), _opt_desc(tail))
+    _kdfast.decode_targets(layout, data, (ids, lp, w, tail))
     return ids, lp, w, tail

@@ -2,7 +2,10 @@
 //!
 //! Both compressors read each row once, in fixed *absolute* vocabulary blocks of
 //! [`VOCAB_BLOCK`] ids (block `b` holds ids `[4096 b, 4096 (b + 1))`), with O(k) or
-//! O(blocks · N) memory per row, never a softmax of the row or a sort of it. Let `x = z / T`
+//! O(blocks · N) memory per row, never a softmax of the row or a sort of it. Buffers sized by
+//! the caller's `k` or `N` are allocated fallibly ([`KdError::Alloc`]): top-k keeps at most
+//! `min(k, V) + VOCAB_BLOCK` candidates, however large `k` is, and the batch drivers write
+//! straight into the output rows. Let `x = z / T`
 //! (each logit converted to f32 and multiplied by the f32 `1 / T`).
 //!
 //! # Top-k ([`TopKStream`], [`compress_topk`])
@@ -54,7 +57,7 @@
 
 use crate::dense::Rows;
 use crate::elem::Elem;
-use crate::error::{KdError, Result};
+use crate::error::{try_reserve, KdError, Result};
 use crate::isa::{Isa, Kernel};
 use crate::math::Math;
 use crate::stats::LANES;
@@ -258,6 +261,13 @@ impl Blocker {
     }
 }
 
+fn check_num_samples(n: usize) -> Result<()> {
+    if n == 0 || n > u32::MAX as usize {
+        return Err(KdError::InvalidArgument { name: "num_samples", expected: "an integer in [1, 2^32)".into(), got: n.to_string() });
+    }
+    Ok(())
+}
+
 fn check_temperature(t: f32) -> Result<()> {
     if t.is_finite() && t > 0.0 {
         Ok(())
@@ -385,7 +395,8 @@ impl TopKStream {
             isa,
             row,
             blocks: Blocker::new(temperature)?,
-            cand: Vec::with_capacity(k.min(1 << 16) + VOCAB_BLOCK),
+            // Grown block by block in `topk_block`: at most `min(k, V) + VOCAB_BLOCK` entries.
+            cand: Vec::new(),
             thr: NEG_INF,
             tail: Lse64::EMPTY,
         })
@@ -450,6 +461,7 @@ fn topk_block(
     check_block(s.max, s.nan, row)?;
     *tail = tail.merge(s.tail);
     if s.max > t0 {
+        try_reserve(cand, n, "k")?;
         // Most chunks hold no candidate once θ has risen: test a chunk at a time.
         for (c, chunk) in x[..n.div_ceil(LANES) * LANES].chunks_exact(LANES).enumerate() {
             if chunk.iter().fold(false, |any, &v| any | (v > t0)) {
@@ -500,13 +512,9 @@ impl SampleStream {
     /// index that keys the random streams) under `seed`. The instruction set only changes the
     /// speed: the results are the same for every `isa`.
     pub fn new(num_samples: usize, temperature: f32, seed: u64, row: u64, isa: Isa) -> Result<SampleStream> {
-        if num_samples == 0 || num_samples > u32::MAX as usize {
-            return Err(KdError::InvalidArgument {
-                name: "num_samples",
-                expected: "an integer in [1, 2^32)".into(),
-                got: num_samples.to_string(),
-            });
-        }
+        check_num_samples(num_samples)?;
+        let mut order = Vec::new();
+        try_reserve(&mut order, num_samples, "num_samples")?;
         Ok(SampleStream {
             n: num_samples,
             isa,
@@ -519,7 +527,7 @@ impl SampleStream {
                 draws: Vec::new(),
                 cum: vec![0.0; VOCAB_BLOCK],
                 w: vec![0.0; VOCAB_BLOCK],
-                order: Vec::with_capacity(num_samples),
+                order,
             },
         })
     }
@@ -572,7 +580,8 @@ impl SampleStream {
         let mut counts = vec![0usize; lse.len()];
         let key = stream_key(*seed, *row, BLOCK_SELECT_STREAM);
         walk(&state.cum, c, last, key, n, &mut state.order, |_, b| counts[b] += 1);
-        let mut picked: Vec<(f32, u32)> = Vec::with_capacity(n);
+        let mut picked: Vec<(f32, u32)> = Vec::new();
+        try_reserve(&mut picked, n, "num_samples")?;
         for (b, &m) in counts.iter().enumerate() {
             picked.extend_from_slice(&state.draws[b * n..b * n + m]);
         }
@@ -623,6 +632,7 @@ impl SampleState {
         let x = &padded[..len];
         let b = start / VOCAB_BLOCK;
         let base = self.draws.len();
+        try_reserve(&mut self.draws, n, "num_samples")?;
         self.draws.resize(base + n, (NEG_INF, 0));
         if max == NEG_INF {
             self.lse.push(f64::NEG_INFINITY);
@@ -650,22 +660,12 @@ impl SampleState {
 
 // ------------------------------------------------------------------------- batch drivers
 
-/// Rows per parallel chunk: at least a few per thread, at most ~1M output slots buffered.
-fn chunk_rows(rows: usize, slots: usize, threads: usize) -> usize {
-    ((1usize << 20) / slots.max(1)).max(4 * threads).max(1).min(rows.max(1))
-}
-
-#[derive(Clone, Copy)]
-struct Slot {
-    id: i64,
-    lp: f32,
-    w: f32,
-}
-
-const EMPTY_SLOT: Slot = Slot { id: -1, lp: NEG_INF, w: 0.0 };
+/// Rows handed to the thread pool at a time (bounds the per-batch list of row outputs).
+const BATCH_ROWS: usize = 1024;
 
 /// Top-k of every row of `logits` at temperature `T`: `ids_out`/`logprobs_out` are contiguous
-/// `[rows, k]`, `tail_out` `[rows]` (see [`TopKStream::finish`]).
+/// `[rows, k]`, `tail_out` `[rows]` (see [`TopKStream::finish`]). Each row is written in place;
+/// the only other memory is O(min(k, V)) per worker thread.
 #[allow(clippy::too_many_arguments)]
 pub fn compress_topk<E: Elem>(
     logits: Rows<E>,
@@ -680,33 +680,24 @@ pub fn compress_topk<E: Elem>(
     let rows = logits.rows;
     TopKStream::new(k, temperature, isa, 0)?;
     check_outputs(rows, k, &[("ids", ids_out.len()), ("logprobs", logprobs_out.len())], Some(("tail_logprob", tail_out.len())))?;
-    let step = chunk_rows(rows, k, num_threads);
-    let mut slots = vec![EMPTY_SLOT; step * k];
-    for r0 in (0..rows).step_by(step) {
-        let m = step.min(rows - r0);
-        let body = |r: usize, tail: &mut f32, out: Option<&mut [Slot]>| -> Result<()> {
-            let out = out.expect("slot buffer");
-            let mut s = TopKStream::new(k, temperature, isa, r0 + r)?;
-            s.push(0, logits.row(r0 + r))?;
-            let (mut ids, mut lp) = (vec![0i64; k], vec![0f32; k]);
-            *tail = s.finish(&mut ids, &mut lp)?;
-            for ((o, id), lp) in out.iter_mut().zip(ids).zip(lp) {
-                *o = Slot { id, lp, w: 0.0 };
-            }
+    let batch = BATCH_ROWS.saturating_mul(k);
+    let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(tail_out.chunks_mut(BATCH_ROWS));
+    for (b, ((ids, lp), tail)) in batches.enumerate() {
+        let mut items: Vec<_> = ids.chunks_mut(k).zip(lp.chunks_mut(k)).zip(tail.iter_mut()).collect();
+        threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), tail)| {
+            let r = b * BATCH_ROWS + i;
+            let mut s = TopKStream::new(k, temperature, isa, r)?;
+            s.push(0, logits.row(r))?;
+            **tail = s.finish(ids, lp)?;
             Ok(())
-        };
-        threads::for_each_row(&mut tail_out[r0..r0 + m], Some(&mut slots[..m * k]), k, num_threads, body)?;
-        for (i, s) in slots[..m * k].iter().enumerate() {
-            ids_out[r0 * k + i] = s.id;
-            logprobs_out[r0 * k + i] = s.lp;
-        }
+        })?;
     }
     Ok(())
 }
 
 /// `num_samples` draws from every row of `logits` at temperature `T`; row `r` uses the random
 /// streams of row index `row_offset + r`. Outputs are contiguous `[rows, num_samples]` (see
-/// [`SampleStream::finish`]); they do not depend on `isa` or `num_threads`.
+/// [`SampleStream::finish`]), written in place; they do not depend on `isa` or `num_threads`.
 #[allow(clippy::too_many_arguments)]
 pub fn compress_sample<E: Elem>(
     logits: Rows<E>,
@@ -721,32 +712,20 @@ pub fn compress_sample<E: Elem>(
     num_threads: usize,
 ) -> Result<()> {
     let (rows, n) = (logits.rows, num_samples);
-    SampleStream::new(n, temperature, seed, 0, isa)?;
+    check_num_samples(n)?;
+    check_temperature(temperature)?;
     check_outputs(rows, n, &[("ids", ids_out.len()), ("logprobs", logprobs_out.len()), ("weights", weights_out.len())], None)?;
-    let step = chunk_rows(rows, n, num_threads);
-    let mut slots = vec![EMPTY_SLOT; step * n];
-    let mut dummy = vec![0.0f32; step];
-    for r0 in (0..rows).step_by(step) {
-        let m = step.min(rows - r0);
-        let body = |r: usize, _: &mut f32, out: Option<&mut [Slot]>| -> Result<()> {
-            let out = out.expect("slot buffer");
-            let key_row = row_offset.wrapping_add((r0 + r) as u64);
-            let mut s = SampleStream::new(n, temperature, seed, key_row, isa)?;
-            s.err_row = r0 + r;
-            s.push(0, logits.row(r0 + r))?;
-            let (mut ids, mut lp, mut w) = (vec![0i64; n], vec![0f32; n], vec![0f32; n]);
-            s.finish(&mut ids, &mut lp, &mut w)?;
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = Slot { id: ids[i], lp: lp[i], w: w[i] };
-            }
-            Ok(())
-        };
-        threads::for_each_row(&mut dummy[..m], Some(&mut slots[..m * n]), n, num_threads, body)?;
-        for (i, s) in slots[..m * n].iter().enumerate() {
-            ids_out[r0 * n + i] = s.id;
-            logprobs_out[r0 * n + i] = s.lp;
-            weights_out[r0 * n + i] = s.w;
-        }
+    let batch = BATCH_ROWS.saturating_mul(n);
+    let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(weights_out.chunks_mut(batch));
+    for (b, ((ids, lp), w)) in batches.enumerate() {
+        let mut items: Vec<_> = ids.chunks_mut(n).zip(lp.chunks_mut(n)).zip(w.chunks_mut(n)).collect();
+        threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), w)| {
+            let r = b * BATCH_ROWS + i;
+            let mut s = SampleStream::new(n, temperature, seed, row_offset.wrapping_add(r as u64), isa)?;
+            s.err_row = r;
+            s.push(0, logits.row(r))?;
+            s.finish(ids, lp, w)
+        })?;
     }
     Ok(())
 }

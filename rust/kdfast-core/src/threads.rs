@@ -44,6 +44,19 @@ fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
     pool
 }
 
+/// Call `body(i, &mut items[i])` for every item on `num_threads` threads (serially for 1). An
+/// item is one row's outputs (e.g. a tuple of its output slices), so a kernel with several
+/// outputs per row writes each row in place. Stops at, and returns, the first error.
+pub fn for_each_item<T: Send, F>(items: &mut [T], num_threads: usize, body: F) -> Result<()>
+where
+    F: Fn(usize, &mut T) -> Result<()> + Sync,
+{
+    if num_threads <= 1 || items.len() <= 1 {
+        return items.iter_mut().enumerate().try_for_each(|(i, t)| body(i, t));
+    }
+    pool(num_threads).install(|| items.par_iter_mut().enumerate().try_for_each(|(i, t)| body(i, t)))
+}
+
 /// Call `body(row, &mut loss[row], grad_row)` for every row, on `num_threads` threads
 /// (serially for 1). `grad`, when given, is contiguous with `grad_cols` columns. Stops at,
 /// and returns, the first error.

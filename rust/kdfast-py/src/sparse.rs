@@ -1,0 +1,138 @@
+//! The loss against sparse teacher targets: `kdfast-core`'s `sparse` module; and
+//! [`TargetTensors`], the tuple of target tensors that compression writes and encoding reads.
+
+use crate::error::Error;
+use crate::tensor::{disjoint, dispatch_float, Tensor};
+use crate::Runtime;
+use kdfast_core::sparse::{sparse_kl as core_sparse_kl, SparseMode, Targets};
+use pyo3::prelude::*;
+
+/// Sparse targets as the Python tuple `(ids, logprobs, weights, tail)`: int64 `[N, k]`,
+/// float32 `[N, k]`, float32 `[N, k]` or None (sampled targets), float32 `[N]` or None.
+#[derive(FromPyObject)]
+pub struct TargetTensors(pub Tensor, pub Tensor, pub Option<Tensor>, pub Option<Tensor>);
+
+impl TargetTensors {
+    pub fn all(&self) -> [Option<&Tensor>; 4] {
+        [Some(&self.0), Some(&self.1), self.2.as_ref(), self.3.as_ref()]
+    }
+
+    /// The read-only core view of `rows` rows with `k = ids.shape[1]` slots.
+    pub fn view(&self, rows: usize) -> Result<Targets<'_>, Error> {
+        let k = self.0.shape().1;
+        Ok(Targets {
+            ids: self.0.matrix::<i64>("targets.indices", rows, k)?,
+            logprobs: self.1.matrix::<f32>("targets.logprobs", rows, k)?,
+            weights: self.2.as_ref().map(|w| w.matrix::<f32>("targets.weights", rows, k)).transpose()?,
+            tail_logprob: self.3.as_ref().map(|t| t.vector::<f32>("targets.tail_logprob", rows)).transpose()?,
+            rows,
+            k,
+        })
+    }
+
+    /// Writable views for a kernel that fills targets of `rows` rows of `k` slots: weights iff
+    /// `weights`, a tail iff `tail` (the presence of each is checked against what the kernel
+    /// writes), none of them sharing memory with `inputs` or each other.
+    pub fn outputs(&mut self, rows: usize, k: usize, weights: bool, tail: bool, inputs: &[Option<&Tensor>]) -> Result<TargetsMut<'_>, Error> {
+        if self.2.is_some() != weights || self.3.is_some() != tail {
+            let want = match (weights, tail) {
+                (true, false) => "(ids, logprobs, weights, None)",
+                (false, true) => "(ids, logprobs, None, tail)",
+                (true, true) => "(ids, logprobs, weights, tail)",
+                (false, false) => "(ids, logprobs, None, None)",
+            };
+            let got = format!("weights {}, tail {}", present(&self.2), present(&self.3));
+            return Err(Error::arg("out", want, &got));
+        }
+        let names = ["ids_out", "logprobs_out", "weights_out", "tail_out"];
+        let outs: Vec<_> = names.into_iter().zip(self.all()).collect();
+        disjoint(&outs, inputs)?;
+        let TargetTensors(ids, lp, w, t) = self;
+        Ok(TargetsMut {
+            ids: ids.matrix_mut::<i64>("ids_out", rows, k)?,
+            logprobs: lp.matrix_mut::<f32>("logprobs_out", rows, k)?,
+            weights: w.as_mut().map(|w| w.matrix_mut::<f32>("weights_out", rows, k)).transpose()?,
+            tail: t.as_mut().map(|t| t.vector_mut::<f32>("tail_out", rows)).transpose()?,
+        })
+    }
+}
+
+fn present(t: &Option<Tensor>) -> &'static str {
+    if t.is_some() {
+        "given"
+    } else {
+        "None"
+    }
+}
+
+/// The writable form of [`TargetTensors`] (see [`TargetTensors::outputs`]).
+pub struct TargetsMut<'a> {
+    pub ids: &'a mut [i64],
+    pub logprobs: &'a mut [f32],
+    pub weights: Option<&'a mut [f32]>,
+    pub tail: Option<&'a mut [f32]>,
+}
+
+/// Options of a sparse loss call: `kdfast_core::sparse::SparseConfig` without `grad_cols` and
+/// with the label mask's `ignore_index`.
+#[pyclass(frozen, from_py_object, module = "kdfast._kdfast")]
+#[derive(Clone, Copy, Debug)]
+pub struct SparseConfig {
+    mode: SparseMode,
+    temperature: f32,
+    t2_scale: bool,
+    grad_scale: f32,
+    ignore_index: i64,
+}
+
+#[pymethods]
+impl SparseConfig {
+    /// `mode`: "bucket", "renorm" (top-k targets) or "sampled"; others raise `ValueError`.
+    #[new]
+    #[pyo3(signature = (mode, temperature = 1.0, t2_scale = false, grad_scale = 1.0, ignore_index = -100))]
+    fn new(mode: &str, temperature: f32, t2_scale: bool, grad_scale: f32, ignore_index: i64) -> Result<Self, Error> {
+        Ok(SparseConfig { mode: SparseMode::from_name(mode)?, temperature, t2_scale, grad_scale, ignore_index })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// Per-row loss of `student_logits` (`[N, V]`, unit column stride, float32/bfloat16/float16)
+/// against `targets` into `loss_out` (float32 `[N]`) and, when given, the gradient into
+/// `grad_out` (the student's dtype, contiguous `[N, V' ≥ V]`). `labels`: int64 `[N]` or None.
+#[pyfunction]
+#[pyo3(signature = (config, student_logits, targets, labels, loss_out, grad_out, runtime))]
+#[allow(clippy::too_many_arguments)] // seven Python arguments plus the interpreter token
+pub fn sparse_kl(
+    py: Python<'_>,
+    config: SparseConfig,
+    student_logits: Tensor,
+    targets: TargetTensors,
+    labels: Option<Tensor>,
+    mut loss_out: Tensor,
+    mut grad_out: Option<Tensor>,
+    runtime: Runtime,
+) -> Result<(), Error> {
+    let [ids, lp, w, tail] = targets.all();
+    disjoint(&[("loss_out", Some(&loss_out)), ("grad_out", grad_out.as_ref())], &[Some(&student_logits), labels.as_ref(), ids, lp, w, tail])?;
+    let (rows, cols) = student_logits.shape();
+    let grad_cols = grad_out.as_ref().map_or(cols, |g| g.shape().1);
+    let cfg = kdfast_core::sparse::SparseConfig {
+        mode: config.mode,
+        temperature: config.temperature,
+        t2_scale: config.t2_scale,
+        grad_scale: config.grad_scale,
+        grad_cols,
+    };
+    let targets = targets.view(rows)?;
+    let labels = labels.as_ref().map(|l| l.vector::<i64>("labels", rows)).transpose()?.map(|l| (l, config.ignore_index));
+    let loss = loss_out.vector_mut::<f32>("loss_out", rows)?;
+    dispatch_float!(S = (student_logits, "student_logits") => {
+        let s = student_logits.rows::<S>("student_logits")?;
+        let grad = grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, grad_cols)).transpose()?;
+        py.detach(|| core_sparse_kl(s, &targets, labels, &cfg, loss, grad, runtime.isa, runtime.num_threads))?;
+    });
+    Ok(())
+}
