@@ -189,3 +189,12 @@ def test_kernels_agree_with_the_independent_reference(backend, reduction):
         scale = {"none": 1.0, "sum": 1.0, "mean": 1 / keep.sum().item()}[reduction]
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(leaf.grad.double(), grad * scale, rtol=1e-4, atol=1e-6)
+
+
+def test_readme_documents_every_registered_loss():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, spec in kdfast.LOSSES.items():
+        row = f"| `{name}" if spec.param is None else f"| `{name}({spec.param.name}={spec.param.default:g})`"
+        assert row in readme, f"README's API table has no row for {name}"
