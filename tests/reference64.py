@@ -34,9 +34,12 @@ def _log(x: float) -> float:
 
 
 def _kl_terms(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
-    """Entry-wise ``a (log a − log b)`` with ``0 log 0 = 0`` (and ``+inf`` where a > 0 = b)."""
-    a = loga.exp()
-    return torch.where(a > 0, a * (loga - logb), torch.zeros_like(a))
+    """Entry-wise ``a (log a − log b)`` with ``0 log 0 = 0``, and ``+inf`` where ``log a > -inf``
+    and ``log b = -inf`` (decided on the logs: ``a`` itself may underflow to 0 in float64)."""
+    alive = loga > _NEG_INF
+    inf = torch.full_like(loga, math.inf)
+    term = torch.where(alive, loga.exp() * (loga - logb.masked_fill(~alive, 0.0)), torch.zeros_like(loga))
+    return torch.where(alive & (logb == _NEG_INF), inf, term)
 
 
 def _log_mix(w: float, loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,8 @@ def row_losses(
         grad = _project(q, 0.5 * q * torch.sign(q - p))
     else:
         raise KeyError(name)
+    # api.md: a +inf row (forward/reverse KL with mass against a -inf) has a zero gradient.
+    grad = torch.where(torch.isinf(loss)[:, None], zero, grad)
     return loss, grad / T
 
 

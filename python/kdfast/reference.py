@@ -3,7 +3,10 @@
 Differentiable with ordinary autograd and exact in float64 (used for ``gradcheck``); other
 dtypes are computed in float32. Numerically robust: mixtures are formed in log space with
 ``logaddexp``, and entries with zero probability (``-inf`` logits) contribute exactly 0 to the
-loss and the gradient instead of ``0 · ∞ = NaN``.
+loss and the gradient instead of ``0 · ∞ = NaN``. A KL whose first argument has mass (a
+finite log-probability, however small) where the second has none (``-inf``) is ``+inf`` for
+its row, with a zero gradient row (``torch.where`` selects the constant there); this is
+decided on the log-probabilities, not on probabilities that may have underflowed.
 
 Every function here takes 2-D logits ``[N, V]`` and returns the per-row value ``ℓ`` ``[N]``
 (api.md §1), without temperature scaling of the result, masking or reduction.
@@ -25,11 +28,15 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _plogratio(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """``Σ_i a_i (log a_i − log b_i)`` per row with ``0 · log 0 = 0``, NaN-free in backward."""
+    """``Σ_i a_i (log a_i − log b_i)`` per row with ``0 · log 0 = 0``, NaN-free in backward;
+    ``+inf`` (gradient 0) for a row where some ``log a_i > -inf`` meets ``log b_i = -inf``."""
     dead = la == NEG_INF
-    la0 = la.masked_fill(dead, 0.0)
-    lb0 = lb.masked_fill(dead, 0.0)
-    return torch.where(dead, 0.0, la0.exp() * (la0 - lb0)).sum(-1)
+    infinite = ~dead & (lb == NEG_INF)
+    skip = dead | infinite
+    la0 = la.masked_fill(skip, 0.0)
+    lb0 = lb.masked_fill(skip, 0.0)
+    finite = torch.where(skip, 0.0, la0.exp() * (la0 - lb0)).sum(-1)
+    return torch.where(infinite.any(-1), math.inf, finite)
 
 
 def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
@@ -39,6 +46,11 @@ def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     dead = (la == NEG_INF) & (lb == NEG_INF)
     la0 = la.masked_fill(dead, 0.0)
     lb0 = lb.masked_fill(dead, 0.0)
+    # Weight 0 or 1 is one side exactly: logaddexp(-inf, -inf) would have a NaN backward.
+    if w == 0:
+        return lb0
+    if w == 1:
+        return la0
     lw = math.log(w) if w > 0 else NEG_INF
     l1w = math.log1p(-w) if w < 1 else NEG_INF
     return torch.logaddexp(la0 + lw, lb0 + l1w)

@@ -6,23 +6,38 @@ w.r.t. the student logits is the softmax Jacobian applied to ``g = ∂ℓ/∂q``
 
     ∂ℓ/∂z_s,j = (q_j g_j − q_j S) / T,   S = Σ_i q_i g_i
 
-========================  =====================================  ==================================
-loss                      t_i                                    q_i g_i
-========================  =====================================  ==================================
-forward_kl                p (lp − lq)                            −p        (S = −1: grad (q − p)/T)
-reverse_kl                q d                                    q d       (the +1 cancels)
-jsd (β)                   β p r_p + (1−β) q r_q                  (1−β) q r_q
-skew_forward_kl (λ)       p r_p                                  −(1−λ) exp(lq + r_p)   (q p / m)
-skew_reverse_kl (λ)       q r_q                                  q r_q − λ exp(lq + r_q) (λ q² / m)
+Deviation form: where ``p ≈ q`` the ``g_i`` are nearly one constant and ``g_j − S`` cancels.
+With ``g_i = c + h_i`` (``c`` constant), ``g_j − S = h_j − Σ q_i h_i``, so the kernel
+accumulates ``q h`` (``h`` small when ``p ≈ q``) instead of ``q g``. Differences come from
+``D = p − q = −p·expm1(d)`` (``d ≤ 0``) or ``q·expm1(−d)`` (``d > 0``): the larger side is the
+base, so ``D`` is exact where one side is 0 and keeps its relative precision where ``p ≈ q``;
+``d`` is formed from the shifted logits, ``(x − y) − (ln Z_a − ln Z_b)`` with ``x = a − M_a``,
+``y = b − M_b``, not as ``lq − lp`` (whose rounding, ≈ eps·|ln Z|, the deviation would amplify).
+
+========================  =====================================  ====================================
+loss                      t_i                                    q_i h_i
+========================  =====================================  ====================================
+forward_kl                p (lp − lq)                            −D        (grad (q − p)/T)
+reverse_kl                q d                                    q d       (c = 1)
+jsd (β)                   β p r_p + (1−β) q r_q                  (1−β) q r_q          (c = 0)
+skew_forward_kl (λ)       p r_p                                  −(1−λ)² (q/m) D      (c = −(1−λ))
+skew_reverse_kl (λ)       q r_q                                  q r_q + (1−λ)(λq/m) D (c = 1−λ)
 tvd                       ½ |q − p|                              ½ q sign(q − p)
-========================  =====================================  ==================================
+========================  =====================================  ====================================
 
 with the mixture log-ratios formed in log space, each by one stable ``logaddexp`` of ``d``
 (no ``exp`` that can underflow to 0 and then be divided by, so no NaN when both log-probs are
 below −104): for JSD ``m = βp + (1−β)q``, ``r_q = log q − log m = −lae(ln β − d, ln(1−β))``,
 ``r_p = log p − log m = −lae(ln(1−β) + d, ln β)``; skew forward ``m = λp + (1−λ)q``,
-``r_p = −lae(ln λ, ln(1−λ) + d)``; skew reverse ``m = λq + (1−λ)p``,
-``r_q = −lae(ln λ, ln(1−λ) − d)``. JSD at β ∈ {0, 1} and the skews at λ = 0 run the plain KLs.
+``r_p = −lae(ln λ, ln(1−λ) + d) = −(hi + ln(1 + E))`` with ``E = e^{−|ln λ − ln(1−λ) − d|}``,
+and ``q/m = {1 or E} / ((1−λ)(1+E))`` from the same ``E`` (no second ``exp``); skew reverse
+``m = λq + (1−λ)p``, ``r_q = −lae(ln λ, ln(1−λ) − d)``, ``λq/m = {E or 1} / (1+E)``. JSD at
+β ∈ {0, 1} and the skews at λ = 0 run the plain KLs.
+
+``+inf``: forward KL where the teacher's logit is finite and the student's ``-inf``, reverse KL
+where the student's is finite and the teacher's ``-inf`` (decided on the logits, not on
+probabilities that may have underflowed) have the row loss ``+inf`` and a zero gradient row (no
+finite descent direction; the other rows' update stays finite).
 
 One program per row (int64 row offsets), looping over the vocabulary in blocks of
 ``BLOCK = min(next_power_of_2(V), 4096)`` columns, all arithmetic in float32:
@@ -80,39 +95,76 @@ def _xmul(x, y):
 
 
 @triton.jit
-def _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb):
-    """``log q`` and ``log p`` of one block (``-inf`` in lanes past the vocabulary)."""
-    a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-    b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-    return (a - ma) - ln_za, (b - mb) - ln_zb
+def _expm1(x):
+    """``e^x − 1`` without cancellation near 0: degree-8 Taylor for ``|x| < 0.5`` (truncation
+    below 2e-8 relative), ``exp(x) − 1`` beyond (no cancellation there); −1 at ``-inf``."""
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    poly = 1.0 / 40320.0
+    poly = poly * xs + 1.0 / 5040.0
+    poly = poly * xs + 1.0 / 720.0
+    poly = poly * xs + 1.0 / 120.0
+    poly = poly * xs + 1.0 / 24.0
+    poly = poly * xs + 1.0 / 6.0
+    poly = poly * xs + 0.5
+    return tl.where(small, xs + xs * xs * poly, tl.exp(tl.where(small, 0.0, x)) - 1.0)
 
 
 @triton.jit
-def _terms(lq, lp, c1, c2, w, KIND: tl.constexpr):
-    """Per element: loss term ``t``, ``q g`` and ``q`` (see the module docstring).
+def _p_minus_q(d, q, p):
+    """``p − q`` relative to the larger side: ``−p·expm1(d)`` (``d ≤ 0``), ``q·expm1(−d)``."""
+    e = _expm1(-tl.abs(d))
+    return tl.where(d <= 0.0, -p * e, q * e)
+
+
+@triton.jit
+def _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz):
+    """``log q``, ``log p`` and ``d`` of one block (``-inf`` in lanes past the vocabulary).
+    ``d = (x − y) − cz`` from the shifted logits, ``cz = ln(Z_a / Z_b)`` (0 where both are
+    ``-inf``, without forming ``-inf − -inf``; ±inf where one side is)."""
+    a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    x = a - ma
+    y = b - mb
+    both = (x == float("-inf")) & (y == float("-inf"))
+    d = tl.where(both, 0.0, (tl.where(both, 0.0, x) - tl.where(both, 0.0, y)) - cz)
+    return x - ln_za, y - ln_zb, d
+
+
+@triton.jit
+def _terms(lq, lp, d, c1, c2, w, KIND: tl.constexpr):
+    """Per element: loss term ``t``, ``q h`` and ``q`` (see the module docstring).
     ``c1, c2, w`` are ``ln θ, ln(1−θ), θ`` for θ = β or λ."""
     q = tl.exp(lq)
     p = tl.exp(lp)
-    # d = lq − lp, 0 where both are -inf (instead of NaN); ±inf where one side is.
-    both = (lq == float("-inf")) & (lp == float("-inf"))
-    d = tl.where(both, 0.0, lq) - tl.where(both, 0.0, lp)
-    if KIND == 1:  # reverse KL
-        t = _xmul(q, d)
-        qg = t
+    if KIND == 1:  # reverse KL; d = +inf (student alive, teacher -inf) makes the row +inf
+        mism = d == float("inf")
+        t = tl.where(mism, float("inf"), _xmul(q, d))
+        qg = _xmul(q, tl.where(mism, 0.0, d))
     elif KIND == 2:  # JSD
         rq = -_lae(c1 - d, c2)
         rp = -_lae(c2 + d, c1)
         tq = _xmul(q, rq)
         t = w * _xmul(p, rp) + (1.0 - w) * tq
         qg = (1.0 - w) * tq
-    elif KIND == 3:  # skew forward KL
-        rp = -_lae(c2 + d, c1)
+    elif KIND == 3:  # skew forward KL: lae(ln λ, y) with y = ln(1−λ) + d
+        y = c2 + d
+        y_hi = y >= c1
+        hi = tl.where(y_hi, y, c1)
+        e = tl.exp(tl.where(y_hi, c1, y) - hi)
+        rp = -(hi + _log1p_small(e))
         t = _xmul(p, rp)
-        qg = -(1.0 - w) * tl.exp(lq + rp)
-    elif KIND == 4:  # skew reverse KL
-        rq = -_lae(c2 - d, c1)
+        q_over_m = tl.where(y_hi, 1.0, e) / ((1.0 - w) * (1.0 + e))
+        qg = -((1.0 - w) * (1.0 - w)) * q_over_m * _p_minus_q(d, q, p)
+    elif KIND == 4:  # skew reverse KL: lae(ln λ, y) with y = ln(1−λ) − d
+        y = c2 - d
+        y_hi = y >= c1
+        hi = tl.where(y_hi, y, c1)
+        e = tl.exp(tl.where(y_hi, c1, y) - hi)
+        rq = -(hi + _log1p_small(e))
         t = _xmul(q, rq)
-        qg = t - w * tl.exp(lq + rq)
+        lam_q_over_m = tl.where(y_hi, e, 1.0) / (1.0 + e)
+        qg = t + (1.0 - w) * lam_q_over_m * _p_minus_q(d, q, p)
     else:  # TVD
         diff = q - p
         t = 0.5 * tl.abs(diff)
@@ -146,11 +198,14 @@ def _dense_kernel(
         za = 0.0
         zb = 0.0
         kl = 0.0
+        n_inf = 0
         for start in range(0, V, BLOCK):
             cols = start + offs
             msk = cols < V
             a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
             b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+            if KIND == 0:  # +inf: the teacher alive where the student's logit is -inf
+                n_inf += tl.sum(((a == float("-inf")) & (b != float("-inf"))).to(tl.int32), 0)
             ma_new = tl.maximum(ma, tl.max(a, 0))
             mb_new = tl.maximum(mb, tl.max(b, 0))
             # While everything seen is -inf, shift by 0 instead (no -inf − -inf).
@@ -168,6 +223,8 @@ def _dense_kernel(
             mb = mb_new
         ln_za = tl.log(za)
         ln_zb = tl.log(zb)
+        # ln Z_a − ln Z_b as one log of a ratio: its rounding is a few eps, not eps·|ln Z|.
+        cz = tl.log(za / zb)
         gs = gs_val
         if GS_PTR:
             gs = tl.load(gs_ptr).to(tl.float32)
@@ -175,12 +232,14 @@ def _dense_kernel(
 
         if KIND == 0:
             loss = kl / zb + ((ma - mb) + (ln_za - ln_zb))
-            if NEED_GRAD:  # (q − p) · gs
+            loss = tl.where(n_inf > 0, float("inf"), loss)
+            gs = tl.where(n_inf > 0, 0.0, gs)
+            if NEED_GRAD:  # (q − p) · gs = −D · gs
                 for start in range(0, V, BLOCK):
                     cols = start + offs
                     msk = cols < V
-                    lq, lp = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb)
-                    g = (tl.exp(lq) - tl.exp(lp)) * gs
+                    lq, lp, d = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
+                    g = -_p_minus_q(d, tl.exp(lq), tl.exp(lp)) * gs
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=msk)
         else:
             # Pass 2: the loss and S = Σ q g.
@@ -189,18 +248,19 @@ def _dense_kernel(
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 msk = cols < V
-                lq, lp = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb)
-                t, qg, q = _terms(lq, lp, c1, c2, w, KIND)
+                lq, lp, d = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
+                t, qg, q = _terms(lq, lp, d, c1, c2, w, KIND)
                 acc_t += t
                 acc_s += qg
             loss = tl.sum(acc_t, 0)
-            if NEED_GRAD:  # Pass 3: (q g − q S) · gs
+            if NEED_GRAD:  # Pass 3: (q h − q Σ q h) · gs; a +inf row gets 0
                 s_sum = tl.sum(acc_s, 0)
+                gs = tl.where(loss == float("inf"), 0.0, gs)
                 for start in range(0, V, BLOCK):
                     cols = start + offs
                     msk = cols < V
-                    lq, lp = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb)
-                    t, qg, q = _terms(lq, lp, c1, c2, w, KIND)
+                    lq, lp, d = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
+                    t, qg, q = _terms(lq, lp, d, c1, c2, w, KIND)
                     g = (qg - q * s_sum) * gs
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=msk)
         loss = loss * loss_scale

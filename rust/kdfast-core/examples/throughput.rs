@@ -12,7 +12,14 @@ fn main() {
     let zt: Vec<f32> = (0..rows * cols).map(|i| ((i * 40503) % 997) as f32 * 0.01).collect();
     let mut loss = vec![0.0f32; rows];
     let mut grad = vec![0.0f32; rows * cols];
-    let divs = [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }, Divergence::Tvd];
+    let divs = [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::Jsd { beta: 0.5 },
+        Divergence::SkewForwardKl { skew: 0.1 },
+        Divergence::SkewReverseKl { skew: 0.1 },
+        Divergence::Tvd,
+    ];
     let only_div = std::env::var("DIV").ok();
     for div in divs.into_iter().filter(|d| only_div.as_deref().is_none_or(|o| format!("{d:?}").starts_with(o))) {
         let only = std::env::var("KDFAST_ISA").ok();

@@ -5,10 +5,19 @@
 //! 1. per-block maxima and exponentials into a per-thread scratch row, giving the row's
 //!    log-sum-exps ([`LseStats`]) and `q`, `p` without further `exp`s (forward KL: its loss too);
 //! 2. (other divergences) the loss `Σ t_i` and `S = Σ q_i g_i` (see [`crate::divergence`]);
-//! 3. the gradient `(q_i g_i − q_i S) · grad_scale` from the scratch (forward KL: `q − p`).
+//! 3. the gradient `(q_i h_i − q_i Σ q h) · grad_scale` from the scratch (forward KL: `q − p`).
 //!
 //! Accumulation is in f32 lanes within a block and in f64 across blocks. The tail of the last
 //! block is padded with `-inf` on both sides, which every divergence maps to a zero term.
+//!
+//! A row whose loss is `+inf` (forward KL: a teacher entry alive where the student's logit is
+//! `-inf`; reverse KL: the converse; see [`crate::divergence`]) gets a zero gradient row: there
+//! is no finite descent direction, and a zero row keeps the other rows' update finite.
+//!
+//! Scratch: `8·V` bytes per thread (two f32 rows). Up to [`SCRATCH_CAP`] it is kept in a
+//! thread-local buffer between calls; larger rows take buffers owned by the call (one per
+//! thread that runs rows), freed when it returns, so a call at a huge vocabulary does not leave
+//! gigabytes resident.
 
 use crate::divergence::{Div, Divergence, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Tvd};
 use crate::elem::Elem;
@@ -17,6 +26,7 @@ use crate::isa::{Isa, Kernel};
 use crate::math::Math;
 use crate::stats::{lane_max, LseStats, LANES};
 use crate::threads;
+use std::sync::Mutex;
 
 /// Columns per block: three f32 buffers of this size stay in L1.
 pub const BLOCK: usize = 1024;
@@ -89,6 +99,13 @@ pub fn dense_loss<S: Elem, T: Elem>(
             run(ReverseKl, student, teacher, labels, cfg, loss_out, grad_out, isa, num_threads)
         }
         Divergence::Jsd { beta } => run(Jsd::new(beta), student, teacher, labels, cfg, loss_out, grad_out, isa, num_threads),
+        // λ = 0 is the plain KL exactly (including its +inf rule).
+        Divergence::SkewForwardKl { skew: 0.0 } => {
+            run(ForwardKl, student, teacher, labels, cfg, loss_out, grad_out, isa, num_threads)
+        }
+        Divergence::SkewReverseKl { skew: 0.0 } => {
+            run(ReverseKl, student, teacher, labels, cfg, loss_out, grad_out, isa, num_threads)
+        }
         Divergence::SkewForwardKl { skew } => {
             run(SkewForwardKl::new(skew), student, teacher, labels, cfg, loss_out, grad_out, isa, num_threads)
         }
@@ -166,6 +183,8 @@ fn run<D: Div, S: Elem, T: Elem>(
     let loss_scale = if cfg.t2_scale { t * t } else { 1.0 };
     let p = RowParams { div, inv_t: 1.0 / t, loss_scale, grad_scale: cfg.grad_scale * loss_scale / t };
     let masked = |r: usize| labels.is_some_and(|(l, ig)| l[r] == ig);
+    let need = scratch_len(student.cols);
+    let call_buffers = Mutex::new(Vec::new());
     let body = |r: usize, loss: &mut f32, grad: Option<&mut [S]>| -> Result<()> {
         if masked(r) {
             *loss = 0.0;
@@ -175,16 +194,34 @@ fn run<D: Div, S: Elem, T: Elem>(
             return Ok(());
         }
         let (s_row, t_row) = (student.row(r), teacher.row(r));
-        *loss = SCRATCH.with_borrow_mut(|buf| {
-            let need = scratch_len(s_row.len());
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
-            isa.run(RowJob { p, s_row, t_row, grad, row: r, scratch: &mut buf[..need] })
-        })?;
+        *loss = with_scratch(need, &call_buffers, |scratch| isa.run(RowJob { p, s_row, t_row, grad, row: r, scratch }))?;
         Ok(())
     };
     threads::for_each_row(loss_out, grad_out, cfg.grad_cols, num_threads, body)
+}
+
+/// Largest scratch (bytes) kept per thread between calls: 16 MiB, rows up to V ≈ 2M columns.
+pub const SCRATCH_CAP: usize = 16 << 20;
+
+/// Run `f` on a zeroed-or-reused scratch of `need` floats: the thread-local buffer when `need`
+/// fits under [`SCRATCH_CAP`], else a buffer from `spare` (the call's own, returned there after
+/// the row, so each thread allocates at most once per call and everything is freed with it).
+fn with_scratch<R>(need: usize, spare: &Mutex<Vec<Vec<f32>>>, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if need * std::mem::size_of::<f32>() <= SCRATCH_CAP {
+        return SCRATCH.with_borrow_mut(|buf| {
+            if buf.len() < need {
+                // Exact, so the retained capacity stays under the cap.
+                buf.reserve_exact(need - buf.len());
+                buf.resize(need, 0.0);
+            }
+            f(&mut buf[..need])
+        });
+    }
+    let lock = || spare.lock().unwrap_or_else(|e| e.into_inner());
+    let mut buf = lock().pop().unwrap_or_else(|| vec![0.0; need]);
+    let out = f(&mut buf);
+    lock().push(buf);
+    out
 }
 
 /// One row's work, compiled once per instruction set by [`Isa::run`].
@@ -206,7 +243,8 @@ impl<D: Div, S: Elem, T: Elem> Kernel for RowJob<'_, D, S, T> {
 }
 
 thread_local! {
-    /// Per-thread row scratch: unnormalised exponentials, then `q` and `q·g` (2 × V f32).
+    /// Per-thread row scratch: unnormalised exponentials, then `q` and `q·h` (2 × V f32), for
+    /// rows up to [`SCRATCH_CAP`].
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -250,6 +288,7 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
 
     // Pass 1.
     let (mut sa, mut sb) = (LseStats::EMPTY, LseStats::EMPTY);
+    let mut infinite = false;
     for (k, start) in (0..v).step_by(BLOCK).enumerate() {
         let end = v.min(start + BLOCK);
         let n = load_scaled(&s_row[start..end], &mut a, p.inv_t);
@@ -261,6 +300,7 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
         let mut acc_a = [0.0f32; LANES];
         let mut acc_b = [0.0f32; LANES];
         let mut acc_k = [0.0f32; LANES];
+        let mut acc_inf = [false; LANES];
         for (((ca, cb), xa), xb) in a[..n]
             .chunks_exact(LANES)
             .zip(b[..n].chunks_exact(LANES))
@@ -276,11 +316,14 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
                 acc_b[l] += e_b;
                 if fused {
                     acc_k[l] += if e_b == 0.0 { 0.0 } else { e_b * (cb[l] - ca[l]) };
+                    // Forward KL's +inf: the teacher alive (even if e_b underflowed), q = 0.
+                    acc_inf[l] |= (ca[l] == f32::NEG_INFINITY) & (cb[l] != f32::NEG_INFINITY);
                 }
             }
         }
         let (za, zb) = (acc_a.iter().sum::<f32>(), acc_b.iter().sum::<f32>());
         (bma[k], bmb[k], bza[k], bzb[k], bkl[k]) = (sha, shb, za, zb, acc_k.iter().sum());
+        infinite |= acc_inf.iter().any(|&x| x);
         sa = sa.merge(LseStats { max: ma, sum: if ma == f32::NEG_INFINITY && !za.is_nan() { 0.0 } else { za } });
         sb = sb.merge(LseStats { max: mb, sum: if mb == f32::NEG_INFINITY && !zb.is_nan() { 0.0 } else { zb } });
     }
@@ -290,10 +333,18 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
     // of a small ln Z (a nearly one-hot row), and every q = e_a · exp(ma − M) / Z with it.
     let (ln_za, ln_zb) = (sa.sum.ln(), sb.sum.ln());
     let c = ((sa.max as f64 - sb.max as f64) + (ln_za as f64 - ln_zb as f64)) as f32;
+    // ln Z_a − ln Z_b as one log of a ratio: rounded to a few eps, not eps·|ln Z|.
+    let c_z = (sa.sum as f64 / sb.sum as f64).ln() as f32;
     // The factor from e_a to q (and e_b to p) in block k.
     let fa = |k: usize| (bma[k] - sa.max).exp() / sa.sum;
     let fb = |k: usize| (bmb[k] - sb.max).exp() / sb.sum;
 
+    if fused && infinite {
+        if let Some(gr) = grad {
+            gr.fill(S::zero());
+        }
+        return Ok(f32::INFINITY);
+    }
     if fused {
         let mut loss = 0.0f64;
         for k in 0..blocks {
@@ -319,7 +370,10 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
         return Ok(loss as f32 * p.loss_scale);
     }
 
-    // Pass 2: loss and S = Σ q g; q and q g replace e_a and e_b in the scratch.
+    // Pass 2: loss and Σ q h; q and q h replace e_a and e_b in the scratch. d is formed from
+    // the shifted logits, d = (x − y) − (ln Z_a − ln Z_b) with x = a − M_a, y = b − M_b: where
+    // p ≈ q, x − y is exact and d keeps its relative precision, instead of carrying the
+    // rounding of lq and lp (≈ eps·|ln Z|) that the deviation form would amplify.
     let (mut loss, mut s_sum) = (0.0f64, 0.0f64);
     for (k, start) in (0..v).step_by(BLOCK).enumerate() {
         let end = v.min(start + BLOCK);
@@ -338,9 +392,12 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
             for l in 0..LANES {
                 let q = xa[l] * sfa;
                 let pp = xb[l] * sfb;
-                let lq = (ca[l] - sa.max) - ln_za;
-                let lp = (cb[l] - sb.max) - ln_zb;
-                let t = p.div.terms::<M>(lq, lp, lq - lp, q, pp);
+                let (x, y) = (ca[l] - sa.max, cb[l] - sb.max);
+                let (lq, lp) = (x - ln_za, y - ln_zb);
+                // NaN only from -inf − -inf: both probabilities are 0.
+                let dd = (x - y) - c_z;
+                let d = if dd.is_nan() { 0.0 } else { dd };
+                let t = p.div.terms::<M>(lq, lp, d, q, pp);
                 acc_l[l] += t.loss;
                 acc_s[l] += t.qg;
                 xa[l] = q;
@@ -351,7 +408,13 @@ fn row_kernel<M: Math, D: Div, S: Elem, T: Elem>(
         s_sum += acc_s.iter().map(|&x| x as f64).sum::<f64>();
     }
 
-    // Pass 3: the gradient (q g − q S) · grad_scale, from the scratch.
+    if loss == f64::INFINITY {
+        if let Some(gr) = grad {
+            gr.fill(S::zero());
+        }
+        return Ok(f32::INFINITY);
+    }
+    // Pass 3: the gradient (q h − q Σ q h) · grad_scale, from the scratch.
     if let Some(gr) = grad {
         let s = s_sum as f32;
         let mut g = [0.0f32; BLOCK];

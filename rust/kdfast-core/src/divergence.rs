@@ -2,23 +2,39 @@
 //!
 //! For one row let `lq = log q` (student) and `lp = log p` (teacher) at temperature T. Every
 //! loss here is `ℓ = Σ_i t_i` and its gradient w.r.t. the scaled student logits `a = z_s / T` is
+//! the softmax Jacobian applied to `g_i = ∂ℓ/∂q_i`:
 //!
 //! ```text
-//!     ∂ℓ/∂a_j = q_j g_j − q_j S,   S = Σ_i q_i g_i,   g_i = ∂ℓ/∂q_i
+//!     ∂ℓ/∂a_j = q_j (g_j − S),   S = Σ_i q_i g_i
 //! ```
 //!
-//! (the softmax Jacobian). [`Div::terms`] takes `lq`, `lp`, `d = log q − log p`, `q` and `p`;
-//! mixture log-ratios are written in terms of `d` only (e.g. for
-//! `m = βp + (1−β)q`, `log q − log m = −ln(β e^{−d} + 1 − β)`).
-//! [`Div::terms`] returns `t_i`, `q_i g_i` and `q_i`; the kernel sums
-//! `t` and `q g` in one pass and writes the gradient in a second one, or in the same pass when
-//! `S` is known in closed form ([`Div::KNOWN_S`]). Every term is guarded so that entries with
-//! zero probability (`-inf` logits, or log-probabilities below the float32 `exp` range)
-//! contribute exactly 0 instead of `0 · ∞ = NaN`; mixtures are formed in log space.
+//! **Deviation form.** Where `p ≈ q` the `g_i` of most losses are nearly one constant, and
+//! `g_j − S` is a difference of nearly equal numbers. Writing `g_i = c + h_i` with a constant `c`
+//! gives `g_j − S = h_j − Σ_i q_i h_i` (as `Σ q = 1`), so [`Div::terms`] returns `q_i h_i`
+//! with the constant taken out, and `h` is formed from quantities that are small when `p ≈ q`:
+//! `d = log q − log p` and `D = p − q`. `D` comes from [`p_minus_q`] as `−p·expm1(d)` or
+//! `q·expm1(−d)`, the larger probability as the base, so it keeps its relative precision when
+//! `p ≈ q` (the kernel forms `d` from the shifted logits, see [`crate::dense`]), is exactly `p`
+//! or `−q` where the other side is 0, and never forms `∞ · 0`.
+//!
+//! [`Div::terms`] takes `lq`, `lp`, `d`, `q` and `p` (`d = 0` where both are `-inf`) and
+//! returns `t_i` and `q_i h_i`; the kernel sums both in one pass and writes the gradient
+//! `q_j h_j − q_j Σ q_i h_i` in a second one, or in the same pass when `S` is known in closed
+//! form ([`Div::KNOWN_S`]). Mixture log-ratios are written in terms of `d` only (e.g. for
+//! `m = βp + (1−β)q`, `log q − log m = −ln(β e^{−d} + 1 − β)`), formed in log space.
+//!
+//! Zero probabilities: entries with `q = 0` or `p = 0` (`-inf` logits, or log-probabilities
+//! below the float32 `exp` range) contribute exactly 0 instead of `0 · ∞ = NaN`, except where
+//! the loss is truly infinite: forward KL where the teacher is alive (`lp > -inf`) and the
+//! student's logit is `-inf`, reverse KL where the student is alive and the teacher's is
+//! `-inf`. This is decided on the log-probabilities (an alive entry may have a `q` that
+//! underflowed to 0): its term is `+inf`, and the kernel then gives the row the loss `+inf`
+//! and a zero gradient (there is no finite descent direction). Mixtures with a weight in
+//! `(0, 1)` are always finite.
 
 use crate::math::Math;
 
-/// One element's contribution: loss term and `q·g`.
+/// One element's contribution: loss term and `q·h` (`h = g − c`, see the module docs).
 #[derive(Clone, Copy, Debug)]
 pub struct Terms {
     pub loss: f32,
@@ -42,19 +58,47 @@ fn xmul(a: f32, b: f32) -> f32 {
     }
 }
 
-/// `KL(p‖q) = Σ p (log p − log q)`; `∂/∂a = q − p`.
+/// `D = p − q` from `d = log q − log p`, relative to the larger side:
+/// `−p·expm1(d)` where `q ≤ p` (`d ≤ 0`), `q·expm1(−d)` where `q > p`. The `expm1` argument is
+/// `−|d| ∈ [−∞, 0]`, so the factor lies in `[−1, 0]`: no overflow, `D = p` exactly where
+/// `q = 0`, `D = −q` where `p = 0`, and no cancellation where `p ≈ q`.
+#[inline(always)]
+pub fn p_minus_q<M: Math>(d: f32, q: f32, p: f32) -> f32 {
+    let e = M::expm1(-d.abs());
+    if d <= 0.0 {
+        -p * e
+    } else {
+        q * e
+    }
+}
+
+/// `ln(e^x + e^y)` for finite `x`, split as `(hi, E, y_is_hi)` with `hi = max(x, y)` and
+/// `E = e^{−|x−y|} ∈ [0, 1]`, so `ln(e^x + e^y) = hi + ln(1 + E)`: the mixtures need both the
+/// log-ratio and a probability ratio, and the ratio is `1/(1+E)` or `E/(1+E)` times a
+/// constant, without a second `exp`. `y = ±inf` gives `E = 0`.
+#[inline(always)]
+fn lae_parts<M: Math>(x: f32, y: f32) -> (f32, f32, bool) {
+    let y_hi = y >= x;
+    let (hi, lo) = if y_hi { (y, x) } else { (x, y) };
+    (hi, M::exp(lo - hi), y_hi)
+}
+
+/// `KL(p‖q) = Σ p (log p − log q)`; `g = −p/q`, `S = −1`, so `∂/∂a = q − p`.
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardKl;
 
 impl Div for ForwardKl {
     const KNOWN_S: Option<f32> = Some(-1.0);
+    /// Unused by the fused kernel (which needs no per-element `g`); kept for completeness with
+    /// the `+inf` rule (`d = −inf`: teacher alive, student `-inf`).
     #[inline(always)]
-    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, _q: f32, p: f32) -> Terms {
-        Terms { loss: xmul(p, -d), qg: -p }
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
+        let loss = if d == f32::NEG_INFINITY { f32::INFINITY } else { xmul(p, -d) };
+        Terms { loss, qg: -p_minus_q::<M>(d, q, p) }
     }
 }
 
-/// `KL(q‖p) = Σ q (log q − log p)`; `g = log q − log p + 1`, so `S = ℓ (+1, which cancels)`.
+/// `KL(q‖p) = Σ q (log q − log p)`; `g = d + 1`: `c = 1`, `h = d`.
 #[derive(Clone, Copy, Debug)]
 pub struct ReverseKl;
 
@@ -62,13 +106,15 @@ impl Div for ReverseKl {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, _p: f32) -> Terms {
+        // d = +inf: the student is alive where the teacher is -inf (q may have underflowed).
         let t = xmul(q, d);
-        Terms { loss: t, qg: t }
+        let loss = if d == f32::INFINITY { f32::INFINITY } else { t };
+        Terms { loss, qg: t }
     }
 }
 
 /// Generalised JSD for `0 < β < 1`: `β KL(p‖m) + (1−β) KL(q‖m)`, `m = βp + (1−β)q`;
-/// `g = (1−β)(log q − log m)`.
+/// `g = (1−β)(log q − log m)`: `c = 0`, and `log q − log m = O(d)` is small when `p ≈ q`.
 #[derive(Clone, Copy, Debug)]
 pub struct Jsd {
     pub beta: f32,
@@ -96,7 +142,12 @@ impl Div for Jsd {
     }
 }
 
-/// Skew forward KL (DistiLLM): `KL(p ‖ λp + (1−λ)q)`; `g = −(1−λ) p / m`.
+/// Skew forward KL (DistiLLM) for `0 < λ < 1`: `KL(p ‖ m)`, `m = λp + (1−λ)q`.
+///
+/// `g = −(1−λ) p/m`, and `p/m = 1 + (1−λ)(p − q)/m`, so `c = −(1−λ)` and
+/// `q h = −(1−λ)² (q/m) D`. With `log p − log m = −ln(λ + (1−λ)e^d) = −(hi + ln(1+E))`
+/// ([`lae_parts`] of `ln λ` and `ln(1−λ) + d`), `q/m = {1 or E} / ((1−λ)(1+E))`, which is at
+/// most `1/(1−λ)`. (λ = 0 is forward KL, which `dense_loss` runs instead.)
 #[derive(Clone, Copy, Debug)]
 pub struct SkewForwardKl {
     pub ln_skew: f32,
@@ -113,18 +164,21 @@ impl SkewForwardKl {
 impl Div for SkewForwardKl {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, _lp: f32, d: f32, _q: f32, p: f32) -> Terms {
-        // log p − log m = −ln(λ + (1−λ) e^d).
-        let rp = -M::log_add_exp(self.ln_skew, self.ln_1m_skew + d);
-        // q p / m ≤ p / (1−λ): bounded, computed in log space. Not negligible where q underflows
-        // but m ≈ (1−λ) q (small λ), so only a q that is exactly 0 (-inf logit) is skipped.
-        let qpm = M::exp(lq + rp);
-        let qg = if lq == f32::NEG_INFINITY { 0.0 } else { -self.one_m_skew * qpm };
-        Terms { loss: xmul(p, rp), qg }
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
+        let (hi, e, y_hi) = lae_parts::<M>(self.ln_skew, self.ln_1m_skew + d);
+        let rp = -(hi + M::ln_1p(e));
+        let q_over_m = if y_hi { 1.0 } else { e } / (self.one_m_skew * (1.0 + e));
+        let qh = -(self.one_m_skew * self.one_m_skew) * q_over_m * p_minus_q::<M>(d, q, p);
+        Terms { loss: xmul(p, rp), qg: qh }
     }
 }
 
-/// Skew reverse KL: `KL(q ‖ λq + (1−λ)p)`; `g = log q − log m + 1 − λ q / m`.
+/// Skew reverse KL for `0 < λ < 1`: `KL(q ‖ m)`, `m = λq + (1−λ)p`.
+///
+/// `g = log q − log m + 1 − λq/m`, and `λq/m = λ + λ(1−λ)(q − p)/m`, so `c = 1 − λ` and
+/// `q h = q r_q + (1−λ)(λq/m) D` with `r_q = log q − log m = −(hi + ln(1+E))` ([`lae_parts`]
+/// of `ln λ` and `ln(1−λ) − d`) and `λq/m = {1 or E}/(1+E) ≤ 1`. (λ = 0 is reverse KL, which
+/// `dense_loss` runs instead.)
 #[derive(Clone, Copy, Debug)]
 pub struct SkewReverseKl {
     pub skew: f32,
@@ -141,13 +195,13 @@ impl SkewReverseKl {
 impl Div for SkewReverseKl {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
-    fn terms<M: Math>(&self, lq: f32, _lp: f32, d: f32, q: f32, _p: f32) -> Terms {
-        // log q − log m = −ln(λ + (1−λ) e^{−d}).
-        let rq = -M::log_add_exp(self.ln_skew, self.ln_1m_skew - d);
+    fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
+        let (hi, e, y_hi) = lae_parts::<M>(self.ln_skew, self.ln_1m_skew - d);
+        let rq = -(hi + M::ln_1p(e));
         let t = xmul(q, rq);
-        // q² / m ≤ q / λ: bounded, in log space; zero when λ = 0.
-        let q2m = if q == 0.0 || self.skew == 0.0 { 0.0 } else { M::exp(lq + rq) };
-        Terms { loss: t, qg: t - self.skew * q2m }
+        let lam_q_over_m = if y_hi { e } else { 1.0 } / (1.0 + e);
+        let qh = t + (1.0 - self.skew) * lam_q_over_m * p_minus_q::<M>(d, q, p);
+        Terms { loss: t, qg: qh }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Branch-free `exp` and `ln_1p` in plain `f32` arithmetic.
+//! Branch-free `exp`, `expm1` and `ln_1p` in plain `f32` arithmetic.
 //!
 //! Written with selects and bit casts only, so that LLVM vectorises a loop calling them with
 //! whatever SIMD width the enclosing function is compiled for (see [`crate::isa`]). [`Libm`]
@@ -8,6 +8,9 @@
 pub trait Math: Copy + Send + Sync + 'static {
     /// `e^x`; exactly 0 for `x = -inf` and for results below the smallest normal float.
     fn exp(x: f32) -> f32;
+    /// `e^x − 1`, accurate to a few ulp of the result for every `x` (also where `e^x ≈ 1`);
+    /// exactly −1 for `x = -inf`.
+    fn expm1(x: f32) -> f32;
     /// `ln(1 + u)` for `u` in `[0, 1]`.
     fn ln_1p(u: f32) -> f32;
 
@@ -44,13 +47,22 @@ const EXP_LO: f32 = -87.0;
 /// Above this 2^n would overflow the exponent field; e^88.3 = 2e38 is still finite.
 const EXP_HI: f32 = 88.3;
 
+/// `x = n ln2 + r` with `|r| ≤ ln2/2` for `x` clamped to `[EXP_LO, EXP_HI]`: returns `(r, 2^n)`.
+#[inline(always)]
+fn reduce_ln2(x: f32) -> (f32, f32) {
+    let xc = x.max(EXP_LO).min(EXP_HI);
+    let t = xc * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    // 2^n from the integer left in t's mantissa by the magic-number rounding.
+    let k = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
+    (r, f32::from_bits(k.wrapping_add(127) << 23))
+}
+
 impl Math for Poly {
     #[inline(always)]
     fn exp(x: f32) -> f32 {
-        let xc = x.max(EXP_LO).min(EXP_HI);
-        let t = xc * LOG2E + ROUND_MAGIC;
-        let n = t - ROUND_MAGIC;
-        let r = xc - n * LN2_HI - n * LN2_LO;
+        let (r, pow2n) = reduce_ln2(x);
         let mut p = 1.987_569_2e-4_f32;
         p = p * r + 1.398_199_9e-3;
         p = p * r + 8.333_452e-3;
@@ -58,11 +70,32 @@ impl Math for Poly {
         p = p * r + 1.666_666_5e-1;
         p = p * r + 5.000_000_1e-1;
         let e = p * (r * r) + r + 1.0;
-        // 2^n from the integer left in t's mantissa by the magic-number rounding.
-        let k = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
-        let pow2n = f32::from_bits(k.wrapping_add(127) << 23);
         let y = e * pow2n;
         let y = if x < EXP_LO { 0.0 } else { y };
+        let y = if x > EXP_HI { f32::INFINITY } else { y };
+        if x.is_nan() {
+            x
+        } else {
+            y
+        }
+    }
+
+    /// With `x = n ln2 + r`, `|r| ≤ ln2/2`: `e^x − 1 = 2^n (e^r − 1) + (2^n − 1)`. `e^r − 1` is
+    /// a degree-7 Taylor polynomial (truncation `|r|^7/8! < 2e-8` relative), `2^n − 1` is exact
+    /// for `|n| ≤ 24` and rounds harmlessly beyond, so there is no cancellation near `x = 0`
+    /// (`n = 0`, the result is the polynomial itself) and no second code path.
+    #[inline(always)]
+    fn expm1(x: f32) -> f32 {
+        let (r, pow2n) = reduce_ln2(x);
+        let mut p = 1.0 / 5040.0_f32;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        let em = p * (r * r) + r;
+        let y = pow2n * em + (pow2n - 1.0);
+        let y = if x < EXP_LO { -1.0 } else { y };
         let y = if x > EXP_HI { f32::INFINITY } else { y };
         if x.is_nan() {
             x
@@ -116,6 +149,11 @@ impl Math for Libm {
     }
 
     #[inline(always)]
+    fn expm1(x: f32) -> f32 {
+        x.exp_m1()
+    }
+
+    #[inline(always)]
     fn ln_1p(u: f32) -> f32 {
         u.ln_1p()
     }
@@ -133,14 +171,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn exp_matches_f64() {
-        let mut worst = 0.0f64;
-        let mut x = -86.99f32;
+    /// Worst relative error of `f` against `g` on a grid of step 0.0137 over `[lo, 88)`.
+    fn worst_on_grid(lo: f32, f: fn(f32) -> f32, g: fn(f64) -> f64) -> f64 {
+        let (mut worst, mut x) = (0.0f64, lo);
         while x < 88.0 {
-            worst = worst.max(rel(Poly::exp(x), (x as f64).exp()));
+            worst = worst.max(rel(f(x), g(x as f64)));
             x += 0.0137;
         }
+        worst
+    }
+
+    #[test]
+    fn exp_matches_f64() {
+        let worst = worst_on_grid(-86.99, Poly::exp, f64::exp);
         assert!(worst < 4e-7, "worst relative error {worst}");
     }
 
@@ -152,6 +195,31 @@ mod tests {
         assert_eq!(Poly::exp(f32::INFINITY), f32::INFINITY);
         assert_eq!(Poly::exp(1e4), f32::INFINITY);
         assert!(Poly::exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn expm1_matches_f64() {
+        let mut worst = worst_on_grid(-90.0, Poly::expm1, f64::exp_m1);
+        // Near 0, where e^x − 1 would cancel: every scale down to subnormal-free tiny values,
+        // both signs, and the polynomial's range edges ±ln2/2.
+        for e in 0..120 {
+            for &s in &[1.0f32, -1.0, 1.37, -1.37, 0.3466, -0.3466] {
+                let x = s * 2f32.powi(-e);
+                worst = worst.max(rel(Poly::expm1(x), (x as f64).exp_m1()));
+            }
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn expm1_edges() {
+        assert_eq!(Poly::expm1(f32::NEG_INFINITY), -1.0);
+        assert_eq!(Poly::expm1(-1e4), -1.0);
+        assert_eq!(Poly::expm1(0.0), 0.0);
+        assert_eq!(Poly::expm1(f32::INFINITY), f32::INFINITY);
+        assert!(Poly::expm1(88.0).is_finite());
+        assert!(Poly::expm1(f32::NAN).is_nan());
+        assert_eq!(Libm::expm1(f32::NEG_INFINITY), -1.0);
     }
 
     #[test]

@@ -218,3 +218,71 @@ fn thread_count_does_not_change_results() {
     let two = run(Divergence::Jsd { beta: 0.3 }, &zs, &zt, rows, cols, 1.3, Isa::detect(), 2);
     assert_eq!(one, two);
 }
+
+#[test]
+fn mass_against_minus_inf_is_an_infinite_row_with_zero_gradient() {
+    // Row 1: the student's column 1 is alive (its q underflows: -2000) where the teacher is
+    // -inf (reverse KL is +inf), or the converse (forward KL); rows 0 and 2 are ordinary.
+    let ninf = f32::NEG_INFINITY;
+    let alive = [0.0f32, -2000.0, 1.0];
+    let dead = [0.0f32, ninf, 1.0];
+    let other = [0.3f32, -0.2, 1.1];
+    let cases = [
+        (Divergence::ReverseKl, alive, dead),
+        (Divergence::Jsd { beta: 1.0 }, alive, dead),
+        (Divergence::SkewReverseKl { skew: 0.0 }, alive, dead),
+        (Divergence::ForwardKl, dead, alive),
+        (Divergence::Jsd { beta: 0.0 }, dead, alive),
+        (Divergence::SkewForwardKl { skew: 0.0 }, dead, alive),
+    ];
+    for (div, s1, t1) in cases {
+        let zs: Vec<f32> = other.iter().chain(&s1).chain(&other).copied().collect();
+        let zt: Vec<f32> = other.iter().rev().chain(&t1).chain(other.iter().rev()).copied().collect();
+        for isa in isas() {
+            let (loss, grad) = run(div, &zs, &zt, 3, 3, 0.5, isa, 1);
+            assert_eq!(loss[1], f32::INFINITY, "{div:?} {isa:?}: {loss:?}");
+            assert!(grad[3..6].iter().all(|&g| g == 0.0), "{div:?} {isa:?}: {grad:?}");
+            assert!(loss[0].is_finite() && loss[2].is_finite() && grad.iter().all(|g| g.is_finite()));
+        }
+    }
+    // With a mixture weight in (0, 1) the same rows are finite.
+    for div in [Divergence::Jsd { beta: 0.5 }, Divergence::SkewForwardKl { skew: 0.1 }, Divergence::SkewReverseKl { skew: 1e-4 }] {
+        for (s1, t1) in [(alive, dead), (dead, alive)] {
+            for isa in isas() {
+                let (loss, grad) = run(div, &s1, &t1, 1, 3, 0.5, isa, 1);
+                assert!(loss[0].is_finite() && grad.iter().all(|g| g.is_finite()), "{div:?} {isa:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn mixture_gradients_near_equal_distributions_have_no_cancellation() {
+    // Nearly equal distributions at T = 10: every g is nearly constant, which `q (g − S)` with
+    // the constant left in cancelled to ~5e-6 of the largest element (skew KLs at small λ).
+    let (rows, cols) = (3, 4099);
+    let zt = logits(rows, cols, 11, 4.0, 0);
+    let noise = logits(rows, cols, 12, 0.5, 0);
+    let zs: Vec<f32> = zt.iter().zip(&noise).map(|(a, b)| a + b).collect();
+    let divs = [
+        Divergence::SkewForwardKl { skew: 1e-7 },
+        Divergence::SkewForwardKl { skew: 0.1 },
+        Divergence::SkewReverseKl { skew: 1e-7 },
+        Divergence::SkewReverseKl { skew: 0.1 },
+        Divergence::ReverseKl,
+        Divergence::Jsd { beta: 0.5 },
+    ];
+    for div in divs {
+        for isa in isas() {
+            let (_, grad) = run(div, &zs, &zt, rows, cols, 10.0, isa, 1);
+            for r in 0..rows {
+                let (_, g64) = reference(div, &zs[r * cols..(r + 1) * cols], &zt[r * cols..(r + 1) * cols], 10.0);
+                let gmax = g64.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = g64.iter().zip(&grad[r * cols..]).fold(0.0f64, |m, (a, &b)| m.max((a - b as f64).abs()));
+                // JSD's log(q/m) = −ln(β e^{−d} + 1 − β) still rounds as a difference of logs.
+                let tol = if matches!(div, Divergence::Jsd { .. }) { 6e-6 } else { 1.5e-6 };
+                assert!(worst <= tol * gmax, "{div:?} {isa:?} row {r}: {} of the max", worst / gmax);
+            }
+        }
+    }
+}
