@@ -94,22 +94,3 @@ def tvd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) 
     q = log_probs(student, temperature).exp()
     p = log_probs(teacher, temperature).exp()
     return 0.5 * (p - q).abs().sum(-1)
-
-
-def row_losses(loss: str, param: float, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row ``ℓ`` of the loss named ``loss`` (β for ``jsd``, λ for the skew losses)."""
-    teacher = teacher.detach()
-    if loss == "jsd":
-        return jsd(student, teacher, temperature, beta=param)
-    if loss in ("skew_forward_kl", "skew_reverse_kl"):
-        return _FUNCS[loss](student, teacher, temperature, skew=param)
-    return _FUNCS[loss](student, teacher, temperature)
-
-
-_FUNCS = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}

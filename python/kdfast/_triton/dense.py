@@ -67,11 +67,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import LOSSES
+from .launch import block_and_warps, unit_columns
+
 __all__ = ["dense_call", "scale_grad_"]
 
-_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
-MAX_BLOCK = 4096
-_INT64 = (-(2**63), 2**63 - 1)
+# The kernels' KIND is the registry's kernel_id: 0 forward_kl, 1 reverse_kl, 2 jsd,
+# 3 skew_forward_kl, 4 skew_reverse_kl, 5 tvd.
+_KINDS = {name: spec.kernel_id for name, spec in LOSSES.items() if "triton" in spec.backends}
+_MIXTURES = (_KINDS["jsd"], _KINDS["skew_forward_kl"], _KINDS["skew_reverse_kl"])
 
 
 @triton.jit
@@ -285,25 +289,14 @@ def _scale_kernel(g_ptr, f_ptr, f_stride, V, BLOCK: tl.constexpr):
         tl.store(ptr, (x * f).to(g_ptr.dtype.element_ty), mask=msk)
 
 
-def _block(v: int) -> tuple:
-    block = min(triton.next_power_of_2(v), MAX_BLOCK)
-    return block, max(1, min(16, block // 256))
-
-
-def _unit_columns(x: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
-
-
 def _kind(loss: str, param: float) -> tuple:
-    """The kernel variant and ``(ln θ, ln(1−θ), θ)``; parameter edges run the plain KLs."""
+    """The kernel variant and ``(ln θ, ln(1−θ), θ)``; parameter edges run the loss they are
+    (the registry's ``edges``)."""
     if loss not in _KINDS:
         raise ValueError(f"loss: expected one of {', '.join(_KINDS)}, got {loss!r}")
-    kind, param = _KINDS[loss], float(param)
-    if (loss == "jsd" and param == 0.0) or (loss == "skew_forward_kl" and param == 0.0):
-        kind = 0
-    elif (loss == "jsd" and param == 1.0) or (loss == "skew_reverse_kl" and param == 0.0):
-        kind = 1
-    if kind in (2, 3, 4):
+    spec, param = LOSSES[loss].canonical(float(param))
+    kind = _KINDS[spec.name]
+    if kind in _MIXTURES:
         return kind, math.log(param), math.log1p(-param), param
     return kind, 0.0, 0.0, 0.0
 
@@ -323,9 +316,9 @@ def dense_call(loss: str, param: float, s2: torch.Tensor, t2: torch.Tensor, labe
     n, v = s2.shape
     if n == 0:
         return
-    s2, t2 = _unit_columns(s2), _unit_columns(t2)
+    s2, t2 = unit_columns(s2), unit_columns(t2)
     kind, c1, c2, w = _kind(loss, param)
-    has_labels = labels is not None and _INT64[0] <= ignore_index <= _INT64[1]
+    has_labels = labels is not None  # ignore_index is an int64 (checked by the caller)
     labels = labels.contiguous() if has_labels else rows
     if isinstance(grad_scale, torch.Tensor):
         gs_ptr, gs_val = grad_scale.reshape(1).to(torch.float32), 1.0
@@ -339,7 +332,7 @@ def dense_call(loss: str, param: float, s2: torch.Tensor, t2: torch.Tensor, labe
     else:
         g, g_stride, v_full = rows, 0, v
     t = float(temperature)
-    block, warps = _block(v)
+    block, warps = block_and_warps(v)
     _dense_kernel[(n,)](
         s2, t2, labels, rows, g, gs_ptr,
         s2.stride(0), t2.stride(0), g_stride,
@@ -360,7 +353,7 @@ def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return grad
     f = factor.reshape(-1)
     stride = 0 if f.numel() == 1 else f.stride(0)
-    block, warps = _block(v)
+    block, warps = block_and_warps(v)
     _scale_kernel[(n, triton.cdiv(v, block))](grad, f, stride, v, BLOCK=block, num_warps=warps)
     # Written behind autograd's back: record it, so that a saved ``grad`` cannot be reused.
     torch.autograd.graph.increment_version(grad)
