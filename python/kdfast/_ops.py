@@ -139,6 +139,7 @@ def _register_autograd(op, n_inputs: int, reduce_at: int) -> None:
         ctx.backend = inputs[-1]
         ctx.student_shape = inputs[0].shape
         ctx.mark_non_differentiable(output[1])  # a gradient, not a function of the student to differentiate
+        ctx.set_materialize_grads(False)  # else autograd passes backward an [N, V] tensor of zeros for it
         ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_out, _grad_of_grad):

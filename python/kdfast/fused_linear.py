@@ -224,6 +224,10 @@ _ROW_WEIGHT, _REDUCE, _NEEDS = 12, 22, slice(23, 26)
 def _setup(ctx, inputs, output):
     ctx.reduce = inputs[_REDUCE]
     ctx.needs = inputs[_NEEDS]
+    # The gradients are outputs, not functions to differentiate: no zeros of their shapes
+    # (one of them V × H) handed to backward for them.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     if ctx.reduce:
         ctx.save_for_backward(*output[1:])
     else:  # "none": recompute in backward with the incoming per-row weights
