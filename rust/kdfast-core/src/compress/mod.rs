@@ -1,0 +1,330 @@
+//! Offline-distillation targets from teacher logits: top-k and sampled compression.
+//!
+//! Both compressors read each row once, in fixed *absolute* vocabulary blocks of
+//! [`VOCAB_BLOCK`] ids (block `b` holds ids `[4096 b, 4096 (b + 1))`), with O(k) or
+//! O(blocks · N) memory per row, never a softmax of the row or a sort of it. Buffers sized by
+//! the caller's `k` or `N` are allocated fallibly ([`KdError::Alloc`]): top-k keeps at most
+//! `min(k, V) + VOCAB_BLOCK` candidates, however large `k` is, and the batch drivers write
+//! straight into the output rows. Let `x = z / T`
+//! (each logit converted to f32 and multiplied by the f32 `1 / T`).
+//!
+//! # Top-k ([`TopKStream`], [`compress_topk`])
+//! A candidate buffer with a running threshold `θ` (the k-th best value so far, `-inf` until k
+//! candidates exist). Per block, every `x > θ` (with `θ` as it was when the block started)
+//! joins the buffer; when the buffer holds more than k entries a linear-time selection keeps the
+//! best k and raises `θ`. Everything that is not kept — the block's `x ≤ θ`, found with a
+//! SIMD-dispatched sweep, and the entries evicted from the buffer — is accumulated into an
+//! online log-sum-exp of the *tail*. At the end
+//!
+//! ```text
+//!     lse_all = logaddexp(lse_topk, lse_tail),   logprob_i = x_i − lse_all,
+//!     tail_logprob = lse_tail − lse_all = log(1 − Σ_topk p)
+//! ```
+//!
+//! in f64 (the block sweeps sum in f32 lanes), so the tail log-mass keeps ~1e-6 relative
+//! accuracy even when it is 1e-30 or e^-5000 (no `log(1 − Σp)` cancellation). The order is "larger value first, lower id first among
+//! equal values". Entries with probability 0 (`-inf` logits) are never listed: when fewer than
+//! k entries are finite, the remaining slots are unused (id −1, log-prob −inf), and the
+//! tail log-prob is −inf whenever nothing finite is left outside the listed ids.
+//!
+//! # Sampling ([`SampleStream`], [`compress_sample`])
+//! `N` ids are drawn with replacement from `p = softmax(x)`; the distinct ids are returned with
+//! `weight = count / N` and their log-probabilities, sorted like top-k, padded to N slots with
+//! (id −1, weight 0, log-prob −inf). The draws depend only on `(seed, row, logits)`: every
+//! uniform comes from a counter-based generator ([`uniform`], SplitMix64 keyed by
+//! `(seed, row, stream)`), so results do not depend on the thread count, on how a row is sliced
+//! for streaming, nor on the implementation (the pure-PyTorch reference
+//! `kdfast.reference_sparse` replays the same algorithm). Per block `b` (in f64):
+//!
+//! 1. `w_i = exp(x_i − m_b)` (`m_b` the block max; a vectorised f64 `exp` within 2 ulp, so
+//!    a draw could differ from another implementation's only if a uniform fell within ~1e-15
+//!    of a boundary), `c_i` their running sum in id order,
+//!    `S_b = c_last`, block log-mass `L_b = m_b + ln S_b`;
+//! 2. N within-block draws: uniform `u_j` of stream `b`, target `t_j = u_j S_b`, id = the first
+//!    `i` with `c_i > t_j` (the targets are walked in sorted order; the draws are stored in
+//!    generation order `j = 0..N`).
+//!
+//! At the end, N draws over the blocks (stream `u64::MAX`, same rule over the running sum of
+//! `exp(L_b − max L)`) say how many draws `n_b` each block contributes, and block `b`
+//! contributes its first `n_b` draws. Each of the N draws is thus "block ∝ mass, then id ∝ p
+//! inside the block", i.e. exactly a draw from `p`, and the draws are independent.
+//!
+//! # Streaming
+//! A row can be fed as several contiguous vocabulary slices (`push(offset, slice)` with
+//! `offset` equal to the number of logits already pushed; e.g. a tensor-parallel teacher's
+//! shards in rank order). The stream re-blocks the slices into the same absolute blocks, so
+//! `finish()` is bit-identical to the one-pass function on the whole row.
+
+use crate::dense::Rows;
+use crate::elem::Elem;
+use crate::error::{try_reserve, KdError, Result};
+use crate::isa::{Isa, Kernel};
+use crate::math::Math;
+use crate::stats::LANES;
+use crate::threads;
+
+/// Ids per absolute vocabulary block (both compressors).
+pub const VOCAB_BLOCK: usize = 4096;
+
+/// The stream id of the final over-the-blocks draws of [`SampleStream`].
+pub const BLOCK_SELECT_STREAM: u64 = u64::MAX;
+
+const NEG_INF: f32 = f32::NEG_INFINITY;
+
+mod f64math;
+mod rng;
+mod sample;
+mod topk;
+
+use f64math::{exp64, ExpJob, Lse64};
+pub use rng::{mix64, stream_key, uniform};
+pub use sample::SampleStream;
+pub use topk::TopKStream;
+
+// ----------------------------------------------------------------------- block buffering
+
+/// Re-blocks a row arriving in contiguous slices into absolute [`VOCAB_BLOCK`] blocks of
+/// scaled f32 values.
+struct Blocker {
+    inv_t: f32,
+    buf: Vec<f32>,
+    fill: usize,
+    seen: usize,
+}
+
+impl Blocker {
+    fn new(temperature: f32) -> Result<Blocker> {
+        check_temperature(temperature)?;
+        Ok(Blocker { inv_t: 1.0 / temperature, buf: vec![0.0; VOCAB_BLOCK], fill: 0, seen: 0 })
+    }
+
+    /// Append `src`, calling `full(block_start, block)` for every completed block.
+    fn push<E: Elem>(&mut self, offset: usize, mut src: &[E], mut full: impl FnMut(usize, &mut [f32], usize) -> Result<()>) -> Result<()> {
+        if offset != self.seen {
+            return Err(KdError::InvalidArgument {
+                name: "offset",
+                expected: format!("{} (slices of a row must be contiguous and in increasing order)", self.seen),
+                got: offset.to_string(),
+            });
+        }
+        if self.seen.checked_add(src.len()).is_none_or(|n| n > u32::MAX as usize) {
+            return Err(KdError::InvalidArgument {
+                name: "teacher_logits",
+                expected: format!("a vocabulary of at most {} entries", u32::MAX),
+                got: format!("{} entries", self.seen as u128 + src.len() as u128),
+            });
+        }
+        while !src.is_empty() {
+            let take = (VOCAB_BLOCK - self.fill).min(src.len());
+            let dst = &mut self.buf[self.fill..self.fill + take];
+            E::load(&src[..take], dst);
+            for x in dst.iter_mut() {
+                *x *= self.inv_t;
+            }
+            self.fill += take;
+            self.seen += take;
+            src = &src[take..];
+            if self.fill == VOCAB_BLOCK {
+                self.flush(&mut full)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Process the partial block, if any.
+    fn flush(&mut self, full: &mut impl FnMut(usize, &mut [f32], usize) -> Result<()>) -> Result<()> {
+        if self.fill == 0 {
+            return Ok(());
+        }
+        let n = self.fill;
+        let padded = n.div_ceil(LANES) * LANES;
+        self.buf[n..padded].fill(NEG_INF);
+        self.fill = 0;
+        full(self.seen - n, &mut self.buf[..padded], n)
+    }
+}
+
+fn check_num_samples(n: usize) -> Result<()> {
+    if n == 0 || n > u32::MAX as usize {
+        return Err(KdError::InvalidArgument { name: "num_samples", expected: "an integer in [1, 2^32)".into(), got: n.to_string() });
+    }
+    Ok(())
+}
+
+fn check_temperature(t: f32) -> Result<()> {
+    if t.is_finite() && t > 0.0 {
+        Ok(())
+    } else {
+        Err(KdError::InvalidArgument { name: "temperature", expected: "a finite number > 0".into(), got: format!("{t}") })
+    }
+}
+
+/// Max and NaN flag of a padded block, and the log-sum-exp of its entries `≤ thr`.
+struct BlockScan {
+    max: f32,
+    nan: bool,
+    tail: Lse64,
+}
+
+struct ScanJob<'a> {
+    x: &'a [f32],
+    thr: f32,
+}
+
+impl Kernel for ScanJob<'_> {
+    type Output = BlockScan;
+    #[inline(always)]
+    fn run<M: Math>(self) -> BlockScan {
+        scan::<M>(self.x, self.thr)
+    }
+}
+
+#[inline(always)]
+fn scan<M: Math>(x: &[f32], thr: f32) -> BlockScan {
+    let mut mx = [NEG_INF; LANES];
+    let mut tmx = [NEG_INF; LANES];
+    let mut nan = [false; LANES];
+    for c in x.chunks_exact(LANES) {
+        for l in 0..LANES {
+            let v = c[l];
+            mx[l] = if v > mx[l] { v } else { mx[l] };
+            let t = if v <= thr { v } else { NEG_INF };
+            tmx[l] = if t > tmx[l] { t } else { tmx[l] };
+            nan[l] |= v.is_nan();
+        }
+    }
+    let max = mx.iter().copied().fold(NEG_INF, f32::max);
+    let tmax = tmx.iter().copied().fold(NEG_INF, f32::max);
+    let nan = nan.iter().any(|&b| b);
+    let mut tail = Lse64::EMPTY;
+    if tmax > NEG_INF && !nan {
+        let mut acc = [0.0f32; LANES];
+        for c in x.chunks_exact(LANES) {
+            for l in 0..LANES {
+                let e = M::exp(c[l] - tmax);
+                acc[l] += if c[l] <= thr { e } else { 0.0 };
+            }
+        }
+        tail = Lse64 { max: tmax as f64, sum: acc.iter().map(|&a| a as f64).sum() };
+    }
+    BlockScan { max, nan, tail }
+}
+
+fn check_block(max: f32, nan: bool, row: usize) -> Result<()> {
+    let detail = if nan {
+        "contains NaN"
+    } else if max == f32::INFINITY {
+        "contains +inf"
+    } else {
+        return Ok(());
+    };
+    Err(KdError::NonFiniteRow { tensor: "teacher_logits", row, detail })
+}
+
+fn all_neg_inf(row: usize) -> KdError {
+    KdError::NonFiniteRow { tensor: "teacher_logits", row, detail: "is entirely -inf" }
+}
+
+fn empty_row() -> KdError {
+    KdError::InvalidArgument { name: "teacher_logits", expected: "a row of at least one logit".into(), got: "0 logits".into() }
+}
+
+fn check_slots(name: &'static str, got: usize, k: usize) -> Result<()> {
+    if got != k {
+        return Err(KdError::ShapeMismatch { what: format!("{name} has {got} slots for k = {k}") });
+    }
+    Ok(())
+}
+
+/// Larger value first, then lower id.
+#[inline]
+fn by_rank(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+// ------------------------------------------------------------------------- batch drivers
+
+/// Rows handed to the thread pool at a time (bounds the per-batch list of row outputs).
+const BATCH_ROWS: usize = 1024;
+
+/// Top-k of every row of `logits` at temperature `T`: `ids_out`/`logprobs_out` are contiguous
+/// `[rows, k]`, `tail_out` `[rows]` (see [`TopKStream::finish`]). Each row is written in place;
+/// the only other memory is O(min(k, V)) per worker thread.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_topk<E: Elem>(
+    logits: Rows<E>,
+    k: usize,
+    temperature: f32,
+    ids_out: &mut [i64],
+    logprobs_out: &mut [f32],
+    tail_out: &mut [f32],
+    isa: Isa,
+    num_threads: usize,
+) -> Result<()> {
+    let rows = logits.rows;
+    TopKStream::new(k, temperature, isa, 0)?;
+    check_outputs(rows, k, &[("ids", ids_out.len()), ("logprobs", logprobs_out.len())], Some(("tail_logprob", tail_out.len())))?;
+    let batch = BATCH_ROWS.saturating_mul(k);
+    let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(tail_out.chunks_mut(BATCH_ROWS));
+    for (b, ((ids, lp), tail)) in batches.enumerate() {
+        let mut items: Vec<_> = ids.chunks_mut(k).zip(lp.chunks_mut(k)).zip(tail.iter_mut()).collect();
+        threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), tail)| {
+            let r = b * BATCH_ROWS + i;
+            let mut s = TopKStream::new(k, temperature, isa, r)?;
+            s.push(0, logits.row(r))?;
+            **tail = s.finish(ids, lp)?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// `num_samples` draws from every row of `logits` at temperature `T`; row `r` uses the random
+/// streams of row index `row_offset + r`. Outputs are contiguous `[rows, num_samples]` (see
+/// [`SampleStream::finish`]), written in place; they do not depend on `isa` or `num_threads`.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_sample<E: Elem>(
+    logits: Rows<E>,
+    num_samples: usize,
+    temperature: f32,
+    seed: u64,
+    row_offset: u64,
+    ids_out: &mut [i64],
+    logprobs_out: &mut [f32],
+    weights_out: &mut [f32],
+    isa: Isa,
+    num_threads: usize,
+) -> Result<()> {
+    let (rows, n) = (logits.rows, num_samples);
+    check_num_samples(n)?;
+    check_temperature(temperature)?;
+    check_outputs(rows, n, &[("ids", ids_out.len()), ("logprobs", logprobs_out.len()), ("weights", weights_out.len())], None)?;
+    let batch = BATCH_ROWS.saturating_mul(n);
+    let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(weights_out.chunks_mut(batch));
+    for (b, ((ids, lp), w)) in batches.enumerate() {
+        let mut items: Vec<_> = ids.chunks_mut(n).zip(lp.chunks_mut(n)).zip(w.chunks_mut(n)).collect();
+        threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), w)| {
+            let r = b * BATCH_ROWS + i;
+            let mut s = SampleStream::new(n, temperature, seed, row_offset.wrapping_add(r as u64), isa)?;
+            s.err_row = r;
+            s.push(0, logits.row(r))?;
+            s.finish(ids, lp, w)
+        })?;
+    }
+    Ok(())
+}
+
+fn check_outputs(rows: usize, k: usize, per_slot: &[(&str, usize)], per_row: Option<(&str, usize)>) -> Result<()> {
+    for &(name, len) in per_slot {
+        if Some(len) != rows.checked_mul(k) {
+            return Err(KdError::ShapeMismatch { what: format!("{name} output has {len} elements for {rows} rows of {k} slots") });
+        }
+    }
+    if let Some((name, len)) = per_row {
+        if len != rows {
+            return Err(KdError::ShapeMismatch { what: format!("{name} output has {len} elements for {rows} rows") });
+        }
+    }
+    Ok(())
+}
+
