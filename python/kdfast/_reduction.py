@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._validate import check_ignore_index
+from ._validate import check_ignore_index, show_int
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 Number = Union[float, torch.Tensor]
@@ -59,7 +59,8 @@ def check_num_items(n) -> Optional[Number]:
     except OverflowError:
         v = math.inf
     if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"num_items_in_batch: expected a finite number ≥ 0, got {n!r}")
+        got = show_int(int(n)) if isinstance(n, numbers.Integral) else repr(n)
+        raise ValueError(f"num_items_in_batch: expected a finite number ≥ 0, got {got}")
     return max(v, 1.0)
 
 

@@ -62,15 +62,29 @@ def check_temperature(t) -> float:
     return v
 
 
+def show_int(v: int) -> str:
+    """An integer for an error message: powers of two near them as ``2**k``, others in full
+    unless they are absurdly long."""
+    a = abs(v)
+    for k in range(32, 4096):
+        for off, text in ((0, f"2**{k}"), (-1, f"2**{k} - 1")):
+            if a == (1 << k) + off:
+                return ("-" if v < 0 else "") + (f"({text})" if v < 0 and off else text)
+        if a < (1 << k) - 1:
+            break
+    digits = str(a)
+    return digits if len(digits) <= 30 else f"an integer of {len(digits)} digits"
+
+
 def check_int(value, name: str, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """An integer (not a bool) in [low, high] when bounds are given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     v = int(value)
     if (low is not None and v < low) or (high is not None and v > high):
-        lo = "-inf" if low is None else str(low)
-        hi = "inf" if high is None else (f"2**{(high + 1).bit_length() - 1} - 1" if high > 2**32 else str(high))
-        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v}")
+        lo = "-inf" if low is None else show_int(low)
+        hi = "inf" if high is None else show_int(high)
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {show_int(v)}")
     return v
 
 
