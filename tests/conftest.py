@@ -105,12 +105,14 @@ def loss_fn(name):
 
 
 def extra_kwargs(name, beta=0.5, skew=0.1):
-    """The loss-specific keyword (beta for jsd, skew for the skew KLs)."""
-    if name == "jsd":
-        return {"beta": beta}
-    if name.startswith("skew"):
-        return {"skew": skew}
-    return {}
+    """The loss's own keyword from the registry (beta for jsd, skew for the skew KLs; a new
+    loss's parameter at its default)."""
+    import kdfast
+
+    param = kdfast.LOSSES[name].param
+    if param is None:
+        return {}
+    return {param.name: {"beta": beta, "skew": skew}.get(param.name, param.default)}
 
 
 def make_logits(shape, *, seed=0, scale=3.0, dtype=torch.float32, correlated=True):
