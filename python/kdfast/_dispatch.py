@@ -20,9 +20,9 @@ import torch
 
 from . import _triton
 from ._errors import DtypeError
+from ._validate import KERNEL_DTYPES
 
 BACKENDS = ("auto", "rust", "triton", "torch")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_backend(backend) -> str:

@@ -10,16 +10,17 @@ aborted interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import operator
+import math
 import os
 
 import torch
 
 from . import _kdfast
+from ._validate import KERNEL_DTYPES, check_count
 
-NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_COUNT = 1 << 32  # k and num_samples (slot indices and counts are 32-bit in the kernels)
+NATIVE_DTYPES = KERNEL_DTYPES  # what the binding reads
 
 
 def num_threads() -> int:
@@ -66,41 +67,23 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def _memory_limit():
     """Bytes this process may map: its address-space limit if set, else physical memory (None
     if neither is known)."""
-    try:
+    with contextlib.suppress(ImportError, OSError, ValueError):  # no resource module: not Unix
         import resource
 
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
             return soft
-    except (ImportError, OSError, ValueError):
-        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
 
 
-def _count(value, name: str) -> int:
-    """``k`` / ``num_samples``: an integer in ``[1, 2**32)``."""
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}") from None
-    if not 1 <= v < _MAX_COUNT:
-        raise ValueError(f"{name}: expected an integer in [1, 2**32), got {v}")
-    return v
-
-
 def _empty(name: str, value: int, *specs):
     """Fresh CPU tensors ``torch.empty(shape, dtype)`` for each ``(shape, dtype)``, or a
     ``ValueError`` naming the argument ``name`` (of value ``value``) that sized them when they
     cannot fit in memory."""
-    need = 0
-    for shape, dtype in specs:
-        n = 1
-        for d in shape:
-            n *= d
-        need += n * dtype.itemsize
+    need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)
     limit = _memory_limit()
 
     def too_large(detail: str):
@@ -144,7 +127,7 @@ def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t
 
 def compress_topk(x2: torch.Tensor, k: int, temperature: float):
     """Top-k of ``[N, V]`` CPU logits: ``(ids int64 [N, k], logprobs float32 [N, k], tail float32 [N])``."""
-    k = _count(k, "k")
+    k = check_count(k, "k")
     x2 = as_rows(x2)
     n = x2.shape[0]
     ids, lp, tail = _empty("k", k, ((n, k), torch.int64), ((n, k), torch.float32), ((n,), torch.float32))
@@ -154,7 +137,7 @@ def compress_topk(x2: torch.Tensor, k: int, temperature: float):
 
 def compress_sample(x2: torch.Tensor, num_samples: int, temperature: float, seed: int, row_offset: int):
     """Sampling compression of ``[N, V]`` CPU logits: ``(ids, logprobs, weights)``, each ``[N, num_samples]``."""
-    num_samples = _count(num_samples, "num_samples")
+    num_samples = check_count(num_samples, "num_samples")
     x2 = as_rows(x2)
     shape = (x2.shape[0], num_samples)
     ids, lp, w = _empty("num_samples", num_samples, (shape, torch.int64), (shape, torch.float32), (shape, torch.float32))

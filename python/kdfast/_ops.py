@@ -32,7 +32,7 @@ def kernel_scale(backend: str, weight: Optional[torch.Tensor]):
 
 def reduce_rows(rows: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
     total = rows.sum()
-    return total if weight is None else total * weight.to(total.device)
+    return total if weight is None else total * weight
 
 
 def dense_call(backend: str):

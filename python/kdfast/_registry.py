@@ -11,7 +11,7 @@ its name in the binding, ``_triton/dense.py``) and tests — the tests parametri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Tuple
 
 from . import reference
@@ -33,10 +33,6 @@ class Param:
     def check(self, value) -> float:
         return check_real(value, self.name, low=self.low, high=self.high, high_open=self.high_open)
 
-    @property
-    def range_text(self) -> str:
-        return f"[{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
 
 @dataclass(frozen=True)
 class LossSpec:
@@ -49,7 +45,6 @@ class LossSpec:
     """
 
     name: str
-    formula: str
     summary: str
     reference: Callable
     param: Optional[Param] = None
@@ -74,28 +69,25 @@ class LossSpec:
 
 
 def _specs(*specs: LossSpec) -> Dict[str, LossSpec]:
-    return {s.name: LossSpec(**{**s.__dict__, "kernel_id": i}) for i, s in enumerate(specs)}
+    return {s.name: replace(s, kernel_id=i) for i, s in enumerate(specs)}
 
 
 _BETA = Param("beta", 0.5, 0.0, 1.0, doc="β ∈ [0, 1]: the mixture weight of the teacher")
 _SKEW = Param("skew", 0.1, 0.0, 1.0, high_open=True, doc="λ ∈ [0, 1): the skew of the mixture")
 
 LOSSES: Dict[str, LossSpec] = _specs(
-    LossSpec("forward_kl", "KL(p‖q)", "Forward KL ``KL(p‖q) = Σ p (log p − log q)`` per row.",
+    LossSpec("forward_kl", "Forward KL ``KL(p‖q) = Σ p (log p − log q)`` per row.",
              reference.forward_kl),
-    LossSpec("reverse_kl", "KL(q‖p)", "Reverse KL ``KL(q‖p) = Σ q (log q − log p)`` per row.",
+    LossSpec("reverse_kl", "Reverse KL ``KL(q‖p) = Σ q (log q − log p)`` per row.",
              reference.reverse_kl),
-    LossSpec("jsd", "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q",
-             "Generalised Jensen-Shannon divergence ``β KL(p‖m) + (1−β) KL(q‖m)``, ``m = βp + (1−β)q``; "
+    LossSpec("jsd", "Generalised Jensen-Shannon divergence ``β KL(p‖m) + (1−β) KL(q‖m)``, ``m = βp + (1−β)q``; "
              "exactly forward KL at β = 0 and reverse KL at β = 1 (the GKD / TRL convention).",
              reference.jsd, _BETA, {0.0: "forward_kl", 1.0: "reverse_kl"}),
-    LossSpec("skew_forward_kl", "KL(p ‖ λp + (1−λ)q)",
-             "Skew forward KL ``KL(p ‖ λp + (1−λ)q)``, λ = skew (DistiLLM); exactly forward KL at λ = 0.",
+    LossSpec("skew_forward_kl", "Skew forward KL ``KL(p ‖ λp + (1−λ)q)``, λ = skew (DistiLLM); exactly forward KL at λ = 0.",
              reference.skew_forward_kl, _SKEW, {0.0: "forward_kl"}),
-    LossSpec("skew_reverse_kl", "KL(q ‖ λq + (1−λ)p)",
-             "Skew reverse KL ``KL(q ‖ λq + (1−λ)p)``, λ = skew; exactly reverse KL at λ = 0.",
+    LossSpec("skew_reverse_kl", "Skew reverse KL ``KL(q ‖ λq + (1−λ)p)``, λ = skew; exactly reverse KL at λ = 0.",
              reference.skew_reverse_kl, _SKEW, {0.0: "reverse_kl"}),
-    LossSpec("tvd", "½ Σ |p − q|", "Total variation distance ``½ Σ |p − q|`` per row.", reference.tvd),
+    LossSpec("tvd", "Total variation distance ``½ Σ |p − q|`` per row.", reference.tvd),
 )
 
 

@@ -12,11 +12,16 @@ import torch
 
 from ._errors import DtypeError
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: What the Rust and Triton kernels read (they compute in float32).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Logits, hidden states and heads: the kernels' dtypes, and float64 (exact on the reference).
+LOGIT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The kernels compute in float32: T and 1/T must both be normal float32 numbers.
 _F32_TINY = 2.0**-126
 _F32_MAX = float(torch.finfo(torch.float32).max)
+#: Bound of ``k`` and ``num_samples`` (slot indices and counts are 32-bit in the kernels).
+MAX_COUNT = 1 << 32
 
 
 def check_logits(x, name: str) -> torch.Tensor:
@@ -88,6 +93,11 @@ def check_int(value, name: str, *, low: Optional[int] = None, high: Optional[int
     return v
 
 
+def check_count(value, name: str) -> int:
+    """``k`` / ``num_samples``: an integer in [1, :data:`MAX_COUNT`)."""
+    return check_int(value, name, low=1, high=MAX_COUNT - 1)
+
+
 def check_ignore_index(value) -> int:
     """``ignore_index`` is compared with int64 labels: it must be an int64."""
     return check_int(value, "ignore_index", low=INT64_MIN, high=INT64_MAX)
@@ -103,7 +113,8 @@ def check_flag(value, name: str) -> bool:
 class Pair:
     """Validated student/teacher logits as 2-D ``[N, V]`` views (vocabulary already cut)."""
 
-    student: torch.Tensor  # the caller's tensor (autograd input)
+    student: torch.Tensor  # the caller's tensor
+    s_rows: torch.Tensor  # the student as [N, V_s] rows (a view when the layout allows): the kernels' input
     s2: torch.Tensor
     t2: torch.Tensor
     labels: Optional[torch.Tensor]  # int64 [N] or None
@@ -159,9 +170,9 @@ def check_pair(student, teacher, *, vocab_size, labels) -> Pair:
     vs, vt = student.shape[-1], teacher.shape[-1]
     v = check_vocab(vocab_size, vs, vt)
     labels = check_labels(labels, lead, student.device)
-    s2 = student.reshape(-1, vs)[:, :v]
+    s_rows = student.reshape(-1, vs)
     t2 = teacher.reshape(-1, vt)[:, :v]
-    return Pair(student, s2, t2, labels, lead, v)
+    return Pair(student, s_rows, s_rows[:, :v], t2, labels, lead, v)
 
 
 def reject_unknown(what: str, kwargs: dict, allowed) -> None:

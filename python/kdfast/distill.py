@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch, losses
+from .losses import COMMON_KWARGS
 from ._reduction import Reduction
 from ._registry import LOSSES as _SPECS
 from ._registry import get as _get_spec
@@ -34,11 +35,8 @@ __all__ = ["DistillationLoss", "LOSSES"]
 #: Dense loss name → function (api.md §1). ``"sparse_kl"`` (sparse teacher only) is accepted too.
 LOSSES = {name: getattr(losses, name) for name in _SPECS}
 _SPARSE_OK = ("forward_kl", "sparse_kl")  # sparse_kl estimates forward KL; nothing else
-_COMMON = ("temperature", "t2_scale", "ignore_index", "reduction", "vocab_size", "backend")
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+# The loss keywords fixed at construction; labels and num_items_in_batch come with each call.
+_COMMON = tuple(k for k in COMMON_KWARGS if k not in ("labels", "num_items_in_batch"))
 
 
 def _weight(value, name: str) -> float:
@@ -101,8 +99,9 @@ class DistillationLoss(torch.nn.Module):
         # Validate eagerly, so that a bad configuration fails when the module is built.
         if "temperature" in kw:
             kw["temperature"] = check_temperature(kw["temperature"])
-        self._reduction = Reduction(kw.get("reduction", "mean"), ignore_index=kw.get("ignore_index", -100))
-        kw["reduction"], kw["ignore_index"] = self._reduction.kind, self._reduction.ignore_index
+        red = Reduction(kw.pop("reduction", "mean"), ignore_index=kw.pop("ignore_index", -100))
+        self.reduction: str = red.kind
+        self.ignore_index: int = red.ignore_index
         if "backend" in kw:
             kw["backend"] = _dispatch.check_backend(kw["backend"])
         if "t2_scale" in kw:
@@ -114,8 +113,6 @@ class DistillationLoss(torch.nn.Module):
             kw[spec.param.name] = spec.param.check(kw[spec.param.name])
         if "tail" in kw and kw["tail"] not in TAILS:
             raise ValueError(f"tail: expected 'bucket' or 'renorm', got {kw['tail']!r}")
-        self.ignore_index: int = kw.pop("ignore_index", -100)
-        self.reduction: str = kw.pop("reduction", "mean")
         self.vocab_size: Optional[int] = kw.pop("vocab_size", None)
         self.loss_kwargs = kw
 

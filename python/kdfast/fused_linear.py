@@ -37,11 +37,11 @@ from ._errors import DtypeError
 from ._reduction import Reduction
 from ._registry import LOSSES, param_names
 from ._registry import get as get_loss
-from ._validate import check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
+from ._validate import LOGIT_DTYPES, check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
+from .losses import COMMON_KWARGS
 from .sparse import prepare_sparse
 
 __all__ = ["fused_linear_distill_loss"]
-_HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Elements of one chunk's float32 logits (64 MiB on CPU, 1 GiB on CUDA).
 _CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
@@ -257,14 +257,10 @@ _fused_linear_op.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------- the public function
 
-_COMMON_KWARGS = ("temperature", "t2_scale", "labels", "ignore_index", "reduction", "num_items_in_batch",
-                  "vocab_size", "backend")
-
-
 def _matrix(x, name: str, dim: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _HIDDEN_DTYPES:
+    if x.dtype not in LOGIT_DTYPES:
         raise DtypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
     if dim == 2 and x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [V, H] weight, got shape {tuple(x.shape)}")
@@ -323,7 +319,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     Returns:
         float32 loss (float64 for float64 inputs), reduced as asked.
     """
-    reject_unknown("fused_linear_distill_loss", loss_kwargs, _COMMON_KWARGS + param_names() + ("tail",))
+    reject_unknown("fused_linear_distill_loss", loss_kwargs, (*COMMON_KWARGS, *param_names(), "tail"))
     h = _matrix(student_hidden, "student_hidden", 1)
     w = _matrix(student_weight, "student_weight", 2)
     if w.device != h.device:

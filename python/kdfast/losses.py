@@ -22,7 +22,7 @@ import torch
 from . import _dispatch, _ops
 from ._reduction import Reduction
 from ._registry import LOSSES, LossSpec
-from ._validate import Pair, check_flag, check_pair, check_temperature
+from ._validate import Pair, check_flag, check_pair, check_temperature, reject_unknown
 
 __all__ = ["dense_loss", *LOSSES]
 
@@ -55,7 +55,7 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
             rows = rows * (t * t)
         return red.apply(rows, pair.lead_shape, pair.labels)
     need_grad = pair.student.requires_grad and torch.is_grad_enabled()
-    student = pair.student if need_grad else pair.student.detach()
+    student = pair.s_rows if need_grad else pair.s_rows.detach()
     out, _ = _ops.dense(student, pair.t2.detach(), pair.labels, red.weight(n, pair.labels, pair.s2.device),
                         spec.name, float(param), t, t2_scale, red.ignore_index, pair.vocab,
                         not red.per_row, need_grad, backend)
@@ -102,9 +102,7 @@ def _public(spec: LossSpec) -> Callable:
 
     def loss_fn(student_logits, teacher_logits, **kwargs):
         param = spec.check_param(kwargs.pop(p.name)) if (p is not None and p.name in kwargs) else None
-        unknown = sorted(set(kwargs) - set(COMMON_KWARGS))
-        if unknown:
-            raise TypeError(f"{spec.name}() got an unexpected keyword argument {unknown[0]!r}")
+        reject_unknown(f"{spec.name}()", kwargs, COMMON_KWARGS)
         return dense_loss(spec, student_logits, teacher_logits, param=param, **kwargs)
 
     kw = inspect.Parameter.KEYWORD_ONLY

@@ -31,8 +31,8 @@ import torch
 from . import _dispatch, _native, _ops, _triton
 from . import reference_sparse as _ref
 from ._reduction import Reduction
-from ._validate import check_flag, check_int, check_labels, check_logits, check_temperature
-from .targets import SparseTargets, positive_int
+from ._validate import check_count, check_flag, check_int, check_labels, check_logits, check_temperature
+from .targets import SparseTargets
 
 __all__ = ["compress_topk", "compress_sample", "sparse_kl", "prepare_sparse", "SparseInputs", "TAILS"]
 
@@ -72,7 +72,7 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
             sort on the same device) or ``"torch"``. Every backend lists the same ids.
     """
     x2, backend = _teacher_rows(teacher_logits, backend, "compress_topk")
-    k = positive_int(k, "k")
+    k = check_count(k, "k")
     t = check_temperature(temperature)
     lead = teacher_logits.shape[:-1]
     if backend == "torch" or x2.shape[0] == 0:
@@ -110,7 +110,7 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
             boundary, where two float64 ``exp`` implementations may round differently).
     """
     x2, backend = _teacher_rows(teacher_logits, backend, "compress_sample")
-    n_s = positive_int(num_samples, "num_samples")
+    n_s = check_count(num_samples, "num_samples")
     t = check_temperature(temperature)
     seed = check_int(seed, "seed", low=0, high=2**64 - 1)
     row_offset = check_int(row_offset, "row_offset", low=0, high=2**64 - 1)
@@ -273,8 +273,7 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str
     if backend == "triton" and s.device.type == "cpu" and _dispatch.host_reads_allowed(s.device):
         check_values(prep, s, red.ignore_index)  # the Triton kernel cannot raise: check first
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    student = student_logits if need_grad else student_logits.detach()
-    out, _ = _ops.sparse(student, prep.ids, prep.lp, prep.w, prep.tail, prep.labels,
+    out, _ = _ops.sparse(s if need_grad else s.detach(), prep.ids, prep.lp, prep.w, prep.tail, prep.labels,
                          red.weight(n, prep.labels, s.device), prep.mode, prep.temperature, t2_scale,
                          red.ignore_index, not red.per_row, need_grad, backend)
     return out.reshape(lead) if red.per_row else out

@@ -14,16 +14,11 @@ import torch
 
 from . import _native
 from ._errors import DtypeError
-from ._validate import check_int, check_temperature
+from ._validate import check_count, check_int, check_temperature
 
-__all__ = ["SparseTargets", "EncodedTargets", "encode_targets", "decode_targets", "METHODS", "positive_int"]
+__all__ = ["SparseTargets", "EncodedTargets", "encode_targets", "decode_targets", "METHODS"]
 
 METHODS = ("topk", "sample")
-
-
-def positive_int(value, name: str, *, below: int = 1 << 32) -> int:
-    """An integer in [1, ``below``) (slot counts, sample counts: they cross to Rust as u32)."""
-    return check_int(value, name, low=1, high=below - 1)
 
 # ----------------------------------------------------------------------------- SparseTargets
 
@@ -194,7 +189,7 @@ def encode_targets(targets: SparseTargets, vocab_size: int, *, num_samples: Opti
     k = targets.k
     sampled = targets.method == "sample"
     if sampled:
-        n_s = k if num_samples is None else positive_int(num_samples, "num_samples")
+        n_s = k if num_samples is None else check_count(num_samples, "num_samples")
     elif num_samples is not None:
         raise ValueError("num_samples: only sampled targets (method='sample') have a num_samples")
     else:
@@ -206,7 +201,6 @@ def encode_targets(targets: SparseTargets, vocab_size: int, *, num_samples: Opti
     lp = cpu(targets.logprobs, torch.float32)
     w = cpu(targets.weights, torch.float32)
     tail = None if not has_tail else targets.tail_logprob.detach().to("cpu", torch.float32).reshape(-1).contiguous()
-    rows = ids.shape[0]
     data = _native.encode_targets(ids, lp, w, tail, vocab, n_s)
     rb = data.shape[1]
     return EncodedTargets(data=data.reshape(*lead, rb), vocab_size=vocab, k=k, method=targets.method,

@@ -36,16 +36,22 @@ RESULT_PREFIX = "KDFAST_BENCH_RESULT "
 # Memory and time primitives.
 
 
-def read_status_kib(field: str) -> int | None:
-    """A ``kB`` field (``VmHWM``, ``VmRSS``) of ``/proc/self/status``, or None off Linux."""
+def proc_field(path: str, field: str) -> str | None:
+    """The value after ``field:`` on its line of a ``/proc`` file, or None (off Linux, absent)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                if line.startswith(field) and line[len(field):].lstrip().startswith(":"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         return None
     return None
+
+
+def read_status_kib(field: str) -> int | None:
+    """A ``kB`` field (``VmHWM``, ``VmRSS``) of ``/proc/self/status``, or None off Linux."""
+    value = proc_field("/proc/self/status", field)
+    return None if value is None else int(value.split()[0])
 
 
 def reset_peak_rss() -> bool:
@@ -202,24 +208,9 @@ class Phase:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gib = round(int(line.split()[1]) / 2**20, 1)
-                    break
-    except OSError:
-        pass
+    cpu = proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    mem_kib = proc_field("/proc/meminfo", "MemTotal")
+    mem_gib = None if mem_kib is None else round(int(mem_kib.split()[0]) / 2**20, 1)
     info: dict[str, Any] = {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),

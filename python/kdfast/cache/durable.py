@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -37,9 +38,8 @@ def fsync_dir(path: str) -> None:
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
+        with contextlib.suppress(OSError):  # pragma: no cover - file systems without dir fsync
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -48,10 +48,8 @@ def atomic_write(path: str, data) -> None:
     """Write ``data`` (bytes-like) to ``path`` atomically: temp file, fsync, rename, fsync dir."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)  # a leftover of a killed process with this pid (or a planted link)
-    except FileNotFoundError:
-        pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     with open(fd, "wb") as f:
         f.write(data)
