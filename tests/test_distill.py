@@ -292,7 +292,7 @@ def test_bad_construction(kwargs, match):
     [
         (dict(loss="forward_kl", beta=0.5), "'beta' not accepted by loss='forward_kl'"),
         (dict(loss="jsd", skew=0.1), "'skew' not accepted"),
-        (dict(loss="reverse_kl", tail="bucket"), "'tail' not accepted"),
+        (dict(loss="skew_reverse_kl", tail="bucket"), "'tail' not accepted"),
         (dict(temprature=2.0), "'temprature' not accepted"),
         (dict(return_parts=True), "'return_parts' not accepted"),
     ],
@@ -318,8 +318,10 @@ def test_bad_calls():
     targets = kdfast.compress_topk(teacher, 3)
     with pytest.raises(ValueError, match="hard_weight=0.5 > 0 needs labels"):
         kdfast.DistillationLoss(hard_weight=0.5)(student, teacher)
-    with pytest.raises(ValueError, match="support only loss='forward_kl'"):
-        kdfast.DistillationLoss("reverse_kl")(student, targets)
+    with pytest.raises(ValueError, match="support only loss in 'forward_kl', 'reverse_kl', 'jsd', 'tvd'"):
+        kdfast.DistillationLoss("skew_forward_kl")(student, targets)
+    with pytest.raises(ValueError, match="loss: sampled targets .* only loss='forward_kl'"):
+        kdfast.DistillationLoss("reverse_kl")(student, kdfast.compress_sample(teacher, 3))
     with pytest.raises(ValueError, match="expects kdfast.SparseTargets"):
         kdfast.DistillationLoss("sparse_kl")(student, teacher)
     bad = labels.clone()

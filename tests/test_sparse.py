@@ -109,6 +109,26 @@ def scale_of(*xs, temperature):
     return 1.0 + worst / temperature
 
 
+def labelled_problem():
+    """``[4, 5, 301]`` float32 student logits, top-7 targets at T = 2 and labels masking rows
+    (0, 0..2) and (2, 4)."""
+    s64, t64 = hostile_pair(4 * 5, 301, seed=4, scale=4.0)
+    student, teacher = s64.float().reshape(4, 5, 301), t64.float().reshape(4, 5, 301)
+    labels = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1))
+    labels[0, :3] = -100
+    labels[2, 4] = -100
+    return student, kdfast.compress_topk(teacher, 7, temperature=2.0), labels
+
+
+def reduced(rows, grad, keep, reduction, nib, lead):
+    """Reference rows and gradient rows (masked and scaled) reduced as kdfast does: ``(loss,
+    gradient of shape lead + [V])``; ``keep`` the unmasked rows, ``nib`` num_items_in_batch."""
+    if reduction == "none":
+        return rows.reshape(lead), grad.reshape(*lead, -1)
+    d = 1.0 if reduction == "sum" else (nib if nib is not None else keep.sum().item())
+    return rows.sum() / d, (grad / d).reshape(*lead, -1)
+
+
 # ----------------------------------------------------------------------------- vs reference
 
 
@@ -143,12 +163,7 @@ def check_against_reference(runner, backend, mode, dtype, temperature, n, v, k):
 @pytest.mark.parametrize("reduction", ["mean", "batchmean", "sum", "none"])
 @pytest.mark.parametrize("t2_scale", [False, True])
 def test_reductions_labels_and_t2(backend, reduction, t2_scale):
-    s64, t64 = hostile_pair(4 * 5, 301, seed=4, scale=4.0)
-    student, teacher = s64.float().reshape(4, 5, 301), t64.float().reshape(4, 5, 301)
-    labels = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1))
-    labels[0, :3] = -100
-    labels[2, 4] = -100
-    tg = kdfast.compress_topk(teacher, 7, temperature=2.0)
+    student, tg, labels = labelled_problem()
     for nib in (None, 37):
         loss, grad = run(student, tg, labels=labels, reduction=reduction, t2_scale=t2_scale,
                          num_items_in_batch=nib, backend=backend)
@@ -156,13 +171,9 @@ def test_reductions_labels_and_t2(backend, reduction, t2_scale):
         keep = (labels.reshape(20) != -100).double()
         f = 4.0 if t2_scale else 1.0
         ref_rows, ref_grad = ref_rows * keep * f, ref_grad * keep[:, None] * f
-        if reduction == "none":
-            want, gscale = ref_rows.reshape(4, 5), 1.0
-        else:
-            d = 1.0 if reduction == "sum" else (nib if nib is not None else keep.sum().item())
-            want, gscale = ref_rows.sum() / d, 1.0 / d
+        want, want_grad = reduced(ref_rows, ref_grad, keep, reduction, nib, (4, 5))
         torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad.double(), (ref_grad * gscale).reshape(4, 5, 301), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-7)
         assert (grad[0, :3] == 0).all()
         if reduction == "none":
             assert (loss[0, :3] == 0).all()
@@ -397,18 +408,23 @@ def test_other_index_and_logprob_dtypes():
         torch.testing.assert_close(a, b)
 
 
-@settings(max_examples=20)
-@given(data=st.data())
-def test_bucket_properties(data):
-    # KL over k + 1 categories: ≥ 0, and 0 (with a zero gradient) when the student is the teacher.
+def draw_topk_problem(data, v_min=1):
+    """Hypothesis: ``(s64, t64, top-k targets, T, scale)``, up to 4 rows of up to 300 columns."""
     n = data.draw(st.integers(1, 4))
-    v = data.draw(st.integers(1, 300))
+    v = data.draw(st.integers(v_min, 300))
     k = data.draw(st.integers(1, 12))
     temperature = data.draw(st.sampled_from([0.05, 0.5, 1.0, 3.0]))
     scale = data.draw(st.sampled_from([0.1, 1.0, 5.0, 20.0]))
     s64, t64 = hostile_pair(n, v, seed=data.draw(st.integers(0, 10_000)), scale=scale,
                             neg_inf=data.draw(st.sampled_from([0.0, 0.5])))
-    tg = kdfast.compress_topk(t64.float(), k, temperature=temperature)
+    return s64, t64, kdfast.compress_topk(t64.float(), k, temperature=temperature), temperature, scale
+
+
+@settings(max_examples=20)
+@given(data=st.data())
+def test_bucket_properties(data):
+    # KL over k + 1 categories: ≥ 0, and 0 (with a zero gradient) when the student is the teacher.
+    s64, t64, tg, temperature, scale = draw_topk_problem(data)
     for backend in BACKENDS:
         loss, _ = run(s64.float(), tg, reduction="none", backend=backend)
         assert (loss >= -1e-5 * (1 + scale / temperature)).all()

@@ -1,5 +1,6 @@
-"""The Triton sparse_kl kernel (kdfast._triton.sparse): float64 references, the Rust backend,
-in-place chunk calls, NaN rows instead of errors, and torch.compile.
+"""The Triton sparse kernel (kdfast._triton.sparse): sparse_kl and sparse_loss against float64
+references and the Rust backend, in-place chunk calls, NaN rows instead of errors, and
+torch.compile.
 
 Device-generic: on a machine without CUDA every kernel runs on CPU tensors under the Triton
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small and odd.
@@ -19,6 +20,9 @@ from test_sparse import (
     tolerances,
 )
 from test_sparse import test_bad_arguments_raise_naming_them as bad_arguments_case
+from test_sparse_loss import LOSS_IDS as SPARSE_LOSS_IDS
+from test_sparse_loss import LOSSES as SPARSE_LOSSES
+from test_sparse_loss import check_case, check_fullgraph_compile, check_infinite_rows, check_zero_mass_conventions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,13 +36,21 @@ def triton_sparse():
     return sparse
 
 
-def run(student, tg, **kw):
-    """sparse_kl on DEVICE copies; loss and student gradient back on the CPU."""
+def _on_device(fn, student, tg, **kw):
+    """``fn`` on DEVICE copies; loss and student gradient back on the CPU."""
     leaf = student.detach().to(DEVICE).requires_grad_(True)
     kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    loss = kdfast.sparse_kl(leaf, tg.to(DEVICE), **kw)
+    loss = fn(leaf, tg.to(DEVICE), **kw)
     loss.backward(torch.ones_like(loss))
     return loss.detach().cpu(), leaf.grad.cpu()
+
+
+def run(student, tg, **kw):
+    return _on_device(kdfast.sparse_kl, student, tg, **kw)
+
+
+def run_loss(student, tg, **kw):
+    return _on_device(kdfast.sparse_loss, student, tg, **kw)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -52,15 +64,20 @@ def test_matches_float64_reference(mode, dtype, temperature):
 @pytest.mark.parametrize("v,k", [(1, 1), (2, 3), (4099, 9), (9000, 24), (127, 127)])
 def test_block_edges_and_every_id_listed_match_rust(mode, v, k):
     # V = 4099 and 9000 cross the 4096-column blocks (listed ids on both sides of a boundary);
-    # k = V lists every id (empty bucket).
+    # k = V lists every id (empty bucket). Every sparse_loss loss of the mode.
     n = 2 if v > 1000 else 4
     s64, t64 = hostile_pair(n, v, seed=3 * v + k, scale=6.0)
     tg = make_targets(mode, t64.float(), k, 1.3)
     tail = "renorm" if mode == "renorm" else "bucket"
-    want = run(s64.float(), tg, tail=tail, reduction="none", backend="rust")
-    got = run(s64.float(), tg, tail=tail, reduction="none", backend="triton")
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    losses = [("forward_kl", {})]
+    if mode != "sampled":
+        losses += SPARSE_LOSSES[1:] + [("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0})]
+    for loss, kw in losses:
+        opts = dict(loss=loss, tail=tail, reduction="none", **kw)
+        want = run_loss(s64.float(), tg, backend="rust", **opts)
+        got = run_loss(s64.float(), tg, backend="triton", **opts)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{loss} {kw}: {m}")
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7, msg=lambda m: f"{loss} {kw}: {m}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -246,3 +263,71 @@ def test_fullgraph_compile_matches_eager(backend, method):
         got = _train_step(model, compiled, x, tg, labels, kwargs)
         torch.testing.assert_close(got[0], eager[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1], eager[1], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- sparse_loss
+
+
+@pytest.mark.parametrize("loss,kw", SPARSE_LOSSES, ids=SPARSE_LOSS_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sparse_loss_matches_float64_yardstick(loss, kw, dtype):
+    for tail in ("bucket", "bucket_no_tail", "renorm"):
+        for temperature in (0.05, 1.0, 10.0):
+            check_case(run_loss, "triton", loss, kw, tail, dtype, temperature)
+
+
+@pytest.mark.parametrize("loss,kw", SPARSE_LOSSES[1:], ids=SPARSE_LOSS_IDS[1:])
+def test_sparse_loss_hostile_spreads_and_labels_match_rust(loss, kw):
+    for scale in (1e4, 0.0):
+        if scale == 0.0 and loss == "tvd":
+            continue  # P = Q up to rounding: TVD's subgradient is the sign of that rounding
+        s64, t64 = hostile_pair(4, 300, seed=1, scale=scale, neg_inf=0.5)
+        tg = kdfast.compress_topk(t64.float(), 7, temperature=0.05)
+        labels = torch.tensor([1, -100, 2, 3])
+        for tail in ("bucket", "renorm"):
+            opts = dict(loss=loss, tail=tail, labels=labels, t2_scale=True, reduction="none", **kw)
+            want = run_loss(s64.float(), tg, backend="rust", **opts)
+            got = run_loss(s64.float(), tg, backend="triton", **opts)
+            assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+            assert (got[1][1] == 0).all()
+
+
+def test_sparse_loss_conventions_and_infinite_rows():
+    check_infinite_rows(run_loss, "triton")
+    check_zero_mass_conventions(run_loss, "triton")
+    s = torch.randn(2, 10)
+    tg = kdfast.compress_topk(torch.randn(2, 10), 3)
+    s[1, tg.indices[1]] = float("-inf")
+    if DEVICE == "cpu":  # checked on the host first, with Rust's message
+        with pytest.raises(ValueError, match="-inf at every listed id of row 1"):
+            kdfast.sparse_loss(s, tg, loss="tvd", tail="renorm", backend="triton")
+    else:  # the kernel cannot raise: a NaN row
+        out = kdfast.sparse_loss(s.to(DEVICE), tg.to(DEVICE), loss="tvd", tail="renorm", reduction="none",
+                                 backend="triton").cpu()
+        assert torch.isnan(out[1]) and torch.isfinite(out[0])
+
+
+@pytest.mark.parametrize("mode,loss,param", [("bucket", "reverse_kl", 0.0), ("renorm", "jsd", 0.3),
+                                             ("bucket", "tvd", 0.0), ("renorm", "jsd", 0.0)])
+def test_sparse_loss_call_in_place_matches_rust(mode, loss, param):
+    s2, prep = _call_inputs(mode)
+    n, v = s2.shape
+    args = (prep.ids, prep.lp, prep.w, prep.tail, prep.labels, -100, 0.7, True)
+    rows_rust = torch.empty(n)
+    grad_rust = torch.empty(n, v + 3)
+    _native.sparse_call(prep.mode, s2, *args, 0.25, rows_rust, grad_rust, loss=loss, param=param)
+    dev = [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args]
+    z = s2.to(DEVICE).clone()
+    rows = torch.empty(n, device=DEVICE)
+    triton_sparse().sparse_call(prep.mode, z, *dev, torch.tensor([0.25], device=DEVICE), rows, z, loss=loss, param=param)
+    torch.testing.assert_close(rows.cpu(), rows_rust, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.cpu(), grad_rust[:, :v], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="loss: sampled targets"):
+        triton_sparse().sparse_call("sampled", z, *dev, 1.0, rows, None, loss=loss, param=param)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_sparse_loss_fullgraph_compile_matches_eager(backend):
+    check_fullgraph_compile(backend, DEVICE, "jsd", {"beta": 0.3})

@@ -6,7 +6,8 @@ w.r.t. the student logits in one fused pass: a Rust kernel on CPU, or the pure-P
 :mod:`kdfast.reference` elsewhere.
 
 Offline distillation (api.md §2): :func:`compress_topk` / :func:`compress_sample` turn teacher
-logits into :class:`SparseTargets`, :func:`sparse_kl` is the loss against them, and
+logits into :class:`SparseTargets`, :func:`sparse_loss` (forward KL: :func:`sparse_kl`; reverse
+KL, JSD, TVD) is the loss against them, and
 :func:`encode_targets` / :func:`decode_targets` pack them for storage.
 
 Fused linear (api.md §3): :func:`fused_linear_distill_loss` computes any of these losses from
@@ -22,7 +23,7 @@ from ._kdfast import __version__
 from ._registry import LOSSES
 from .distill import DistillationLoss
 from .fused_linear import fused_linear_distill_loss
-from .sparse import compress_sample, compress_topk, sparse_kl
+from .sparse import compress_sample, compress_topk, sparse_kl, sparse_loss
 from .targets import EncodedTargets, SparseTargets, decode_targets, encode_targets
 
 # The dense losses of api.md §1, one per registry entry (kdfast.forward_kl, kdfast.jsd, ...).
@@ -37,6 +38,7 @@ __all__ = [
     "compress_topk",
     "compress_sample",
     "sparse_kl",
+    "sparse_loss",
     "EncodedTargets",
     "encode_targets",
     "decode_targets",

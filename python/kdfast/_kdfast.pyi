@@ -58,9 +58,11 @@ class SparseConfig:
         t2_scale: bool = False,
         grad_scale: float = 1.0,
         ignore_index: int = -100,
+        loss: str = "forward_kl",
+        param: float = 0.0,
     ) -> None: ...
 
-def sparse_kl(
+def sparse_loss(
     config: SparseConfig,
     student_logits: Tensor,
     targets: Targets,

@@ -107,10 +107,13 @@ def dense_call(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale,
     _kdfast.dense_loss(cfg, s2, t2, labels, rows, grad, _runtime())
 
 
-def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad):
+def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale, grad_scale, rows, grad,
+                loss="forward_kl", param=0.0):
     """Run the Rust sparse kernel (kdfast-core ``sparse.rs``) on one chunk of rows.
 
-    ``mode``: ``"bucket"``, ``"renorm"`` or ``"sampled"``; ``s2`` ``[N, V]`` student logits
+    ``mode``: ``"bucket"``, ``"renorm"`` or ``"sampled"``; ``loss``: ``"forward_kl"`` (every
+    mode; ``sparse_kl``) or, for top-k targets, ``"reverse_kl"``, ``"jsd"`` (``param`` = β) or
+    ``"tvd"`` over the categories of the mode; ``s2`` ``[N, V]`` student logits
     (unit column stride); ``ids`` int64 ``[N, k]``; ``lp`` float32 ``[N, k]``; ``w`` float32
     ``[N, k]`` or None (sampled only); ``tail`` float32 ``[N]`` or None; ``labels`` int64 ``[N]``
     or None; all contiguous CPU tensors. Writes the per-row losses into ``rows`` (float32 ``[N]``)
@@ -118,8 +121,8 @@ def sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t
     ``V' ≥ V``, not aliasing ``s2``), ``grad_scale`` × ∂row/∂(student logits) into it (columns
     beyond V zero-filled). Bad values raise ``ValueError`` naming the argument.
     """
-    cfg = _kdfast.SparseConfig(mode, temperature, t2_scale, grad_scale, ignore_index)
-    _kdfast.sparse_kl(cfg, s2, (ids, lp, w, tail), labels, rows, grad, _runtime())
+    cfg = _kdfast.SparseConfig(mode, temperature, t2_scale, grad_scale, ignore_index, loss, param)
+    _kdfast.sparse_loss(cfg, s2, (ids, lp, w, tail), labels, rows, grad, _runtime())
 
 
 # ------------------------------------------------------------------------- compression

@@ -1,7 +1,7 @@
 """The custom ops: one per kernel family, serving eager calls and ``torch.compile`` alike.
 
 * ``kdfast::dense`` — a dense loss (api.md §1) on the Rust or Triton kernel;
-* ``kdfast::sparse`` — :func:`kdfast.sparse_kl` against sparse targets (api.md §2);
+* ``kdfast::sparse`` — :func:`kdfast.sparse_loss` against sparse targets (api.md §2);
 * ``kdfast::fused_linear`` — the LM-head-fused loss, in :mod:`kdfast.fused_linear`.
 
 Each op returns ``(out, grad)``: ``out`` is ``Σ_r w ℓ_r`` (``reduce``) or the rows ``ℓ``
@@ -47,10 +47,11 @@ def dense_call(backend: str):
 
 def sparse_call(backend: str):
     """``sparse_call(mode, s2, ids, lp, w, tail, labels, ignore_index, T, t2_scale, grad_scale,
-    rows, grad)`` of ``backend`` (see :func:`kdfast._native.sparse_call`)."""
+    rows, grad, loss="forward_kl", param=0.0)`` of ``backend`` (see
+    :func:`kdfast._native.sparse_call`)."""
     if backend == "rust":
-        def call(mode, s2, *rest):
-            _native.sparse_call(mode, _native.as_rows(s2), *rest)
+        def call(mode, s2, *rest, **loss):
+            _native.sparse_call(mode, _native.as_rows(s2), *rest, **loss)
         return call
     return _triton.kernels("sparse").sparse_call
 
@@ -94,22 +95,24 @@ def _(student, teacher, labels, weight, loss, param, temperature, t2_scale, igno
 @torch.library.custom_op("kdfast::sparse", mutates_args=())
 def sparse(student: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, w: Optional[torch.Tensor],
            tail: Optional[torch.Tensor], labels: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-           mode: str, temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
-           need_grad: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kdfast.sparse_kl` of ``student`` ``[..., V]`` against the flat target arrays
+           mode: str, loss: str, param: float, temperature: float, t2_scale: bool, ignore_index: int,
+           reduce: bool, need_grad: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kdfast.sparse_loss` of ``student`` ``[..., V]`` against the flat target arrays
     (``ids`` int64 ``[N, k]``, ``lp``/``w`` ``[N, k]``, ``tail`` ``[N]``; see
-    :class:`kdfast.sparse.SparseInputs`); ``mode`` is ``"bucket"``, ``"renorm"`` or ``"sampled"``."""
+    :class:`kdfast.sparse_losses.SparseInputs`); ``mode`` is ``"bucket"``, ``"renorm"`` or
+    ``"sampled"``, ``loss`` ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` (``param`` = β) or ``"tvd"``."""
     rows, grad = _outputs(student, need_grad)
     if rows.shape[0]:
         s2 = student.reshape(-1, student.shape[-1])
         sparse_call(backend)(mode, s2, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale,
-                             kernel_scale(backend, weight), rows, grad if need_grad else None)
+                             kernel_scale(backend, weight), rows, grad if need_grad else None,
+                             loss=loss, param=param)
     return (reduce_rows(rows, weight) if reduce else rows), grad
 
 
 @sparse.register_fake
-def _(student, ids, lp, w, tail, labels, weight, mode, temperature, t2_scale, ignore_index, reduce,
-      need_grad, backend):
+def _(student, ids, lp, w, tail, labels, weight, mode, loss, param, temperature, t2_scale, ignore_index,
+      reduce, need_grad, backend):
     return _fake(student, reduce, need_grad)
 
 
@@ -151,4 +154,4 @@ def _register_autograd(op, n_inputs: int, reduce_at: int) -> None:
 
 
 _register_autograd(dense, 13, reduce_at=10)
-_register_autograd(sparse, 14, reduce_at=11)
+_register_autograd(sparse, 16, reduce_at=13)

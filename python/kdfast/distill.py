@@ -1,7 +1,8 @@
 """The training-loop loss object, api.md §4: distillation plus optional cross-entropy.
 
 :class:`DistillationLoss` mixes a distillation loss against the teacher (dense logits → one of
-the §1 losses by name; :class:`~kdfast.SparseTargets` → :func:`~kdfast.sparse_kl`) with the
+the §1 losses by name; :class:`~kdfast.SparseTargets` → :func:`~kdfast.sparse_loss` with that
+loss) with the
 ordinary cross-entropy of the student on the labels::
 
     total = soft_weight · distill(student, teacher) + hard_weight · CE(student at T = 1, labels)
@@ -27,14 +28,14 @@ from ._reduction import Reduction
 from ._registry import LOSSES as _SPECS
 from ._registry import get as _get_spec
 from ._validate import check_flag, check_int, check_labels, check_temperature, reject_unknown
-from .sparse import TAILS, sparse_kl
+from .sparse_losses import SPARSE_LOSSES, TAILS, sparse_loss
 from .targets import SparseTargets
 
 __all__ = ["DistillationLoss", "LOSSES"]
 
 #: Dense loss name → function (api.md §1). ``"sparse_kl"`` (sparse teacher only) is accepted too.
 LOSSES = {name: getattr(losses, name) for name in _SPECS}
-_SPARSE_OK = ("forward_kl", "sparse_kl")  # sparse_kl estimates forward KL; nothing else
+_SPARSE_OK = SPARSE_LOSSES + ("sparse_kl",)  # the losses a SparseTargets teacher takes
 # The loss keywords fixed at construction; labels and num_items_in_batch come with each call.
 _COMMON = tuple(k for k in COMMON_KWARGS if k not in ("labels", "num_items_in_batch"))
 
@@ -62,9 +63,10 @@ class DistillationLoss(torch.nn.Module):
     Args:
         loss: the distillation loss for dense teacher logits — ``"forward_kl"``,
             ``"reverse_kl"``, ``"jsd"``, ``"skew_forward_kl"``, ``"skew_reverse_kl"`` or
-            ``"tvd"``. A :class:`~kdfast.SparseTargets` teacher always uses
-            :func:`~kdfast.sparse_kl` (an estimate of forward KL), so it is accepted only with
-            ``"forward_kl"`` or ``"sparse_kl"`` (the latter refuses dense teachers).
+            ``"tvd"``. A :class:`~kdfast.SparseTargets` teacher uses :func:`~kdfast.sparse_loss`
+            with that loss: ``"forward_kl"`` (also as ``"sparse_kl"``, which refuses dense
+            teachers), or for top-k targets ``"reverse_kl"``, ``"jsd"`` or ``"tvd"`` (sampled
+            targets take forward KL only; the skew losses have no sparse form).
         hard_weight: weight of the cross-entropy on ``labels`` (the student at T = 1), ≥ 0.
         soft_weight: weight of the distillation loss, ≥ 0. Not both 0.
         **loss_kwargs: passed to the loss: ``temperature``, ``t2_scale``, ``ignore_index``
@@ -135,8 +137,8 @@ class DistillationLoss(torch.nn.Module):
             )
         if sparse and self.loss not in _SPARSE_OK:
             raise ValueError(
-                f"teacher: sparse targets (kdfast.SparseTargets) support only loss='forward_kl' or 'sparse_kl' "
-                f"(sparse_kl estimates forward KL), got loss={self.loss!r}; pass dense teacher logits instead"
+                f"teacher: sparse targets (kdfast.SparseTargets) support only loss in "
+                f"{', '.join(map(repr, _SPARSE_OK))}, got loss={self.loss!r}; pass dense teacher logits instead"
             )
         if not sparse and self.loss == "sparse_kl":
             raise ValueError("teacher: loss='sparse_kl' expects kdfast.SparseTargets, got a dense tensor of logits")
@@ -155,7 +157,7 @@ class DistillationLoss(torch.nn.Module):
             if sparse:
                 if self.vocab_size is not None:
                     s = s[..., : self.vocab_size]
-                soft = sparse_kl(s, teacher, **common)
+                soft = sparse_loss(s, teacher, loss="forward_kl" if self.loss == "sparse_kl" else self.loss, **common)
             else:
                 soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common)
         if want_hard:

@@ -1,7 +1,7 @@
 """Distillation losses fused with the LM head: no ``[N, V]`` logits in memory (api.md §3).
 
 For hidden states ``h`` ``[N, H]``, a head ``W`` ``[V, H]`` (bias ``b``) and a per-row loss
-ℓ(z_s, teacher) of :mod:`kdfast.losses` or :func:`kdfast.sparse_kl`, with ``z_s = h Wᵀ + b``::
+ℓ(z_s, teacher) of :mod:`kdfast.losses` or :func:`kdfast.sparse_loss`, with ``z_s = h Wᵀ + b``::
 
     L = Σ_r w_r ℓ_r            (w_r = 1/D for "mean", 1 for "sum")
     ∂L/∂h = G W,   ∂L/∂W = Gᵀ h,   ∂L/∂b = Σ_r G_r,   G = ∂L/∂z_s   [N, V]
@@ -39,7 +39,7 @@ from ._registry import LOSSES, param_names
 from ._registry import get as get_loss
 from ._validate import LOGIT_DTYPES, check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
 from .losses import COMMON_KWARGS
-from .sparse import prepare_sparse
+from .sparse_losses import check_sparse_loss, prepare_sparse
 
 __all__ = ["fused_linear_distill_loss"]
 # Elements of one chunk's float32 logits (64 MiB on CPU, 1 GiB on CUDA).
@@ -90,7 +90,7 @@ def _chunk_rows_and_grad(spec, backend, z, teacher, labels, weight, need_grad, b
     if mode:
         ids, lp, w, tail = teacher
         _ops.sparse_call(backend)(mode, z, ids, lp, w, tail, labels, ignore_index, temperature, t2_scale,
-                                  scale, rows, grad)
+                                  scale, rows, grad, loss=loss, param=param)
     else:
         _ops.dense_call(backend)(loss, param, z, teacher, labels, ignore_index, temperature, t2_scale,
                                  scale, rows, grad)
@@ -296,8 +296,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     holding the ``[N, V]`` logits.
 
     Equal (within float32 rounding) to calling the unfused loss on the materialised logits:
-    ``kdfast.<loss>(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, **loss_kwargs)``, or ``kdfast.sparse_kl(...,
-    targets)``. Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``;
+    ``kdfast.<loss>(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, **loss_kwargs)``, or ``kdfast.sparse_loss(...,
+    targets, loss=loss)``. Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``;
     the teacher never receives one.
 
     Args:
@@ -306,15 +306,17 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
         teacher_hidden, teacher_weight, teacher_bias: the teacher as hidden states ``[..., H_t]``
             (same leading shape) and head ``[V_t, H_t]`` (+ bias), or
         teacher_logits: ``[..., V_t]``, or
-        targets: :class:`kdfast.SparseTargets` (then the loss is :func:`kdfast.sparse_kl`).
+        targets: :class:`kdfast.SparseTargets` (then the loss is :func:`kdfast.sparse_loss`).
             Exactly one of the three teacher forms.
         loss: the name of a dense loss (``kdfast.LOSSES``: ``"forward_kl"``, ``"jsd"``, ...);
-            with ``targets``, ``"forward_kl"`` or ``"sparse_kl"``.
+            with ``targets``, a :func:`kdfast.sparse_loss` loss (``"forward_kl"`` — also as
+            ``"sparse_kl"`` —, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``; sampled targets:
+            ``"forward_kl"`` only).
         chunk_size: tokens per chunk; default keeps a chunk's float32 logits near 64 MiB (CPU)
             or 1 GiB (CUDA). Peak extra memory is O(chunk_size · V).
         **loss_kwargs: those of the loss: ``temperature``, ``t2_scale``, ``labels``,
             ``ignore_index``, ``reduction``, ``num_items_in_batch``, ``vocab_size``, ``backend``,
-            ``beta`` (jsd), ``skew`` (skew KLs), ``tail`` (sparse).
+            ``beta`` (jsd, dense or sparse), ``skew`` (skew KLs), ``tail`` (sparse).
 
     Returns:
         float32 loss (float64 for float64 inputs), reduced as asked.
@@ -342,16 +344,15 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     th = tw = tb = tlog = ids = lp = sw = tail_lp = None
     mode, param = "", 0.0
     if targets is not None:
-        if loss not in ("forward_kl", "sparse_kl"):
-            raise ValueError(f"loss: with sparse targets the loss is sparse_kl (loss='forward_kl' or 'sparse_kl'), got {loss!r}")
         for key in (*param_names(), "vocab_size"):
-            if key in loss_kwargs:
+            if key in loss_kwargs and key != "beta":
                 raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to sparse targets")
+        loss, param = check_sparse_loss("forward_kl" if loss == "sparse_kl" else loss, loss_kwargs.get("beta"),
+                                        what="fused_linear_distill_loss")
         prep = prepare_sparse(targets, lead, v_s, h.device, tail=loss_kwargs.get("tail", "bucket"),
-                              temperature=loss_kwargs.get("temperature"), name="student_hidden")
+                              temperature=loss_kwargs.get("temperature"), name="student_hidden", loss=loss)
         ids, lp, sw, tail_lp, mode, t = prep.ids, prep.lp, prep.w, prep.tail, prep.mode, prep.temperature
         vocab = v_s
-        loss = "sparse_kl"
     else:
         spec = get_loss(loss)
         if "tail" in loss_kwargs:
@@ -449,7 +450,7 @@ def _torch_chunk_rows(h, w, b, th, tw, tb, tlog, ids, lp, sw, tail, *, spec, voc
     if b is not None:
         z = z + b[:vocab].to(dt)
     if mode:
-        rows = _ref_sparse.sparse_rows(z, ids, lp, sw, tail, temperature, mode)
+        rows = _ref_sparse.sparse_rows(z, ids, lp, sw, tail, temperature, mode, loss, param)
     else:
         if tlog is not None:
             t_logits = tlog[:, :vocab]

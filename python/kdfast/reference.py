@@ -94,3 +94,23 @@ def tvd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) 
     q = log_probs(student, temperature).exp()
     p = log_probs(teacher, temperature).exp()
     return 0.5 * (p - q).abs().sum(-1)
+
+
+def divergence(name: str, lq: torch.Tensor, lp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Per-row ℓ of ``forward_kl``, ``reverse_kl``, ``jsd`` (with ``beta``) or ``tvd`` between
+    given log-probabilities ``lq`` (student) and ``lp`` (teacher) ``[N, C]``, with no softmax:
+    the loss of distributions that are not a softmax of logits (e.g. the categories of
+    :func:`kdfast.sparse_loss`). ``-inf`` entries have zero mass; the +inf rule is as above, and
+    ``jsd`` at β ∈ {0, 1} is exactly forward / reverse KL."""
+    if name == "jsd" and beta in (0.0, 1.0):
+        name = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if name == "forward_kl":
+        return _plogratio(lp, lq)
+    if name == "reverse_kl":
+        return _plogratio(lq, lp)
+    if name == "jsd":
+        lm = _log_mix(lp, lq, beta)
+        return beta * _plogratio(lp, lm) + (1 - beta) * _plogratio(lq, lm)
+    if name == "tvd":
+        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    raise ValueError(f"loss: expected 'forward_kl', 'reverse_kl', 'jsd' or 'tvd', got {name!r}")

@@ -25,6 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import reference as _reference
+
 NEG_INF = float("-inf")
 VOCAB_BLOCK = 4096
 BLOCK_SELECT_STREAM = (1 << 64) - 1
@@ -217,52 +219,95 @@ def _lse_where(a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def sparse_rows(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
                 weights: Optional[torch.Tensor], tail_logprob: Optional[torch.Tensor],
-                temperature: float, mode: str) -> torch.Tensor:
-    """Per-row ℓ of :func:`kdfast.sparse_kl` for ``[N, V]`` student logits and ``[N, k]``
+                temperature: float, mode: str, loss: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """Per-row ℓ of :func:`kdfast.sparse_loss` for ``[N, V]`` student logits and ``[N, k]``
     targets; ``mode`` is ``"bucket"``, ``"renorm"`` or ``"sampled"`` (see kdfast-core
-    ``sparse.rs``). Float32 (float64 for float64 students), differentiable by autograd."""
+    ``sparse.rs``), ``loss`` ``"forward_kl"`` (:func:`kdfast.sparse_kl`, every mode) or, for
+    top-k targets, ``"reverse_kl"``, ``"jsd"`` (with ``beta``) or ``"tvd"`` over the mode's
+    categories (kdfast-core ``categories.rs``). Float32 (float64 for float64 students),
+    differentiable by autograd; a ``+inf`` row has a zero gradient (the +inf rule)."""
     a = scaled(student, temperature)
-    ftype = a.dtype
     lse = torch.logsumexp(a, dim=-1)
-    lp = logprobs.to(ftype)
     valid = indices >= 0
     if mode == "sampled":
         valid = valid & (weights > 0)
     idx0 = torch.where(valid, indices, torch.zeros_like(indices))
+    lp0 = torch.where(valid, logprobs.to(a.dtype), NEG_INF)
+    # Unused slots scatter into a spare column (scattering False at id 0 could undo a True).
+    listed = (lambda: torch.zeros((a.shape[0], a.shape[1] + 1), dtype=torch.bool, device=a.device)
+              .scatter_(1, torch.where(valid, indices, a.shape[1]), True)[:, :-1])
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0 and mode == "bucket"):
+        rows = _forward_rows(a, lse, idx0, lp0, valid, weights, tail_logprob, mode, listed)
+    elif mode == "sampled":
+        raise ValueError(f"loss: sampled targets support only 'forward_kl' (the one unbiased estimate), got {loss!r}")
+    elif mode == "renorm":
+        rows = _renorm_category_rows(a.gather(1, idx0), lp0, valid, loss, beta)
+    else:
+        lp_tail = _bucket_tail(lp0, tail_logprob, listed())[1]
+        lq = torch.where(valid, a.gather(1, idx0) - lse[:, None], NEG_INF)
+        lq_tail = _lse_where(a, ~listed()) - lse
+        rows = _reference.divergence(loss, torch.cat([lq, lq_tail[:, None]], 1),
+                                     torch.cat([lp0, lp_tail[:, None]], 1), beta)
+    # The +inf rule: no finite descent direction, a zero gradient row.
+    return torch.where(rows.detach() == float("inf"), rows.detach(), rows)
+
+
+def _bucket_tail(lp0: torch.Tensor, tail_logprob: Optional[torch.Tensor], listed: torch.Tensor):
+    """``(p_tail, log p_tail)``: ``exp(tail_logprob)`` (``max(0, 1 − Σp)`` without one, summed
+    in float64), 0 when every id is listed."""
+    if tail_logprob is not None:
+        lp_tail = tail_logprob.to(lp0.dtype)
+        p_tail = lp_tail.exp()
+    else:  # in float64, as Rust: a tail below float32 resolution still has its log (reverse KL)
+        p64 = (1.0 - lp0.double().exp().sum(-1)).clamp(min=0.0)
+        p_tail, lp_tail = p64.to(lp0.dtype), torch.log(p64).to(lp0.dtype)
+    everything = listed.all(-1)
+    return torch.where(everything, 0.0, p_tail), torch.where(everything, NEG_INF, lp_tail)
+
+
+def _forward_rows(a, lse, idx0, lp0, valid, weights, tail_logprob, mode, listed):
+    """:func:`kdfast.sparse_kl`'s forward KL against the full-vocabulary ``log q``."""
     lq_sel = a.gather(1, idx0) - lse[:, None]
-    lp0 = torch.where(valid, lp, torch.zeros_like(lp))
-
     if mode == "sampled":
-        w = torch.where(valid, weights.to(ftype), torch.zeros_like(lp))
-        return (w * (lp0 - torch.where(valid, lq_sel, torch.zeros_like(lq_sel)))).sum(-1)
-
-    p = torch.where(valid, lp0.exp(), torch.zeros_like(lp))
+        w = torch.where(valid, weights.to(a.dtype), 0.0)
+        lp_s = torch.where(valid, lp0, 0.0)
+        return (w * (lp_s - torch.where(valid, lq_sel, torch.zeros_like(lq_sel)))).sum(-1)
+    p = lp0.exp()
     live = p > 0
+    lp_live = torch.where(live, lp0, 0.0)
     lq_live = torch.where(live, lq_sel, torch.zeros_like(lq_sel))
     big_p = p.sum(-1)
     if mode == "renorm":
         has = big_p > 0
         ln_p = torch.log(torch.where(has, big_p, torch.ones_like(big_p)))
         pt = p / torch.where(has, big_p, torch.ones_like(big_p))[:, None]
-        rows = torch.where(live, pt * ((lp0 - ln_p[:, None]) - lq_live), torch.zeros_like(pt)).sum(-1)
+        rows = torch.where(live, pt * ((lp_live - ln_p[:, None]) - lq_live), torch.zeros_like(pt)).sum(-1)
         return torch.where(has, rows, torch.zeros_like(rows))
 
     # Bucket: the listed ids against one tail bucket.
-    listed = torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx0, valid)
-    if tail_logprob is not None:
-        lp_tail = tail_logprob.to(ftype)
-        p_tail = lp_tail.exp()
-    else:
-        p_tail = (1.0 - big_p).clamp(min=0.0)
-        lp_tail = torch.log(p_tail)
-    everything = listed.all(-1)
-    p_tail = torch.where(everything, torch.zeros_like(p_tail), p_tail)
+    lst = listed()
+    p_tail, lp_tail = _bucket_tail(lp0, tail_logprob, lst)
     has_tail = p_tail > 0
-    lq_tail = _lse_where(a, ~listed) - lse
+    lq_tail = _lse_where(a, ~lst) - lse
     lq_tail = torch.where(has_tail, lq_tail, torch.zeros_like(lq_tail))
     lp_tail = torch.where(has_tail, lp_tail, torch.zeros_like(lp_tail))
-    rows = torch.where(live, p * (lp0 - lq_live), torch.zeros_like(p)).sum(-1)
+    rows = torch.where(live, p * (lp_live - lq_live), torch.zeros_like(p)).sum(-1)
     return rows + torch.where(has_tail, p_tail * (lp_tail - lq_tail), torch.zeros_like(rows))
+
+
+def _renorm_category_rows(a_sel, lp0, valid, loss, beta):
+    """``loss`` between the teacher and the student both renormalised over the listed ids:
+    ``P̃ = p / Σp``, ``Q̃ = q / Σq``. 0 where the teacher lists no mass; NaN where the student is
+    ``-inf`` at every listed id (``Q̃`` undefined; the host checks raise there first)."""
+    big_p = lp0.exp().sum(-1)
+    has = big_p > 0
+    lp_t = lp0 - torch.log(torch.where(has, big_p, torch.ones_like(big_p)))[:, None]
+    lse_k = _lse_where(a_sel, valid)
+    undefined = has & (lse_k == NEG_INF)
+    lq_t = torch.where(valid, a_sel - torch.where(undefined, 0.0, lse_k)[:, None], NEG_INF)
+    rows = _reference.divergence(loss, lq_t, lp_t, beta)
+    rows = torch.where(has, rows, 0.0)
+    return torch.where(undefined, float("nan"), rows)
 
 
 def check_target_values(indices: torch.Tensor, logprobs: torch.Tensor,
@@ -299,3 +344,19 @@ def check_target_values(indices: torch.Tensor, logprobs: torch.Tensor,
                 f"targets.indices: expected distinct ids within a row of top-k targets, got id "
                 f"{int(srt[r, s + 1])} twice in row {r}"
             )
+
+
+def check_renorm_student(s2: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
+                         rows: Optional[torch.Tensor] = None) -> None:
+    """The Rust kernel's check for the losses that renormalise the student over the listed ids:
+    every row with teacher mass needs a finite student logit at some listed id (same message).
+    ``rows`` maps the rows of ``s2`` to the row numbers reported."""
+    valid = indices >= 0
+    has = (valid & (logprobs > NEG_INF)).any(-1)
+    a = s2.gather(1, torch.where(valid, indices, torch.zeros_like(indices)))
+    bad = has & ~(valid & (a > NEG_INF)).any(-1)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        r = r if rows is None else int(rows[r])
+        raise ValueError("student_logits: expected a finite logit at some listed id (tail='renorm' renormalises "
+                         f"the student over the listed ids), got -inf at every listed id of row {r}")

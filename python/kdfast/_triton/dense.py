@@ -176,6 +176,10 @@ def _terms(lq, lp, d, c1, c2, w, KIND: tl.constexpr):
     return t, qg, q
 
 
+# The per-element math, shared with :mod:`.sparse` (its category losses).
+terms, xmul, p_minus_q = _terms, _xmul, _p_minus_q
+
+
 @triton.jit
 def _dense_kernel(
     s_ptr, t_ptr, labels_ptr, rows_ptr, grad_ptr, gs_ptr,

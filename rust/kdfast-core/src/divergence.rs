@@ -72,10 +72,10 @@ pub fn p_minus_q<M: Math>(d: f32, q: f32, p: f32) -> f32 {
     }
 }
 
-/// `ln(e^x + e^y)` for finite `x`, split as `(hi, E, y_is_hi)` with `hi = max(x, y)` and
+/// `ln(e^x + e^y)` for `x`, `y` not both infinite, split as `(hi, E, y_is_hi)` with `hi = max(x, y)` and
 /// `E = e^{−|x−y|} ∈ [0, 1]`, so `ln(e^x + e^y) = hi + ln(1 + E)`: the mixtures need both the
 /// log-ratio and a probability ratio, and the ratio is `1/(1+E)` or `E/(1+E)` times a
-/// constant, without a second `exp`. `y = ±inf` gives `E = 0`.
+/// constant, without a second `exp`. An infinite side gives `E = 0`.
 #[inline(always)]
 fn lae_parts<M: Math>(x: f32, y: f32) -> (f32, f32, bool) {
     let y_hi = y >= x;
@@ -132,9 +132,19 @@ impl Div for Jsd {
     const KNOWN_S: Option<f32> = None;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
-        // log q − log m, and log p − log m = (log q − log m) − d (−ln β where q = 0).
-        let rq = -M::log_add_exp(self.ln_beta - d, self.ln_1m_beta);
-        let rp = if d == f32::NEG_INFINITY { -self.ln_beta } else { rq - d };
+        // log q − log m = −lae(ln β − d, ln(1−β)) = −(hi + L), and log p − log m = that − d,
+        // taken without cancelling d: where ln β − d is the larger term, −ln β − L (an f32
+        // `rq − d` there loses ulp(d), 1 % of the loss at |d| ~ 1e5); −ln β where q = 0.
+        let (hi, e, c_hi) = lae_parts::<M>(self.ln_beta - d, self.ln_1m_beta);
+        let l = M::ln_1p(e);
+        let rq = -(hi + l);
+        let rp = if d == f32::NEG_INFINITY {
+            -self.ln_beta
+        } else if c_hi {
+            rq - d
+        } else {
+            -self.ln_beta - l
+        };
         let tq = xmul(q, rq);
         let tp = xmul(p, rp);
         let w = 1.0 - self.beta;

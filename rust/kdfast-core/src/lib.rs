@@ -5,6 +5,7 @@
 //! few streaming passes (see [`dense`]), for f32/bf16/f16 storage, SIMD-dispatched at run time
 //! ([`isa`]) and row-parallel ([`threads`]).
 
+pub mod categories;
 pub mod compress;
 pub mod dense;
 pub mod divergence;

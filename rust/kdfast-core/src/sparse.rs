@@ -2,7 +2,8 @@
 //! teacher log-probabilities), with its gradient w.r.t. the student logits, fused.
 //!
 //! Per row, with `a = z_s / T`, `lq = a − lse(a)` the student's full-vocabulary log-softmax,
-//! `q = exp(lq)`, and the stored teacher `lp_i` (`p_i = exp(lp_i)`) for the listed ids:
+//! `q = exp(lq)`, and the stored teacher `lp_i` (`p_i = exp(lp_i)`) for the listed ids, the
+//! forward KL of `sparse_kl` ([`CatLoss::Full`]) is
 //!
 //! | mode | ℓ | `∂ℓ/∂a_j` |
 //! |---|---|---|
@@ -20,6 +21,11 @@
 //! lse_tail − lse`. The unlisted gradient is written as `exp(a_j − lse) − exp((a_j − lse_tail)
 //! + lp_tail)`, finite even when `q_tail` underflows. Terms with zero teacher mass are 0.
 //!
+//! The other losses of top-k targets (`reverse_kl`, `jsd`, `tvd`; [`SparseConfig::divergence`])
+//! are the dense divergence over the same categories — the k ids and the tail bucket, or the k
+//! ids with the student renormalised over them too, `Q̃ = q_K / Σ_K q` — computed in
+//! [`crate::categories`] from the same two statistics (`lse`, `lse_tail`) and the k gathers.
+//!
 //! Passes per row: (1) the student's log-sum-exp over blocks of [`BLOCK`] columns
 //! (SIMD-dispatched, as in [`crate::dense`]); (2), only when a gradient is requested, one pass
 //! writing `q_j · c` (or the bucket form) for every column, with the listed ids fixed up inside
@@ -30,10 +36,16 @@
 //! allowed for sampled targets, where each slot contributes its own term (equivalent to summing
 //! their weights), so raw draws with weight `1/N` each may be passed as they are. Sampled slots
 //! with weight 0 are ignored; a positive weight needs a finite log-probability. A renormalised
-//! row whose listed teacher mass is 0 contributes 0 (and no gradient). Masking by labels,
+//! row whose listed teacher mass is 0 contributes 0 (and no gradient); one where the student
+//! is `-inf` at every listed id (so `Q̃` is undefined) is an error for the losses that
+//! renormalise the student. A row whose loss is `+inf` (a KL with mass against none, see
+//! [`crate::categories`]; forward KL: a listed id or the tail with teacher mass where the
+//! student has none) gets a zero gradient row, as in [`crate::dense`]. Masking by labels,
 //! `t2_scale` and `grad_scale` are as in [`crate::dense`].
 
+use crate::categories::{category_loss, CatGrad, CatLoss, Category};
 use crate::dense::{Rows, BLOCK};
+use crate::divergence::Divergence;
 use crate::elem::Elem;
 use crate::error::{KdError, Result};
 use crate::isa::{Isa, Kernel};
@@ -89,6 +101,10 @@ pub struct Targets<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct SparseConfig {
     pub mode: SparseMode,
+    /// The loss between the category distributions: [`Divergence::ForwardKl`] (`sparse_kl`, every
+    /// mode), or for top-k targets [`Divergence::ReverseKl`], [`Divergence::Jsd`] or
+    /// [`Divergence::Tvd`] (see [`CatLoss::new`]).
+    pub divergence: Divergence,
     /// The student's temperature T > 0.
     pub temperature: f32,
     /// Multiply the loss (and gradient) by T².
@@ -102,7 +118,7 @@ pub struct SparseConfig {
 /// Per-row losses (and optionally the student-logit gradient) against sparse targets; the
 /// arguments are as in [`crate::dense::dense_loss`].
 #[allow(clippy::too_many_arguments)]
-pub fn sparse_kl<S: Elem>(
+pub fn sparse_loss<S: Elem>(
     student: Rows<S>,
     targets: &Targets,
     labels: Option<(&[i64], i64)>,
@@ -113,9 +129,10 @@ pub fn sparse_kl<S: Elem>(
     num_threads: usize,
 ) -> Result<()> {
     validate(&student, targets, labels, cfg, loss_out, grad_out.as_deref())?;
+    let cat = CatLoss::new(cfg.divergence, cfg.mode)?;
     let t = cfg.temperature;
     let loss_scale = if cfg.t2_scale { t * t } else { 1.0 };
-    let p = RowParams { mode: cfg.mode, inv_t: 1.0 / t, loss_scale, grad_scale: cfg.grad_scale * loss_scale / t };
+    let p = RowParams { mode: cfg.mode, cat, inv_t: 1.0 / t, loss_scale, grad_scale: cfg.grad_scale * loss_scale / t };
     let masked = |r: usize| labels.is_some_and(|(l, ig)| l[r] == ig);
     let body = |r: usize, loss: &mut f32, grad: Option<&mut [S]>| -> Result<()> {
         if masked(r) {
@@ -195,6 +212,7 @@ fn validate<S: Elem>(
 #[derive(Clone, Copy)]
 struct RowParams {
     mode: SparseMode,
+    cat: CatLoss,
     inv_t: f32,
     loss_scale: f32,
     grad_scale: f32,
@@ -360,6 +378,15 @@ fn log_add_exp(x: f64, y: f64) -> f64 {
     }
 }
 
+/// How pass 2 writes a row's gradient: `q_j · factor` on every column (bucket forward KL: minus
+/// the tail term), then the listed ids fixed up.
+enum Plan {
+    /// `sparse_kl`'s forward KL: the listed ids get `q_j M − t_j` (sampled: `− w_i` per slot).
+    Full,
+    /// Another divergence over the categories: the listed ids get the precomputed values.
+    Categories(CatGrad),
+}
+
 #[inline(always)]
 fn row_kernel<M: Math, S: Elem>(p: RowParams, s_row: &[S], rt: &RowTargets, grad: Option<&mut [S]>, row: usize) -> Result<f32> {
     let v = s_row.len();
@@ -391,39 +418,63 @@ fn row_kernel<M: Math, S: Elem>(p: RowParams, s_row: &[S], rt: &RowTargets, grad
     }
     // In f64: an f32 log-sum-exp would carry ulp(max) of absolute error into every q_j.
     let lse_stats = stats.max as f64 + (stats.sum as f64).ln();
-    let (lse, lse_tail) = if bucket {
-        let listed = slots.iter().fold(f64::NEG_INFINITY, |acc, s| log_add_exp(acc, s.a as f64));
-        (log_add_exp(listed, lse_stats), lse_stats)
-    } else {
-        (lse_stats, f64::NEG_INFINITY)
-    };
+    let lse_listed = slots.iter().fold(f64::NEG_INFINITY, |acc, s| log_add_exp(acc, s.a as f64));
+    let (lse, lse_tail) = if bucket { (log_add_exp(lse_listed, lse_stats), lse_stats) } else { (lse_stats, f64::NEG_INFINITY) };
     if lse == f64::NEG_INFINITY {
         return non_finite("is entirely -inf");
     }
 
     // The loss, in f64.
-    let mut loss = 0.0f64;
-    for s in slots.iter().filter(|s| s.t > 0.0) {
-        loss += s.t * (s.lp - (s.a as f64 - lse));
-    }
-    if bucket && rt.p_tail > 0.0 {
-        loss += rt.p_tail * (rt.lp_tail - (lse_tail - lse));
-    }
+    let (loss, plan) = match p.cat {
+        CatLoss::Full => {
+            let mut loss = 0.0f64;
+            for s in slots.iter().filter(|s| s.t > 0.0) {
+                loss += s.t * (s.lp - (s.a as f64 - lse));
+            }
+            if bucket && rt.p_tail > 0.0 {
+                loss += rt.p_tail * (rt.lp_tail - (lse_tail - lse));
+            }
+            (loss, Plan::Full)
+        }
+        cat => {
+            // The student over the categories: log q_i (bucket) or log q̃_i = a_i − lse_listed.
+            let lse_c = if bucket { lse } else { lse_listed };
+            if lse_c == f64::NEG_INFINITY {
+                return Err(KdError::InvalidArgument {
+                    name: "student_logits",
+                    expected: "a finite logit at some listed id (tail='renorm' renormalises the student over the listed ids)".into(),
+                    got: format!("-inf at every listed id of row {row}"),
+                });
+            }
+            let listed: Vec<Category> = slots.iter().map(|s| Category { lq: s.a as f64 - lse_c, lp: s.lp, p: s.t }).collect();
+            // The bucket, unless it is empty on both sides (every id listed).
+            let tail = (bucket && (rt.p_tail > 0.0 || lse_tail > f64::NEG_INFINITY))
+                .then_some(Category { lq: lse_tail - lse, lp: rt.lp_tail, p: rt.p_tail });
+            let r = category_loss::<M>(cat, &listed, tail);
+            (r.loss, Plan::Categories(r))
+        }
+    };
 
     if let Some(gr) = grad {
+        if loss == f64::INFINITY {
+            // The +inf rule: no finite descent direction; a zero row keeps the update finite.
+            gr.fill(S::zero());
+            return Ok(f32::INFINITY);
+        }
         // Pass 2: the gradient.
         // q_j = exp((a_j − hi) − lo) with lse = hi + lo split into an f32 and its f32
         // remainder: a_j − hi is exact near the top of the row, so q_j keeps f32 relative
         // precision whatever |lse| is.
         let (hi, lo) = split(lse);
         let gs = p.grad_scale;
-        let qf = rt.q_factor;
-        // Unlisted bucket columns: q_j M − exp((a_j − lse_tail) + lp_tail), split likewise.
-        let (thi, tlo) = if bucket && rt.p_tail > 0.0 && lse_tail > f64::NEG_INFINITY {
-            let thi = lse_tail as f32;
-            (thi, (rt.lp_tail - (lse_tail - thi as f64)) as f32)
-        } else {
-            (0.0, f32::NEG_INFINITY)
+        // Bucket forward KL, unlisted columns: q_j M − exp((a_j − lse_tail) + lp_tail), split likewise.
+        let (qf, thi, tlo) = match &plan {
+            Plan::Full if bucket && rt.p_tail > 0.0 && lse_tail > f64::NEG_INFINITY => {
+                let thi = lse_tail as f32;
+                (rt.q_factor, thi, (rt.lp_tail - (lse_tail - thi as f64)) as f32)
+            }
+            Plan::Full => (rt.q_factor, 0.0, f32::NEG_INFINITY),
+            Plan::Categories(r) => (r.tail_factor, 0.0, f32::NEG_INFINITY),
         };
         let mut next = 0;
         for start in (0..v).step_by(BLOCK) {
@@ -446,11 +497,11 @@ fn row_kernel<M: Math, S: Elem>(p: RowParams, s_row: &[S], rt: &RowTargets, grad
             while next < slots.len() && slots[next].id < end {
                 let s = &slots[next];
                 let j = s.id - start;
-                if p.mode == SparseMode::Sampled {
-                    g[j] -= (s.t * gs as f64) as f32;
-                } else {
-                    g[j] = (((s.a as f64 - lse).exp() * qf as f64 - s.t) * gs as f64) as f32;
-                }
+                g[j] = match &plan {
+                    Plan::Full if p.mode == SparseMode::Sampled => g[j] - (s.t * gs as f64) as f32,
+                    Plan::Full => (((s.a as f64 - lse).exp() * qf as f64 - s.t) * gs as f64) as f32,
+                    Plan::Categories(r) => (r.listed[next] * gs as f64) as f32,
+                };
                 next += 1;
             }
             S::store(&g[..end - start], &mut gr[start..end]);

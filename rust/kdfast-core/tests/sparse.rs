@@ -5,7 +5,7 @@ mod common;
 use common::{isas, logits};
 use half::{bf16, f16};
 use kdfast_core::compress::{compress_sample, compress_topk};
-use kdfast_core::sparse::{sparse_kl, SparseConfig, SparseMode, Targets};
+use kdfast_core::sparse::{sparse_loss, SparseConfig, SparseMode, Targets};
 use kdfast_core::{dense_loss, DenseConfig, Divergence, Elem, Isa, Rows};
 
 struct Tg {
@@ -115,10 +115,10 @@ fn reference(mode: SparseMode, zs: &[f32], ids: &[i64], lp: &[f32], w: Option<&[
 
 #[allow(clippy::too_many_arguments)]
 fn run<E: Elem>(mode: SparseMode, zs: &[E], tg: &Tg, rows: usize, cols: usize, t: f32, isa: Isa, threads: usize) -> kdfast_core::Result<(Vec<f32>, Vec<E>)> {
-    let cfg = SparseConfig { mode, temperature: t, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
+    let cfg = SparseConfig { mode, divergence: Divergence::ForwardKl, temperature: t, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
     let mut loss = vec![0.0; rows];
     let mut grad = vec![E::zero(); rows * cols];
-    sparse_kl(Rows::new(zs, rows, cols, cols, "s").unwrap(), &tg.view(rows), None, &cfg, &mut loss, Some(&mut grad), isa, threads)?;
+    sparse_loss(Rows::new(zs, rows, cols, cols, "s").unwrap(), &tg.view(rows), None, &cfg, &mut loss, Some(&mut grad), isa, threads)?;
     Ok((loss, grad))
 }
 
@@ -247,10 +247,10 @@ fn masking_scaling_and_padding_columns() {
     let zs = logits(rows, cols, 4, 4.0, 0);
     let tg = topk(&zt, rows, cols, k, 2.0);
     let labels = [1i64, -100, 7];
-    let cfg = SparseConfig { mode: SparseMode::Bucket, temperature: 2.0, t2_scale: true, grad_scale: 0.5, grad_cols };
+    let cfg = SparseConfig { mode: SparseMode::Bucket, divergence: Divergence::ForwardKl, temperature: 2.0, t2_scale: true, grad_scale: 0.5, grad_cols };
     let mut loss = vec![9.0; rows];
     let mut grad = vec![7.0f32; rows * grad_cols];
-    sparse_kl(Rows::new(&zs, rows, cols, cols, "s").unwrap(), &tg.view(rows), Some((&labels, -100)), &cfg, &mut loss, Some(&mut grad), Isa::detect(), 2).unwrap();
+    sparse_loss(Rows::new(&zs, rows, cols, cols, "s").unwrap(), &tg.view(rows), Some((&labels, -100)), &cfg, &mut loss, Some(&mut grad), Isa::detect(), 2).unwrap();
     assert_eq!(loss[1], 0.0);
     assert!(grad[grad_cols..2 * grad_cols].iter().all(|&g| g == 0.0));
     for r in [0, 2] {

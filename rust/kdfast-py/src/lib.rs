@@ -74,7 +74,7 @@ mod _kdfast {
     #[pymodule_export]
     use super::encode::{decode_targets, encode_targets, Layout};
     #[pymodule_export]
-    use super::sparse::{sparse_kl, SparseConfig};
+    use super::sparse::{sparse_loss, SparseConfig};
 
     /// The instruction set `"auto"` resolves to on this CPU.
     #[pyfunction]

@@ -4,7 +4,8 @@
 use crate::error::Error;
 use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
-use kdfast_core::sparse::{sparse_kl as core_sparse_kl, SparseMode, Targets};
+use kdfast_core::sparse::{sparse_loss as core_sparse_loss, SparseMode, Targets};
+use kdfast_core::Divergence;
 use pyo3::prelude::*;
 
 /// Sparse targets as the Python tuple `(ids, logprobs, weights, tail)`: int64 `[N, k]`,
@@ -79,6 +80,7 @@ pub struct TargetsMut<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct SparseConfig {
     mode: SparseMode,
+    divergence: Divergence,
     temperature: f32,
     t2_scale: bool,
     grad_scale: f32,
@@ -87,11 +89,17 @@ pub struct SparseConfig {
 
 #[pymethods]
 impl SparseConfig {
-    /// `mode`: "bucket", "renorm" (top-k targets) or "sampled"; others raise `ValueError`.
+    /// `mode`: "bucket", "renorm" (top-k targets) or "sampled"; `loss`: "forward_kl" (any mode),
+    /// or for top-k targets "reverse_kl", "jsd" (`param` = β) or "tvd". Bad names, parameters
+    /// and combinations raise `ValueError`.
     #[new]
-    #[pyo3(signature = (mode, temperature = 1.0, t2_scale = false, grad_scale = 1.0, ignore_index = -100))]
-    fn new(mode: &str, temperature: f32, t2_scale: bool, grad_scale: f32, ignore_index: i64) -> Result<Self, Error> {
-        Ok(SparseConfig { mode: SparseMode::from_name(mode)?, temperature, t2_scale, grad_scale, ignore_index })
+    #[pyo3(signature = (mode, temperature = 1.0, t2_scale = false, grad_scale = 1.0, ignore_index = -100, loss = "forward_kl", param = 0.0))]
+    #[allow(clippy::too_many_arguments)] // seven Python arguments
+    fn new(mode: &str, temperature: f32, t2_scale: bool, grad_scale: f32, ignore_index: i64, loss: &str, param: f32) -> Result<Self, Error> {
+        let mode = SparseMode::from_name(mode)?;
+        let divergence = Divergence::from_name(loss, param)?;
+        kdfast_core::categories::CatLoss::new(divergence, mode)?; // the combination, checked here too
+        Ok(SparseConfig { mode, divergence, temperature, t2_scale, grad_scale, ignore_index })
     }
 
     fn __repr__(&self) -> String {
@@ -105,7 +113,7 @@ impl SparseConfig {
 #[pyfunction]
 #[pyo3(signature = (config, student_logits, targets, labels, loss_out, grad_out, runtime))]
 #[allow(clippy::too_many_arguments)] // seven Python arguments plus the interpreter token
-pub fn sparse_kl(
+pub fn sparse_loss(
     py: Python<'_>,
     config: SparseConfig,
     student_logits: Tensor,
@@ -121,6 +129,7 @@ pub fn sparse_kl(
     let grad_cols = grad_out.as_ref().map_or(cols, |g| g.shape().1);
     let cfg = kdfast_core::sparse::SparseConfig {
         mode: config.mode,
+        divergence: config.divergence,
         temperature: config.temperature,
         t2_scale: config.t2_scale,
         grad_scale: config.grad_scale,
@@ -132,7 +141,7 @@ pub fn sparse_kl(
     dispatch_float!(S = (student_logits, "student_logits") => {
         let s = student_logits.rows::<S>("student_logits")?;
         let grad = grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, grad_cols)).transpose()?;
-        py.detach(|| core_sparse_kl(s, &targets, labels, &cfg, loss, grad, runtime.isa, runtime.num_threads))?;
+        py.detach(|| core_sparse_loss(s, &targets, labels, &cfg, loss, grad, runtime.isa, runtime.num_threads))?;
     });
     Ok(())
 }
