@@ -210,6 +210,18 @@ def drive_launchers(rec: Recorder, full: bool):
                            _t((n, 64), F32) if mode == "sampled" else None, _t((n,), F32) if tail else None,
                            None, -100, 1.0, False, _t((), F32), _t((n,), F32), _view(n, v, dt, 3))
 
+    # sparse_call with sparse_loss's other losses (constexpr CAT): each mode's categories, every
+    # dtype, one large and one small vocabulary, k = 20 and 1024.
+    for mode, tail in (("bucket", True), ("bucket", False), ("renorm", False)):
+        for loss, param in (("reverse_kl", 0.0), ("jsd", 0.5), ("tvd", 0.0)) + ((("jsd", 0.0),) if mode == "renorm" else ()):
+            for dt in dtypes:
+                for v, k in ((big[0], 20), (big[0], 1024), (small[-1], 20)):
+                    rec.case = f"{mode}{'+tail' if tail else ''} {loss}({param}) s={_dtname(dt)} V={v} k={k}"
+                    sparse.sparse_call(
+                        mode, _t((n, v), dt), _t((n, k), torch.int64), _t((n, k), F32), None,
+                        _t((n,), F32) if tail else None, _t((n,), torch.int64), -100, 2.0, True, 1.0,
+                        _t((n,), F32), _t((n, v), dt), loss=loss, param=param)
+
     # compress_topk: K = 16 .. 1024 (k = 1 is specialised as a constant), BLOCK up to 1024.
     ks = (1, 5, 16, 50, 100, 200, 256, 500, 1000, 1024) if full else (1, 16, 50, 100, 256, 500, 1024)
     for dt in dtypes:

@@ -236,19 +236,19 @@ def _sparse_kernel(
             lp = tl.load(slp_ptr + slots + idx, mask=valid, other=NEG_INF).to(tl.float64)
             a = (tl.load(s_row + sid, mask=valid, other=NEG_INF).to(tl.float32) * inv_t).to(tl.float64)
             lq = tl.where(a > NEG_INF, tl.where(a > NEG_INF, a, 0.0) - lse_c, NEG_INF)
-            t, qg, _ = _category_terms(lq, lp - ln_mass, c1, c2, w, CAT)
-            loss += tl.sum(tl.where(valid, t, 0.0).to(tl.float64), 0)
-            h_sum += tl.sum(tl.where(valid, qg, 0.0).to(tl.float64), 0)
+            t_cat, qg_cat, d_cat = _category_terms(lq, lp - ln_mass, c1, c2, w, CAT)
+            loss += tl.sum(tl.where(valid, t_cat, 0.0).to(tl.float64), 0)
+            h_sum += tl.sum(tl.where(valid, qg_cat, 0.0).to(tl.float64), 0)
             q_l += tl.sum(tl.where(valid, tl.exp(lq), 0.0), 0)
         q_factor = tl.zeros([], tl.float64)
         if MODE == 0:
             # The bucket (unless empty on both sides), and h_tail = q·h at unit mass.
             present = (lp_raw > NEG_INF) | (lse_z > NEG_INF)
             lq_t = tl.where(lse_z > NEG_INF, tl.where(lse_z > NEG_INF, lse_z, 0.0) - lse, NEG_INF)
-            t_t, _, d_t = _category_terms(lq_t, lp_raw, c1, c2, w, CAT)
+            t_t, qg_t, d_t = _category_terms(lq_t, lp_raw, c1, c2, w, CAT)
             loss += tl.where(present, t_t, 0.0).to(tl.float64)
             d_t = d_t.to(tl.float32)  # q = 1, p = e^{-d} (clamped: TVD reads only the sign of q − p)
-            _, h_t, _ = terms(tl.zeros([], tl.float32), tl.minimum(-d_t, 80.0), d_t, c1, c2, w, CAT)
+            t_unit, h_t, q_unit = terms(tl.zeros([], tl.float32), tl.minimum(-d_t, 80.0), d_t, c1, c2, w, CAT)
             alive = present & (lq_t > NEG_INF) & (loss < float("inf"))
             h_t = tl.where(alive, h_t, 0.0).to(tl.float64)
             q_factor = tl.where(alive, h_t * q_l - h_sum, 0.0)  # h_tail − H
@@ -299,7 +299,8 @@ def _sparse_kernel(
                     a_s = (tl.load(s_row + sid_s, mask=v_in > 0, other=NEG_INF).to(tl.float32) * inv_t).to(tl.float64)
                     lq_s = tl.where(a_s > NEG_INF, tl.where(a_s > NEG_INF, a_s, 0.0) - lse_c, NEG_INF)
                     lp_s = tl.load(slp_ptr + slots + s).to(tl.float64) - ln_mass
-                    _, qg_s, _ = _category_terms(lq_s, lp_s, c1, c2, w, CAT)
+                    # (named results: a loop-carried `_` would change type between the calls)
+                    t_c, qg_s, d_c = _category_terms(lq_s, lp_s, c1, c2, w, CAT)
                     g = tl.where(here, ((qg_s.to(tl.float64) - tl.exp(lq_s) * h_sum) * gs).to(tl.float32), g)
                 else:
                     t_s = tl.exp(tl.load(slp_ptr + slots + s).to(tl.float64)) * inv_mass
