@@ -98,21 +98,26 @@ def pytest_configure(config):
 # ----------------------------------------------------------------------------- helpers
 
 
+#: Losses whose gradient treats part of the student as a constant (AKL's weights, TAID's
+#: interpolated teacher): finite differences of the value are not their gradient.
+STOP_GRADIENT_LOSSES = frozenset({"akl", "taid"})
+
+
 def loss_fn(name):
     import kdfast
 
     return getattr(kdfast, name)
 
 
-def extra_kwargs(name, beta=0.5, skew=0.1):
-    """The loss's own keyword from the registry (beta for jsd, skew for the skew KLs; a new
-    loss's parameter at its default)."""
+def extra_kwargs(name, beta=0.5, skew=0.1, head_mass=0.5, t=0.6):
+    """The loss's own keyword from the registry (beta for jsd, skew for the skew KLs, head_mass
+    for akl, t for taid; a new loss's parameter at its default)."""
     import kdfast
 
     param = kdfast.LOSSES[name].param
     if param is None:
         return {}
-    return {param.name: {"beta": beta, "skew": skew}.get(param.name, param.default)}
+    return {param.name: {"beta": beta, "skew": skew, "head_mass": head_mass, "t": t}.get(param.name, param.default)}
 
 
 def make_logits(shape, *, seed=0, scale=3.0, dtype=torch.float32, correlated=True):

@@ -28,6 +28,7 @@ from ._registry import LOSSES as _SPECS
 from ._registry import get as _get_spec
 from ._validate import check_flag, check_int, check_labels, check_temperature, reject_unknown
 from .sparse import TAILS, sparse_kl
+from .schedule import TAIDSchedule
 from .targets import SparseTargets
 
 __all__ = ["DistillationLoss", "LOSSES"]
@@ -71,6 +72,10 @@ class DistillationLoss(torch.nn.Module):
             (also used by the cross-entropy), ``reduction`` (both parts), ``vocab_size`` (both
             parts use only the first ``vocab_size`` columns of the student; for sparse targets
             the student is cut to them), ``backend``, ``beta`` (jsd), ``skew`` (skew KLs),
+            ``head_mass`` (akl), ``t`` (taid: a number, a 0-d tensor, or a
+            :class:`~kdfast.TAIDSchedule` — the default — whose current ``t`` each call uses;
+            :class:`~kdfast.integrations.transformers.DistillationTrainer` advances it every
+            step, a plain loop calls ``loss.schedule.update(soft_loss, progress)``),
             ``tail`` (sparse top-k targets: ``"bucket"`` or ``"renorm"``). Without
             ``temperature`` a sparse teacher uses the temperature it was captured at
             (``targets.temperature``) and a dense one uses 1.
@@ -109,12 +114,25 @@ class DistillationLoss(torch.nn.Module):
         if kw.get("vocab_size") is not None:
             kw["vocab_size"] = check_int(kw["vocab_size"], "vocab_size", low=1)
         spec = _SPECS.get(loss)
+        #: TAID's schedule of ``t`` (``loss="taid"`` without a fixed ``t``), else None.
+        self.schedule: Optional[TAIDSchedule] = None
+        if loss == "taid" and isinstance(kw.get("t", None), (TAIDSchedule, type(None))):
+            self.schedule = kw.pop("t", None) or TAIDSchedule()
         if spec is not None and spec.param is not None and spec.param.name in kw:
             kw[spec.param.name] = spec.param.check(kw[spec.param.name])
         if "tail" in kw and kw["tail"] not in TAILS:
             raise ValueError(f"tail: expected 'bucket' or 'renorm', got {kw['tail']!r}")
         self.vocab_size: Optional[int] = kw.pop("vocab_size", None)
         self.loss_kwargs = kw
+
+    def get_extra_state(self) -> dict:
+        """The TAID schedule's state (so that ``state_dict()`` checkpoints it)."""
+        return {"taid_schedule": None if self.schedule is None else self.schedule.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        saved = state.get("taid_schedule") if isinstance(state, dict) else None
+        if saved is not None and self.schedule is not None:
+            self.schedule.load_state_dict(saved)
 
     def extra_repr(self) -> str:
         kw = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
@@ -157,7 +175,8 @@ class DistillationLoss(torch.nn.Module):
                     s = s[..., : self.vocab_size]
                 soft = sparse_kl(s, teacher, **common)
             else:
-                soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common)
+                own = {} if self.schedule is None else {"t": self.schedule.t}
+                soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common, **own)
         if want_hard:
             s = student_logits if self.hard_weight > 0 else student_logits.detach()
             hard = self._cross_entropy(s, labels, red)

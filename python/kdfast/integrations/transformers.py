@@ -28,6 +28,11 @@ Logging. At each logging step the unweighted parts are added to the Trainer's lo
 like its ``loss``: ``soft_loss`` (the distillation loss) and ``hard_loss`` (the student's
 cross-entropy on the labels, computed for monitoring even when ``hard_weight`` is 0).
 
+TAID. With ``distill_loss`` of ``loss="taid"`` and a :class:`kdfast.TAIDSchedule` (the
+default), the schedule is advanced after every optimizer step with that step's distillation
+loss and the progress ``global_step / max_steps``, saved into every checkpoint
+(``kdfast_taid_schedule.json``) and restored by ``train(resume_from_checkpoint=...)``.
+
 Columns. Set ``remove_unused_columns=False`` in ``TrainingArguments`` when the dataset items
 are dicts with extra fields; this trainer also keeps ``targets`` and ``shift_labels`` through
 the Trainer's column filter itself. Only model inputs reach the models: ``targets``, ``labels``,
@@ -37,12 +42,15 @@ the Trainer's column filter itself. Only model inputs reach the models: ``target
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional, Union
 
 import torch
 
 try:
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "kdfast.integrations.transformers needs the `transformers` and `accelerate` packages: "
@@ -102,6 +110,9 @@ class DistillationTrainer(Trainer):
         # decide from `model_accepts_loss_kwargs` and also count the items only when it is True.
         self.model_accepts_loss_kwargs = True
         self.teacher_model = _prepare_teacher(teacher_model, self.args.device)
+        if self.distill_loss.schedule is not None:
+            self.add_callback(_TAIDCallback(self))
+        self._taid_loss = None  # this optimizer step's distillation loss (TAID's schedule)
         self._kd_sums = {"soft_loss": 0.0, "hard_loss": 0.0}
         self._kd_counted = {"soft_loss": False, "hard_loss": False}
         self._kd_last_step = 0
@@ -198,11 +209,39 @@ class DistillationTrainer(Trainer):
         if model.training:
             ga = 1 if scaled else getattr(self, "current_gradient_accumulation_steps",
                                           self.args.gradient_accumulation_steps)
+            if self.distill_loss.schedule is not None:
+                step_part = soft.detach().double() / ga
+                self._taid_loss = step_part if self._taid_loss is None else self._taid_loss + step_part
             for key, part in (("soft_loss", soft), ("hard_loss", hard)):
                 if part is not None:
                     self._kd_sums[key] = self._kd_sums[key] + part.detach().float() / ga
                     self._kd_counted[key] = True
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; on resume the TAID schedule is restored from the checkpoint."""
+        schedule = self.distill_loss.schedule
+        if schedule is not None and resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)
+            if path and os.path.isfile(os.path.join(path, TAID_STATE_FILE)):
+                with open(os.path.join(path, TAID_STATE_FILE), encoding="utf-8") as f:
+                    schedule.load_state_dict(json.load(f))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _advance_taid(self) -> None:
+        """One TAID update per optimizer step, with the step's distillation loss (averaged
+        over processes) and the progress ``global_step / max_steps``."""
+        loss, self._taid_loss = self._taid_loss, None
+        if loss is None:
+            return
+        if self.args.world_size > 1:
+            loss = self.accelerator.reduce(loss.reshape(1), reduction="mean").reshape(())
+        max_steps = max(1, self.state.max_steps or 1)
+        self.distill_loss.schedule.update(loss, min(1.0, self.state.global_step / max_steps))
 
     # ------------------------------------------------------------------------------ logging
 
@@ -223,6 +262,26 @@ class DistillationTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+#: The TAID schedule's state in each checkpoint directory.
+TAID_STATE_FILE = "kdfast_taid_schedule.json"
+
+
+class _TAIDCallback(TrainerCallback):
+    """Advances the TAID schedule after every optimizer step and writes it into every checkpoint."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._advance_taid()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            with open(os.path.join(folder, TAID_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(self.trainer.distill_loss.schedule.state_dict(), f)
+
 
 
 def _as_loss(distill_loss) -> DistillationLoss:
