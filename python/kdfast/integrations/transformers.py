@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..distill import DistillationLoss
+from . import heads
 from ..targets import SparseTargets
 
 __all__ = ["DistillationTrainer"]
@@ -83,6 +84,10 @@ class DistillationTrainer(Trainer):
         labels_shifted: True if ``labels`` are already aligned with the logits, False for the
             Hugging Face convention (shifted here), None (default) to decide per batch (see the
             module docstring).
+        fused: None (default): the fused path (final hidden states and heads to
+            :meth:`kdfast.DistillationLoss.fused`, no ``[N, V]`` logits) whenever the heads
+            allow it exactly (:func:`kdfast.integrations.heads.find_head`), else the logits path;
+            True: the fused path or a ``ValueError`` with the reason; False: the logits path.
 
     If ``data_collator`` is not given and the training dataset is a
     :class:`kdfast.cache.TeacherCache`, :func:`kdfast.cache.collate` is used (padding with the
@@ -91,7 +96,7 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, *args: Any, teacher_model: Union[torch.nn.Module, str, None] = None,
                  distill_loss: Union[DistillationLoss, str, dict, None] = None,
-                 labels_shifted: Optional[bool] = None, **kwargs: Any):
+                 labels_shifted: Optional[bool] = None, fused: Optional[bool] = None, **kwargs: Any):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: DistillationTrainer computes the loss with kdfast; "
                              "configure it with distill_loss=... instead")
@@ -110,6 +115,9 @@ class DistillationTrainer(Trainer):
         # decide from `model_accepts_loss_kwargs` and also count the items only when it is True.
         self.model_accepts_loss_kwargs = True
         self.teacher_model = _prepare_teacher(teacher_model, self.args.device)
+        self._student_head, self._teacher_head = _fused_heads(fused, self.model, self.teacher_model)
+        #: Whether training steps take the fused path (no [N, V] logits).
+        self.fused = self._student_head is not None
         if self.distill_loss.schedule is not None:
             self.add_callback(_TAIDCallback(self))
         self._taid_loss = None  # this optimizer step's distillation loss (TAID's schedule)
@@ -176,28 +184,51 @@ class DistillationTrainer(Trainer):
         targets = inputs.get("targets")
         for key in _NOT_MODEL_INPUTS:
             inputs.pop(key, None)
+        if self.fused and not return_outputs:
+            loss, soft, hard = self._fused_loss(model, inputs, labels, targets, num_items_in_batch)
+            return self._finish(model, loss, soft, hard, num_items_in_batch, None, False)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
         if targets is not None:
-            if not isinstance(targets, SparseTargets):
-                raise TypeError(f"targets: expected kdfast.SparseTargets in the batch, got {type(targets).__name__}")
-            teacher = targets.to(logits.device)
+            teacher = _check_targets(targets).to(logits.device)
         elif self.teacher_model is not None:
             with torch.no_grad():
                 t_out = self.teacher_model(**inputs)
             teacher = t_out["logits"] if isinstance(t_out, dict) else t_out[0]
             teacher = teacher.to(logits.device)
         else:
-            raise ValueError(
-                "DistillationTrainer: no teacher for this batch: pass teacher_model=... (online) or a "
-                "dataset whose batches carry 'targets' (a kdfast.cache.TeacherCache with kdfast.cache.collate)"
-            )
+            raise ValueError(_NO_TEACHER)
         if labels is not None:
             labels = labels.to(logits.device)
 
         loss, soft, hard = self.distill_loss(logits, teacher, labels, num_items_in_batch=num_items_in_batch,
                                              return_parts=True)
+        return self._finish(model, loss, soft, hard, num_items_in_batch, outputs, return_outputs)
+
+    def _fused_loss(self, model, inputs: dict, labels, targets, num_items_in_batch):
+        """The loss from the final hidden states and the heads (api.md §4): the models run
+        with their heads replaced by a capture of the heads' inputs."""
+        head = self._student_head
+        with heads.head_inputs(model, head) as cap:
+            model(**inputs)
+        hidden = cap.hidden
+        if targets is not None:
+            teacher = _check_targets(targets).to(hidden.device)
+        elif self.teacher_model is not None:
+            t_head = self._teacher_head
+            with torch.no_grad(), heads.head_inputs(self.teacher_model, t_head) as t_cap:
+                self.teacher_model(**inputs)
+            parts = (t_cap.hidden, t_head.weight) + (() if t_head.bias is None else (t_head.bias,))
+            teacher = tuple(x.to(hidden.device) for x in parts)
+        else:
+            raise ValueError(_NO_TEACHER)
+        if labels is not None:
+            labels = labels.to(hidden.device)
+        return self.distill_loss.fused(hidden, head.weight, teacher, labels, student_bias=head.bias,
+                                       num_items_in_batch=num_items_in_batch, return_parts=True)
+
+    def _finish(self, model, loss, soft, hard, num_items_in_batch, outputs, return_outputs: bool):
         scaled = num_items_in_batch is not None
         # transformers >= 5 reads this right after compute_loss (see the class docstring).
         self.loss_is_scaled_for_ga = scaled
@@ -262,6 +293,36 @@ class DistillationTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+_NO_TEACHER = ("DistillationTrainer: no teacher for this batch: pass teacher_model=... (online) or a dataset "
+               "whose batches carry 'targets' (a kdfast.cache.TeacherCache with kdfast.cache.collate)")
+
+
+def _check_targets(targets) -> SparseTargets:
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"targets: expected kdfast.SparseTargets in the batch, got {type(targets).__name__}")
+    return targets
+
+
+def _fused_heads(fused, student, teacher):
+    """The (student, teacher) heads of the fused path, or (None, None) for the logits path:
+    ``fused=None`` fuses whenever both heads allow it, True requires it (ValueError with the
+    reason otherwise), False never fuses."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused: expected True, False or None, got {fused!r}")
+    if fused is False:
+        return None, None
+    found = [("model", heads.find_head(student))]
+    if teacher is not None:
+        found.append(("teacher_model", heads.find_head(teacher)))
+    for name, head in found:
+        if isinstance(head, str):
+            if fused:
+                raise ValueError(f"fused: the fused loss needs logits = hidden @ Wᵀ (+ b), but {name}: {head}; "
+                                 "pass fused=False (or None) for the logits path")
+            return None, None
+    return found[0][1], (found[1][1] if teacher is not None else None)
+
 
 #: The TAID schedule's state in each checkpoint directory.
 TAID_STATE_FILE = "kdfast_taid_schedule.json"
