@@ -28,6 +28,12 @@ Logging. At each logging step the unweighted parts are added to the Trainer's lo
 like its ``loss``: ``soft_loss`` (the distillation loss) and ``hard_loss`` (the student's
 cross-entropy on the labels, computed for monitoring even when ``hard_weight`` is 0).
 
+On-policy and sequence-level distillation (GKD). ``lmbda=p`` has the student complete each
+training batch's prompts with probability ``p``, ``seq_kd=True`` has the teacher complete them
+(first, as in TRL); the loss then covers the generated tokens only (see
+:mod:`kdfast.integrations.gkd`). Items give their prompt as ``prompt_length`` or
+``completion_mask``; in this mode batches that are not generated have their prompt masked.
+
 TAID. With ``distill_loss`` of ``loss="taid"`` and a :class:`kdfast.TAIDSchedule` (the
 default), the schedule is advanced after every optimizer step with that step's distillation
 loss and the progress ``global_step / max_steps``, saved into every checkpoint
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Any, Optional, Union
 
 import torch
@@ -57,15 +64,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'kdfast[demo]' accelerate"
     ) from exc
 
+from .._validate import check_flag, check_int, check_real
 from ..distill import DistillationLoss
-from . import heads
+from . import gkd, heads
 from ..targets import SparseTargets
 
 __all__ = ["DistillationTrainer"]
 
-_KEEP_COLUMNS = ("targets", "shift_labels")
+_KEEP_COLUMNS = ("targets", "shift_labels", "prompt_length", "completion_mask")
 # Batch keys that are not model inputs: labels and the extras of kdfast.cache.collate.
-_NOT_MODEL_INPUTS = ("targets", "labels", "shift_labels", "response_mask", "prompt_length", "seq_id")
+_NOT_MODEL_INPUTS = ("targets", "labels", "shift_labels", "response_mask", "prompt_length", "seq_id",
+                     "completion_mask")
 
 
 class DistillationTrainer(Trainer):
@@ -96,7 +105,9 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, *args: Any, teacher_model: Union[torch.nn.Module, str, None] = None,
                  distill_loss: Union[DistillationLoss, str, dict, None] = None,
-                 labels_shifted: Optional[bool] = None, fused: Optional[bool] = None, **kwargs: Any):
+                 labels_shifted: Optional[bool] = None, fused: Optional[bool] = None, lmbda: float = 0.0,
+                 seq_kd: bool = False, max_new_tokens: int = 128, generation_kwargs: Optional[dict] = None,
+                 **kwargs: Any):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: DistillationTrainer computes the loss with kdfast; "
                              "configure it with distill_loss=... instead")
@@ -116,6 +127,17 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.teacher_model = _prepare_teacher(teacher_model, self.args.device)
         self._student_head, self._teacher_head = _fused_heads(fused, self.model, self.teacher_model)
+        self.lmbda = check_real(lmbda, "lmbda", low=0.0, high=1.0)
+        self.seq_kd = check_flag(seq_kd, "seq_kd")
+        self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
+        if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
+            raise TypeError(f"generation_kwargs: expected a dict or None, got {type(generation_kwargs).__name__}")
+        self.generation_kwargs = dict(generation_kwargs or {})
+        if (self.lmbda > 0 or self.seq_kd) and self.teacher_model is None:
+            raise ValueError("teacher_model: on-policy (lmbda > 0) and sequence-level (seq_kd=True) distillation "
+                             "need a live teacher to score (or write) the completions")
+        # The per-batch on-policy draws: their own stream, reproducible from args.seed.
+        self._gkd_rng = random.Random(self.args.seed)
         #: Whether training steps take the fused path (no [N, V] logits).
         self.fused = self._student_head is not None
         if self.distill_loss.schedule is not None:
@@ -180,6 +202,9 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch=None):
         inputs = dict(inputs)
+        if self.lmbda > 0 or self.seq_kd:
+            inputs = self._gkd_inputs(model, inputs)
+            num_items_in_batch = None  # the completions' token count is known only now
         labels = self._aligned_labels(inputs)
         targets = inputs.get("targets")
         for key in _NOT_MODEL_INPUTS:
@@ -205,6 +230,41 @@ class DistillationTrainer(Trainer):
         loss, soft, hard = self.distill_loss(logits, teacher, labels, num_items_in_batch=num_items_in_batch,
                                              return_parts=True)
         return self._finish(model, loss, soft, hard, num_items_in_batch, outputs, return_outputs)
+
+    def _gkd_inputs(self, model, inputs: dict) -> dict:
+        """GKD (api.md §4): in training, the teacher completes the prompts (``seq_kd``), then with
+        probability ``lmbda`` the student does; the loss covers the completions only. Batches
+        not generated keep their own completions, with the prompt masked."""
+        generated = False
+        if model.training:
+            kw = dict(max_new_tokens=self.max_new_tokens, generation_kwargs=self.generation_kwargs,
+                      ignore_index=self.distill_loss.ignore_index)
+            if self.seq_kd:
+                inputs = gkd.complete(self.teacher_model, inputs, **kw, **self._special_ids(self.teacher_model))
+                generated = True
+            if self.lmbda > 0 and self._gkd_rng.random() < self.lmbda:
+                student = self.accelerator.unwrap_model(model)
+                inputs = gkd.complete(student, inputs, **kw, **self._special_ids(student))
+                generated = True
+        if not generated:
+            labels = self._aligned_labels(inputs)
+            if labels is not None:
+                inputs["shift_labels"] = gkd.mask_prompts(labels, inputs, self.distill_loss.ignore_index)
+        return inputs
+
+    def _special_ids(self, model) -> dict:
+        """Padding and end-of-sequence ids for generation: the tokenizer's, else the model's."""
+        proc = self.processing_class
+        gen_cfg = getattr(model, "generation_config", None)
+        eos = getattr(proc, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(gen_cfg, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+        pad = getattr(proc, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(gen_cfg, "pad_token_id", None) or getattr(model.config, "pad_token_id", None)
+        if pad is None:
+            pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) or 0
+        return {"pad_id": int(pad), "eos_id": eos}
 
     def _fused_loss(self, model, inputs: dict, labels, targets, num_items_in_batch):
         """The loss from the final hidden states and the heads (api.md §4): the models run
