@@ -20,14 +20,16 @@ import torch
 
 __all__ = ["Head", "find_head", "head_inputs"]
 
-# Config attributes of transforms applied to the head's output: (name, kind, neutral value, the
-# model types known to apply it as ``kind``). The attribute on another model type is refused:
-# what that model does with it is unknown.
-_POST_HEAD = (
-    ("final_logit_softcapping", "softcap", None, ()),  # Gemma 2/3: cap · tanh(logits / cap)
-    ("logit_scale", "multiply", 1.0, ("cohere", "cohere2")),  # logits · logit_scale
-    ("logits_scaling", "divide", 1.0, ("granite", "granitemoe", "granitemoeshared")),  # logits / s
-)
+# Config attributes of a constant scale applied to the head's output, with how each model type
+# known to have one applies it. The attribute on another model type is refused: what that model
+# does with it is unknown. (Final-logit soft-capping, Gemma 2/3, is not linear: refused.)
+_SOFTCAP = "final_logit_softcapping"
+_SCALES = {
+    "logit_scale": {"cohere": "multiply", "cohere2": "multiply"},
+    "lm_head_multiplier": {"falcon_h1": "multiply"},
+    "logits_scaling": {"granite": "divide", "granitemoe": "divide", "granitemoeshared": "divide",
+                       "granitemoehybrid": "divide", "minicpm3": "divide", "hyperclovax": "multiply"},
+}
 
 
 @dataclass
@@ -64,15 +66,16 @@ def find_head(model: torch.nn.Module) -> Union[Head, str]:
     if not isinstance(head.weight, torch.Tensor) or type(head.weight) not in (torch.Tensor, torch.nn.Parameter):
         return f"its head's weight is a {type(head.weight).__name__} (sharded?), not a plain tensor"
     cfg = getattr(inner, "config", None)
-    scale = 1.0
+    if getattr(cfg, _SOFTCAP, None) is not None:
+        return f"config.{_SOFTCAP}={getattr(cfg, _SOFTCAP)}: final-logit soft-capping is not a linear map of the hidden states"
     model_type = getattr(cfg, "model_type", None)
-    for name, kind, neutral, types in _POST_HEAD:
-        value = getattr(cfg, name, neutral)
-        if value is None or value == neutral:
+    scale = 1.0
+    for name, kinds in _SCALES.items():
+        value = getattr(cfg, name, None)
+        if value is None or value == 1.0:
             continue
-        if kind == "softcap":
-            return f"config.{name}={value}: final-logit soft-capping is not a linear map of the hidden states"
-        if model_type not in types:
+        kind = kinds.get(model_type)
+        if kind is None:
             return f"config.{name}={value} on model type {model_type!r}: an unknown transform of the logits"
         if head.bias is not None:
             return f"config.{name}={value} with a head bias: the scale does not fold into the hidden states"
