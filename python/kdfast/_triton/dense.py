@@ -69,6 +69,7 @@ import triton.language as tl
 
 from .._registry import LOSSES
 from .launch import block_and_warps, unit_columns
+from .rowmath import lae, log1p_small, log_probs, p_minus_q, xmul
 
 __all__ = ["dense_call", "scale_grad_"]
 
@@ -79,63 +80,6 @@ _MIXTURES = (_KINDS["jsd"], _KINDS["skew_forward_kl"], _KINDS["skew_reverse_kl"]
 
 
 @triton.jit
-def _log1p_small(e):
-    """``log(1 + e)`` for ``e ∈ [0, 1]``, accurate for tiny ``e``."""
-    return tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-
-
-@triton.jit
-def _lae(x, c):
-    """``log(e^x + e^c)`` for finite ``c`` and ``x ∈ [−inf, +inf]`` (no NaN, no overflow)."""
-    hi = tl.maximum(x, c)
-    lo = tl.minimum(x, c)
-    return hi + _log1p_small(tl.exp(lo - hi))
-
-
-@triton.jit
-def _xmul(x, y):
-    """``x · y`` with ``x = 0 ⇒ 0`` even where ``y`` is infinite."""
-    return x * tl.where(x == 0.0, 0.0, y)
-
-
-@triton.jit
-def _expm1(x):
-    """``e^x − 1`` without cancellation near 0: degree-8 Taylor for ``|x| < 0.5`` (truncation
-    below 2e-8 relative), ``exp(x) − 1`` beyond (no cancellation there); −1 at ``-inf``."""
-    small = tl.abs(x) < 0.5
-    xs = tl.where(small, x, 0.0)
-    poly = 1.0 / 40320.0
-    poly = poly * xs + 1.0 / 5040.0
-    poly = poly * xs + 1.0 / 720.0
-    poly = poly * xs + 1.0 / 120.0
-    poly = poly * xs + 1.0 / 24.0
-    poly = poly * xs + 1.0 / 6.0
-    poly = poly * xs + 0.5
-    return tl.where(small, xs + xs * xs * poly, tl.exp(tl.where(small, 0.0, x)) - 1.0)
-
-
-@triton.jit
-def _p_minus_q(d, q, p):
-    """``p − q`` relative to the larger side: ``−p·expm1(d)`` (``d ≤ 0``), ``q·expm1(−d)``."""
-    e = _expm1(-tl.abs(d))
-    return tl.where(d <= 0.0, -p * e, q * e)
-
-
-@triton.jit
-def _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz):
-    """``log q``, ``log p`` and ``d`` of one block (``-inf`` in lanes past the vocabulary).
-    ``d = (x − y) − cz`` from the shifted logits, ``cz = ln(Z_a / Z_b)`` (0 where both are
-    ``-inf``, without forming ``-inf − -inf``; ±inf where one side is)."""
-    a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-    b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-    x = a - ma
-    y = b - mb
-    both = (x == float("-inf")) & (y == float("-inf"))
-    d = tl.where(both, 0.0, (tl.where(both, 0.0, x) - tl.where(both, 0.0, y)) - cz)
-    return x - ln_za, y - ln_zb, d
-
-
-@triton.jit
 def _terms(lq, lp, d, c1, c2, w, KIND: tl.constexpr):
     """Per element: loss term ``t``, ``q h`` and ``q`` (see the module docstring).
     ``c1, c2, w`` are ``ln θ, ln(1−θ), θ`` for θ = β or λ."""
@@ -143,32 +87,32 @@ def _terms(lq, lp, d, c1, c2, w, KIND: tl.constexpr):
     p = tl.exp(lp)
     if KIND == 1:  # reverse KL; d = +inf (student alive, teacher -inf) makes the row +inf
         mism = d == float("inf")
-        t = tl.where(mism, float("inf"), _xmul(q, d))
-        qg = _xmul(q, tl.where(mism, 0.0, d))
+        t = tl.where(mism, float("inf"), xmul(q, d))
+        qg = xmul(q, tl.where(mism, 0.0, d))
     elif KIND == 2:  # JSD
-        rq = -_lae(c1 - d, c2)
-        rp = -_lae(c2 + d, c1)
-        tq = _xmul(q, rq)
-        t = w * _xmul(p, rp) + (1.0 - w) * tq
+        rq = -lae(c1 - d, c2)
+        rp = -lae(c2 + d, c1)
+        tq = xmul(q, rq)
+        t = w * xmul(p, rp) + (1.0 - w) * tq
         qg = (1.0 - w) * tq
     elif KIND == 3:  # skew forward KL: lae(ln λ, y) with y = ln(1−λ) + d
         y = c2 + d
         y_hi = y >= c1
         hi = tl.where(y_hi, y, c1)
         e = tl.exp(tl.where(y_hi, c1, y) - hi)
-        rp = -(hi + _log1p_small(e))
-        t = _xmul(p, rp)
+        rp = -(hi + log1p_small(e))
+        t = xmul(p, rp)
         q_over_m = tl.where(y_hi, 1.0, e) / ((1.0 - w) * (1.0 + e))
-        qg = -((1.0 - w) * (1.0 - w)) * q_over_m * _p_minus_q(d, q, p)
+        qg = -((1.0 - w) * (1.0 - w)) * q_over_m * p_minus_q(d, q, p)
     elif KIND == 4:  # skew reverse KL: lae(ln λ, y) with y = ln(1−λ) − d
         y = c2 - d
         y_hi = y >= c1
         hi = tl.where(y_hi, y, c1)
         e = tl.exp(tl.where(y_hi, c1, y) - hi)
-        rq = -(hi + _log1p_small(e))
-        t = _xmul(q, rq)
+        rq = -(hi + log1p_small(e))
+        t = xmul(q, rq)
         lam_q_over_m = tl.where(y_hi, e, 1.0) / (1.0 + e)
-        qg = t + (1.0 - w) * lam_q_over_m * _p_minus_q(d, q, p)
+        qg = t + (1.0 - w) * lam_q_over_m * p_minus_q(d, q, p)
     else:  # TVD
         diff = q - p
         t = 0.5 * tl.abs(diff)
@@ -222,7 +166,7 @@ def _dense_kernel(
             if KIND == 0:
                 live = eb > 0.0
                 diff = tl.where(live, b, 0.0) - tl.where(live, a, 0.0)
-                kl = _xmul(rb, kl) + tl.sum(eb * diff, 0)
+                kl = xmul(rb, kl) + tl.sum(eb * diff, 0)
             ma = ma_new
             mb = mb_new
         ln_za = tl.log(za)
@@ -242,8 +186,8 @@ def _dense_kernel(
                 for start in range(0, V, BLOCK):
                     cols = start + offs
                     msk = cols < V
-                    lq, lp, d = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
-                    g = -_p_minus_q(d, tl.exp(lq), tl.exp(lp)) * gs
+                    lq, lp, d = log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
+                    g = -p_minus_q(d, tl.exp(lq), tl.exp(lp)) * gs
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=msk)
         else:
             # Pass 2: the loss and S = Σ q g.
@@ -252,7 +196,7 @@ def _dense_kernel(
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 msk = cols < V
-                lq, lp, d = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
+                lq, lp, d = log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
                 t, qg, q = _terms(lq, lp, d, c1, c2, w, KIND)
                 acc_t += t
                 acc_s += qg
@@ -263,7 +207,7 @@ def _dense_kernel(
                 for start in range(0, V, BLOCK):
                     cols = start + offs
                     msk = cols < V
-                    lq, lp, d = _log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
+                    lq, lp, d = log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz)
                     t, qg, q = _terms(lq, lp, d, c1, c2, w, KIND)
                     g = (qg - q * s_sum) * gs
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=msk)
