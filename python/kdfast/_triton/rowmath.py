@@ -1,4 +1,4 @@
-"""Element-wise Triton helpers of the dense-loss kernels (:mod:`.dense`).
+"""Element-wise Triton helpers of the dense-loss kernels (:mod:`.dense`, :mod:`.akl`).
 
 Every helper maps zero probabilities (``-inf`` logits, lanes past the vocabulary, underflow) to
 exact zeros without forming ``0 · inf``, ``-inf − -inf`` or ``log 0``, so the kernels also run
@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["log1p_small", "lae", "xmul", "expm1", "p_minus_q", "log_probs"]
+__all__ = ["log1p_small", "lae", "xmul", "expm1", "p_minus_q", "load_pair", "teacher_lp", "log_probs"]
 
 
 @triton.jit
@@ -57,14 +57,34 @@ def p_minus_q(d, q, p):
 
 
 @triton.jit
-def log_probs(s_row, t_row, cols, msk, inv_t, ma, ln_za, mb, ln_zb, cz):
+def load_pair(s_row, t_row, cols, msk, inv_t, tm, MIX: tl.constexpr):
+    """``a = z_s / T`` and ``b`` of one block (``-inf`` past the vocabulary): ``b = z_t / T``,
+    or with ``MIX`` (TAID) ``b = m / T``, ``m = (1 − t)·z_s + t·z_t`` mixed in float32 on the
+    raw logits, each product by :func:`xmul` (so ``m = z_s`` exactly at ``t = 0``, ``z_t`` at
+    ``t = 1``, and a ``-inf`` on either side gives ``-inf`` in between: never NaN)."""
+    zs = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32)
+    zt = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32)
+    if MIX:
+        zt = xmul(1.0 - tm, zs) + xmul(tm, zt)
+    return zs * inv_t, zt * inv_t
+
+
+@triton.jit
+def teacher_lp(b, mb, ln_zb):
+    """``log p = (b − M_b) − ln Z_b``: the one formula of the teacher's log-probabilities, so
+    that every pass of a kernel sees the same float32 ``p`` bit for bit (AKL's selection
+    relies on it)."""
+    return (b - mb) - ln_zb
+
+
+@triton.jit
+def log_probs(s_row, t_row, cols, msk, inv_t, tm, ma, ln_za, mb, ln_zb, cz, MIX: tl.constexpr):
     """``log q``, ``log p`` and ``d`` of one block (``-inf`` in lanes past the vocabulary).
     ``d = (x − y) − cz`` from the shifted logits, ``cz = ln(Z_a / Z_b)`` (0 where both are
     ``-inf``, without forming ``-inf − -inf``; ±inf where one side is)."""
-    a = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-    b = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    a, b = load_pair(s_row, t_row, cols, msk, inv_t, tm, MIX)
     x = a - ma
     y = b - mb
     both = (x == float("-inf")) & (y == float("-inf"))
     d = tl.where(both, 0.0, (tl.where(both, 0.0, x) - tl.where(both, 0.0, y)) - cz)
-    return x - ln_za, y - ln_zb, d
+    return x - ln_za, teacher_lp(b, mb, ln_zb), d
