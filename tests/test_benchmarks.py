@@ -179,3 +179,15 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     status, out = _bench(["--sizes", "4x40", "--plot", str(tmp_path / "x.png")], capsys)
     assert status == 2 and "kdfast[demo]" in out.err and not (tmp_path / "x.png").exists()
+
+
+def test_gpu_benchmark_runs_liger_through_the_peer_adapter():
+    """`kdfast bench --gpu`'s liger cases use peers.loss_fn (here its JSD in Triton's interpreter)."""
+    _triton_here()
+    pytest.importorskip("liger_kernel.transformers", exc_type=ImportError, reason="liger-kernel is not installed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's masked-off lanes
+        cases = [gpu.run_dense_case("jsd", impl, 6, 37, "fp32", repeats=1, warmup=1, device="cpu")
+                 for impl in ("eager", "liger")]
+    assert cases[1]["loss_value"] == pytest.approx(cases[0]["loss_value"], rel=1e-5)
+    assert cases[1]["grad_norm"] == pytest.approx(cases[0]["grad_norm"], rel=1e-4)
