@@ -69,7 +69,11 @@ SLOW_FILES = {"test_triton_dense.py", "test_triton_sparse.py", "test_triton_comp
               "test_trainer_gkd.py"}
 HF_FILES = {"test_trainer.py", "test_trainer_fused.py", "test_trainer_gkd.py", "test_capture.py", "test_demo.py", "test_training_smoke.py", "test_cache.py"}
 SLOW_TESTS = {"test_loss_falls_and_parts_are_logged", "test_fuzz_only_value_or_type_errors",
-              "test_huge_outputs_under_an_8_gib_address_space_limit", "test_rust_buffers_are_allocated_fallibly"}
+              "test_huge_outputs_under_an_8_gib_address_space_limit", "test_rust_buffers_are_allocated_fallibly",
+              # import the peer libraries (TRL alone takes 5-10 s to import)
+              "test_peer_agrees_with_kdfast_after_mapping", "test_torchtune_forward_kl_is_the_cross_entropy_form",
+              "test_bench_table_and_json_contain_the_installed_peers",
+              "test_gpu_benchmark_runs_liger_through_the_peer_adapter"}
 
 
 def pytest_collection_modifyitems(config, items):
