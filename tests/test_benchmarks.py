@@ -191,3 +191,18 @@ def test_gpu_benchmark_runs_liger_through_the_peer_adapter():
                  for impl in ("eager", "liger")]
     assert cases[1]["loss_value"] == pytest.approx(cases[0]["loss_value"], rel=1e-5)
     assert cases[1]["grad_norm"] == pytest.approx(cases[0]["grad_norm"], rel=1e-4)
+
+
+def test_trainer_benchmark_paths_agree_on_a_tiny_case():
+    """benchmarks.trainer: every path steps and computes the same loss (tiny Llama models)."""
+    pytest.importorskip("transformers")
+    from kdfast.benchmarks import trainer
+
+    paths = ["bare", "trainer", "trainer-logits"]
+    results = [{"path": p, "loss": "jsd", "batch": 1, "seq": 12, "vocab": 300,
+                **trainer.run_case({"path": p, "loss": "jsd", "batch": 1, "seq": 12, "vocab": 300, "warmup": 0})}
+               for p in paths]
+    values = [r["loss_value"] for r in results]
+    assert max(values) - min(values) < 1e-5 * max(1.0, abs(values[0]))
+    table = trainer.format_table(results)
+    assert "jsd" in table and "✓" in table
