@@ -124,3 +124,30 @@ def test_unknown_post_head_attributes_are_refused():
     assert "unknown transform" in heads.find_head(model)
     model.config.logit_scale = 1.0
     assert isinstance(heads.find_head(model), heads.Head)
+
+
+def test_fused_trainer_with_activation_checkpointing(tmp_path):
+    teacher = _gpt2(2, seed=1, init=0.3).eval()
+    base = _gpt2(1, seed=8)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    data = _Seqs(_seqs(seed=4))
+    ckpt = {"activation_checkpointing": True}
+    ta, _ = _train(a, None, tmp_path / "a", dataset=data, teacher_model=teacher, args=ckpt)
+    _train(b, False, tmp_path / "b", dataset=data, teacher_model=teacher, args=ckpt)
+    assert ta.fused
+    _assert_same_parameters(a, b)
+
+
+def test_fused_trainer_under_bf16_mixed_precision(tmp_path):
+    """Autocast rounds the logits path's materialised logits to bfloat16; the fused head keeps
+    float32 logits, so the two agree to bf16 accuracy, not exactly."""
+    teacher = _gpt2(2, seed=1, init=0.3).eval()
+    base = _gpt2(1, seed=9)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    data = _Seqs(_seqs(seed=5))
+    ta, _ = _train(a, None, tmp_path / "a", dataset=data, teacher_model=teacher, args={"bf16": True})
+    _train(b, False, tmp_path / "b", dataset=data, teacher_model=teacher, args={"bf16": True})
+    assert ta.fused
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=5e-2, atol=5e-3)
