@@ -45,7 +45,16 @@ pub struct Terms {
 pub trait Div: Copy + Send + Sync {
     /// `S = Σ q_i g_i` when it is a constant (so the gradient is written in the loss pass).
     const KNOWN_S: Option<f32>;
+    /// Whether the loss's teacher is not the teacher input itself but [`Div::teacher`] of
+    /// both inputs (TAID's mixture).
+    const MIXED_TEACHER: bool = false;
     fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32, q: f32, p: f32) -> Terms;
+    /// The scaled teacher logit the loss compares with, from the scaled student logit `a` and
+    /// teacher logit `b` (called only when [`Div::MIXED_TEACHER`]).
+    #[inline(always)]
+    fn teacher(&self, _a: f32, b: f32) -> f32 {
+        b
+    }
 }
 
 /// `a · b` with `a = 0 ⇒ 0` (so `0 · ±∞` and `0 · NaN` from `-inf − -inf` vanish).
@@ -225,6 +234,39 @@ impl Div for Tvd {
     }
 }
 
+/// TAID (Shing et al., ICLR 2025) for `0 < t < 1`: forward KL against the mixed teacher
+/// `p_t = softmax(m / T)`, `m = (1 − t)·sg(z_s) + t·z_t`, so `∂/∂a = q − p_t` (the student
+/// inside `m` is a constant). The kernel forms `m / T = (1 − t)·a + t·b` from each loaded block
+/// of the scaled logits (no `[N, V]` mixture), in f32, the same operations on every
+/// instruction set. With both weights positive a `-inf` on either side gives `-inf` and never
+/// NaN (`0 · (−inf)` would need `t ∈ {0, 1}`, which `dense_loss` runs as a zero loss and as
+/// forward KL). Where the student is `-inf` so is `m`: the row is always finite, except when
+/// `m` is `-inf` everywhere (no id finite in both inputs), which the kernel makes an `+inf` row.
+#[derive(Clone, Copy, Debug)]
+pub struct Taid {
+    pub t: f32,
+    pub one_m_t: f32,
+}
+
+impl Taid {
+    pub fn new(t: f32) -> Self {
+        Taid { t, one_m_t: 1.0 - t }
+    }
+}
+
+impl Div for Taid {
+    const KNOWN_S: Option<f32> = Some(-1.0);
+    const MIXED_TEACHER: bool = true;
+    #[inline(always)]
+    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32, q: f32, p: f32) -> Terms {
+        ForwardKl.terms::<M>(lq, lp, d, q, p)
+    }
+    #[inline(always)]
+    fn teacher(&self, a: f32, b: f32) -> f32 {
+        self.one_m_t * a + self.t * b
+    }
+}
+
 /// The divergences, with their parameters, as chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Divergence {
@@ -235,10 +277,12 @@ pub enum Divergence {
     SkewForwardKl { skew: f32 },
     SkewReverseKl { skew: f32 },
     Tvd,
+    /// TAID with the interpolation `t ∈ [0, 1]`: `t = 1` is forward KL exactly, `t = 0` gives 0.
+    Taid { t: f32 },
 }
 
 impl Divergence {
-    /// Parse a loss name (`"forward_kl"`, `"jsd"`, ...) with its parameter (β or skew).
+    /// Parse a loss name (`"forward_kl"`, `"jsd"`, ...) with its parameter (β, skew or t).
     pub fn from_name(name: &str, param: f32) -> crate::Result<Self> {
         use crate::KdError::InvalidArgument;
         let d = match name {
@@ -248,11 +292,12 @@ impl Divergence {
             "skew_forward_kl" => Divergence::SkewForwardKl { skew: param },
             "skew_reverse_kl" => Divergence::SkewReverseKl { skew: param },
             "tvd" => Divergence::Tvd,
+            "taid" => Divergence::Taid { t: param },
             other => {
                 return Err(InvalidArgument {
                     name: "loss",
                     expected: "one of forward_kl, reverse_kl, jsd, skew_forward_kl, \
-                               skew_reverse_kl, tvd"
+                               skew_reverse_kl, tvd, taid"
                         .into(),
                     got: format!("{other:?}"),
                 })
@@ -262,25 +307,23 @@ impl Divergence {
         Ok(d)
     }
 
-    /// Check the parameter ranges: β ∈ [0, 1], skew ∈ [0, 1).
+    /// Check the parameter ranges: β ∈ [0, 1], skew ∈ [0, 1), t ∈ [0, 1].
     pub fn validate(&self) -> crate::Result<()> {
-        use crate::KdError::InvalidArgument;
-        match *self {
-            Divergence::Jsd { beta } if !(0.0..=1.0).contains(&beta) => Err(InvalidArgument {
-                name: "beta",
-                expected: "a number in [0, 1]".into(),
-                got: format!("{beta}"),
-            }),
-            Divergence::SkewForwardKl { skew } | Divergence::SkewReverseKl { skew }
-                if !(0.0..1.0).contains(&skew) =>
-            {
-                Err(InvalidArgument {
-                    name: "skew",
-                    expected: "a number in [0, 1)".into(),
-                    got: format!("{skew}"),
-                })
-            }
-            _ => Ok(()),
+        // (argument, value, whether 1 is allowed)
+        let (name, x, closed) = match *self {
+            Divergence::Jsd { beta } => ("beta", beta, true),
+            Divergence::SkewForwardKl { skew } | Divergence::SkewReverseKl { skew } => ("skew", skew, false),
+            Divergence::Taid { t } => ("t", t, true),
+            Divergence::ForwardKl | Divergence::ReverseKl | Divergence::Tvd => return Ok(()),
+        };
+        // NaN is in neither range.
+        if (0.0..=1.0).contains(&x) && (closed || x < 1.0) {
+            return Ok(());
         }
+        Err(crate::KdError::InvalidArgument {
+            name,
+            expected: (if closed { "a number in [0, 1]" } else { "a number in [0, 1)" }).into(),
+            got: format!("{x}"),
+        })
     }
 }
