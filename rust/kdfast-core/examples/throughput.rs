@@ -19,6 +19,7 @@ fn main() {
         Divergence::SkewForwardKl { skew: 0.1 },
         Divergence::SkewReverseKl { skew: 0.1 },
         Divergence::Tvd,
+        Divergence::Akl { head_mass: 0.5 },
         Divergence::Taid { t: 0.5 },
     ];
     let only_div = std::env::var("DIV").ok();

@@ -267,6 +267,45 @@ impl Div for Taid {
     }
 }
 
+/// Adaptive KL (Wu et al., 2024): `ℓ = w_h·KL(p‖q) + w_t·KL(q‖p)`, with `w_h`, `w_t` the
+/// shares of `Σ|p − q|` on the teacher's head and tail (the head: the ids in order of `p`
+/// descending, lower id first, whose cumulative mass up to and including themselves is at most
+/// `head_mass`, and always the first). The weights are constants for the gradient:
+///
+/// ```text
+///     ∂ℓ/∂a = w_h·(q − p) + w_t·q·(d − S),   d = log q − log p,   S = Σ q d = KL(q‖p)
+/// ```
+///
+/// which is the forward KL gradient (`S = −1`, in closed form) plus the reverse KL one
+/// (`h = d`), each as in its own kernel. The head is found by the kernel (`dense::head`);
+/// [`Akl::terms`] gives an element's share of the rest. A component whose weight is exactly 0
+/// contributes exactly 0, so an infinite KL with a zero weight leaves the row finite.
+#[derive(Clone, Copy, Debug)]
+pub struct Akl {
+    pub head_mass: f32,
+}
+
+/// One element's contribution to [`Akl`]: the terms of both KLs and `q·d` (the reverse part's
+/// `q h`, stored for the gradient).
+#[derive(Clone, Copy, Debug)]
+pub struct AklTerms {
+    pub fwd: f32,
+    pub rev: f32,
+    pub qd: f32,
+}
+
+impl Akl {
+    #[inline(always)]
+    pub fn terms(&self, d: f32, q: f32, p: f32) -> AklTerms {
+        // The +inf of each KL is decided on d (see the module docs): d = −inf where the teacher
+        // is alive and the student -inf, d = +inf for the converse (q or p may have underflowed).
+        let fwd = if d == f32::NEG_INFINITY { f32::INFINITY } else { xmul(p, -d) };
+        let qd = xmul(q, d);
+        let rev = if d == f32::INFINITY { f32::INFINITY } else { qd };
+        AklTerms { fwd, rev, qd }
+    }
+}
+
 /// The divergences, with their parameters, as chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Divergence {
@@ -277,12 +316,15 @@ pub enum Divergence {
     SkewForwardKl { skew: f32 },
     SkewReverseKl { skew: f32 },
     Tvd,
+    /// Adaptive KL with the head's teacher mass `head_mass ∈ [0, 1]`.
+    Akl { head_mass: f32 },
     /// TAID with the interpolation `t ∈ [0, 1]`: `t = 1` is forward KL exactly, `t = 0` gives 0.
     Taid { t: f32 },
 }
 
 impl Divergence {
-    /// Parse a loss name (`"forward_kl"`, `"jsd"`, ...) with its parameter (β, skew or t).
+    /// Parse a loss name (`"forward_kl"`, `"jsd"`, ...) with its parameter (β, skew,
+    /// head_mass or t).
     pub fn from_name(name: &str, param: f32) -> crate::Result<Self> {
         use crate::KdError::InvalidArgument;
         let d = match name {
@@ -292,12 +334,13 @@ impl Divergence {
             "skew_forward_kl" => Divergence::SkewForwardKl { skew: param },
             "skew_reverse_kl" => Divergence::SkewReverseKl { skew: param },
             "tvd" => Divergence::Tvd,
+            "akl" => Divergence::Akl { head_mass: param },
             "taid" => Divergence::Taid { t: param },
             other => {
                 return Err(InvalidArgument {
                     name: "loss",
                     expected: "one of forward_kl, reverse_kl, jsd, skew_forward_kl, \
-                               skew_reverse_kl, tvd, taid"
+                               skew_reverse_kl, tvd, akl, taid"
                         .into(),
                     got: format!("{other:?}"),
                 })
@@ -307,12 +350,13 @@ impl Divergence {
         Ok(d)
     }
 
-    /// Check the parameter ranges: β ∈ [0, 1], skew ∈ [0, 1), t ∈ [0, 1].
+    /// Check the parameter ranges: β ∈ [0, 1], skew ∈ [0, 1), head_mass ∈ [0, 1], t ∈ [0, 1].
     pub fn validate(&self) -> crate::Result<()> {
         // (argument, value, whether 1 is allowed)
         let (name, x, closed) = match *self {
             Divergence::Jsd { beta } => ("beta", beta, true),
             Divergence::SkewForwardKl { skew } | Divergence::SkewReverseKl { skew } => ("skew", skew, false),
+            Divergence::Akl { head_mass } => ("head_mass", head_mass, true),
             Divergence::Taid { t } => ("t", t, true),
             Divergence::ForwardKl | Divergence::ReverseKl | Divergence::Tvd => return Ok(()),
         };

@@ -15,16 +15,20 @@
 //! is no finite descent direction, and a zero row keeps the other rows' update finite.
 //!
 //! The kernels: [`pointwise`] runs every [`Div`] (the losses that are a sum of per-element
-//! terms, TAID included: forward KL against a teacher mixed block by block as it is read).
+//! terms, TAID included: forward KL against a teacher mixed block by block as it is read);
+//! [`akl`] runs Adaptive KL, whose weights need the teacher's head ([`head`]: a selection inside
+//! the streaming passes, no sort of the row).
 //!
-//! Scratch: `8·V` bytes per thread (two f32 rows). Up to [`SCRATCH_CAP`]
+//! Scratch: `8·V` bytes per thread (two f32 rows; AKL: three, `12·V`). Up to [`SCRATCH_CAP`]
 //! it is kept in a thread-local buffer between calls; larger rows take buffers owned by the call
 //! (one per thread that runs rows), freed when it returns, so a call at a huge vocabulary does
 //! not leave gigabytes resident.
 
+mod akl;
+mod head;
 mod pointwise;
 
-use crate::divergence::{Divergence, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Taid, Tvd};
+use crate::divergence::{Akl, Divergence, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Taid, Tvd};
 use crate::elem::Elem;
 use crate::error::{KdError, Result};
 use crate::isa::{Isa, Kernel};
@@ -112,6 +116,7 @@ pub fn dense_loss<S: Elem, T: Elem>(
         // t = 0: the mixed teacher is the student itself, ℓ = 0 and a zero gradient.
         Divergence::Taid { t: 0.0 } => call.run(pointwise::Unmoved, loss_out, grad_out),
         Divergence::Taid { t } => call.run(Taid::new(t), loss_out, grad_out),
+        Divergence::Akl { head_mass } => call.run(Akl { head_mass }, loss_out, grad_out),
     }
 }
 

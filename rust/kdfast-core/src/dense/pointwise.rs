@@ -13,8 +13,10 @@ use crate::stats::{lane_max, LseStats, LANES};
 pub(super) struct Scratch<'a> {
     /// `e_a`, then (multi-pass kernels) `q`.
     pub ea: &'a mut [f32],
-    /// `e_b`, then `q h`.
+    /// `e_b`, then `q h` or (AKL) `p`.
     pub eb: &'a mut [f32],
+    /// The third row of kernels that ask for one ([`RowLoss::SCRATCH_ROWS`] = 3), else empty.
+    pub ex: &'a mut [f32],
     /// Per block: the shift `ma` of `e_a`, then (after pass 1) the factor from `e_a` to `q`.
     pub fa: &'a mut [f32],
     /// Per block: `mb`, then the factor from `e_b` to `p`.
@@ -25,15 +27,16 @@ pub(super) struct Scratch<'a> {
 }
 
 impl<'a> Scratch<'a> {
-    pub fn split(scratch: &'a mut [f32], v: usize) -> Self {
+    pub fn split(scratch: &'a mut [f32], v: usize, rows: usize) -> Self {
         let blocks = v.div_ceil(BLOCK);
         let (ea, rest) = scratch.split_at_mut(blocks * BLOCK);
-        let (eb, stats) = rest.split_at_mut(blocks * BLOCK);
+        let (eb, rest) = rest.split_at_mut(blocks * BLOCK);
+        let (ex, stats) = rest.split_at_mut(if rows > 2 { blocks * BLOCK } else { 0 });
         let (fa, stats) = stats.split_at_mut(blocks);
         let (fb, stats) = stats.split_at_mut(blocks);
         let (bza, stats) = stats.split_at_mut(blocks);
         let (bzb, bkl) = stats.split_at_mut(blocks);
-        Scratch { ea, eb, fa, fb, bza, bzb, bkl: &mut bkl[..blocks] }
+        Scratch { ea, eb, ex, fa, fb, bza, bzb, bkl: &mut bkl[..blocks] }
     }
 }
 
@@ -143,7 +146,7 @@ impl<D: Div> RowLoss for D {
     #[inline(always)]
     fn row<M: Math, S: Elem, T: Elem>(self, p: RowParams, s_row: &[S], t_row: &[T], grad: Option<&mut [S]>, row: usize, scratch: &mut [f32]) -> Result<f32> {
         let v = s_row.len();
-        let mut sc = Scratch::split(scratch, v);
+        let mut sc = Scratch::split(scratch, v, Self::SCRATCH_ROWS);
         let Some(st) = pass1::<M, D, S, T>(&self, p.inv_t, s_row, t_row, row, &mut sc)? else {
             return Ok(infinite_row(grad));
         };

@@ -65,6 +65,26 @@ pub fn reference(div: Divergence, zs: &[f32], zt: &[f32], t: f64) -> (f64, Vec<f
             let lm: Vec<f64> = (0..v).map(|i| lae(lq[i] + l.ln(), lp[i] + (1.0 - l).ln())).collect();
             ((0..v).map(|i| xlog(q[i], lq[i], lm[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { lq[i] - lm[i] - l * (lq[i] - lm[i]).exp() }).collect())
         }
+        Divergence::Akl { head_mass } => {
+            // The head from the f32 probabilities (the kernels' precision): a stable sort by p
+            // descending, the cumulative mass in f64.
+            let pf: Vec<f32> = p.iter().map(|&x| x as f32).collect();
+            let mut order: Vec<usize> = (0..v).collect();
+            order.sort_by(|&i, &j| pf[j].partial_cmp(&pf[i]).unwrap());
+            let (mut head, mut c) = (vec![false; v], 0.0f64);
+            for (k, &i) in order.iter().enumerate() {
+                c += pf[i] as f64;
+                head[i] = c <= head_mass as f64 || k == 0;
+            }
+            let gh: f64 = (0..v).filter(|&i| head[i]).map(|i| (p[i] - q[i]).abs()).sum();
+            let gt: f64 = (0..v).filter(|&i| !head[i]).map(|i| (p[i] - q[i]).abs()).sum();
+            let (wh, wt) = if gh + gt > 0.0 { (gh / (gh + gt), gt / (gh + gt)) } else { (0.5, 0.5) };
+            let part = |w: f64, x: f64| if w == 0.0 { 0.0 } else { w * x };
+            let fwd: f64 = (0..v).map(|i| xlog(p[i], lp[i], lq[i])).sum();
+            let rev: f64 = (0..v).map(|i| xlog(q[i], lq[i], lp[i])).sum();
+            ((part(wh, fwd) + part(wt, rev)),
+             (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { -wh * p[i] / q[i] + part(wt, lq[i] - lp[i] + 1.0) }).collect())
+        }
         Divergence::Tvd => ((0..v).map(|i| 0.5 * (p[i] - q[i]).abs()).sum(), (0..v).map(|i| 0.5 * (q[i] - p[i]).signum() * ((q[i] - p[i]) != 0.0) as i32 as f64).collect()),
     };
     if loss == f64::INFINITY {
@@ -72,6 +92,23 @@ pub fn reference(div: Divergence, zs: &[f32], zt: &[f32], t: f64) -> (f64, Vec<f
     }
     let s: f64 = (0..v).map(|i| q[i] * g[i]).sum();
     (loss, (0..v).map(|i| q[i] * (g[i] - s) / t).collect())
+}
+
+/// How far AKL may be from [`reference`] because its weights come from the gaps `|p − q|` of
+/// f32 probabilities (as defined): each f32 `p`, `q` is off by a few ulp, ≲ 2e-7·(p + q), so
+/// the weights are off by up to `δw ≈ (4e-7 + 2e-6·G) / G` (`G = Σ|p − q|`, the second term for
+/// f32 lane sums), which moves the loss by `δw·|KL(p‖q) − KL(q‖p)|` and the gradient by
+/// `δw·|∇KL(p‖q) − ∇KL(q‖p)|`. Rows where `p ≈ q` to f32 precision (G ~ 1e-7) have weights
+/// that are rounding noise, and this slack is then the whole difference of the two KLs (small
+/// in absolute terms, as both KLs are).
+pub fn akl_slack(zs: &[f32], zt: &[f32], t: f64) -> (f64, Vec<f64>) {
+    let (f, gf) = reference(Divergence::ForwardKl, zs, zt, t);
+    let (r, gr) = reference(Divergence::ReverseKl, zs, zt, t);
+    // G = 2 · TVD.
+    let g = 2.0 * reference(Divergence::Tvd, zs, zt, t).0;
+    let dw = if g == 0.0 { 0.0 } else { ((4e-7 + 2e-6 * g) / g).min(1.0) };
+    let slack = if f.is_finite() && r.is_finite() { dw * (f - r).abs() } else { 0.0 };
+    (slack, gf.iter().zip(&gr).map(|(a, b)| dw * (a - b).abs()).collect())
 }
 
 /// One `dense_loss` call on contiguous rows; the outputs start as 9 (loss) and 7 (gradient),

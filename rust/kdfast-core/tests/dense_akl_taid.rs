@@ -1,13 +1,17 @@
-//! TAID beyond the shared reference test (tests/dense.rs): its edges, the +inf rules,
-//! half-precision inputs, masking.
+//! AKL and TAID beyond the shared reference test (tests/dense.rs): their edges, the head's tie
+//! rule, the +inf rules, half-precision inputs, masking.
 
 mod common;
-use common::dense::{call, pair, reference, run};
+use common::dense::{akl_slack, call, pair, reference, run};
 use common::{isas, logits};
 use half::{bf16, f16};
 use kdfast_core::{DenseConfig, Divergence, Elem, Isa};
 
 const NINF: f32 = f32::NEG_INFINITY;
+
+fn akl(head_mass: f32) -> Divergence {
+    Divergence::Akl { head_mass }
+}
 
 fn taid(t: f32) -> Divergence {
     Divergence::Taid { t }
@@ -37,11 +41,12 @@ fn assert_reference<E: Elem>(div: Divergence, zs: &[E], zt: &[E], rows: usize, c
         for r in 0..rows {
             let (s_row, t_row) = (&fs[r * cols..(r + 1) * cols], &ft[r * cols..(r + 1) * cols]);
             let (l64, g64) = reference(div, s_row, t_row, t as f64);
-            assert!((loss[r] as f64 - l64).abs() <= rel * l64.abs() + 1e-6, "{div:?} {isa:?} V={cols} row {r}: {} vs {l64}", loss[r]);
+            let (ls, gs) = if let Divergence::Akl { .. } = div { akl_slack(s_row, t_row, t as f64) } else { (0.0, vec![0.0; cols]) };
+            assert!((loss[r] as f64 - l64).abs() <= rel * l64.abs() + 1e-6 + ls, "{div:?} {isa:?} V={cols} row {r}: {} vs {l64}", loss[r]);
             let gmax = g64.iter().fold(0.0f64, |m, x| m.max(x.abs()));
             for c in 0..cols {
                 let d = (grad[r * cols + c] as f64 - g64[c]).abs();
-                assert!(d <= grad_tol * gmax + grad_abs, "{div:?} {isa:?} V={cols} grad[{r},{c}] {} vs {}", grad[r * cols + c], g64[c]);
+                assert!(d <= grad_tol * gmax + gs[c] + grad_abs, "{div:?} {isa:?} V={cols} grad[{r},{c}] {} vs {}", grad[r * cols + c], g64[c]);
             }
         }
     }
@@ -110,12 +115,100 @@ fn bad_rows_are_errors_that_name_the_input() {
         let e = error_of(taid(t), &[0.0, f32::NAN, 1.0], &ok);
         assert!(e.contains("student_logits") && e.contains("NaN"), "t={t}: {e}");
     }
-    for div in [taid(-0.1), taid(1.01), taid(f32::NAN)] {
-        assert!(error_of(div, &ok, &ok).starts_with("t:"), "{div:?}");
+    for h in [0.0f32, 0.5, 1.0] {
+        let e = error_of(akl(h), &ok, &[0.0, f32::NAN, 1.0]);
+        assert!(e.contains("teacher_logits") && e.contains("NaN"), "{e}");
     }
-    assert!(Divergence::from_name("taid", 2.0).unwrap_err().to_string().starts_with("t:"));
+    for (div, name) in [(akl(1.5), "head_mass"), (akl(f32::NAN), "head_mass"), (taid(-0.1), "t"), (taid(1.01), "t")] {
+        assert!(error_of(div, &ok, &ok).starts_with(name), "{div:?}");
+        assert!(Divergence::from_name(if name == "t" { "taid" } else { "akl" }, 2.0).unwrap_err().to_string().starts_with(name));
+    }
+    assert_eq!(Divergence::from_name("akl", 0.25).unwrap(), akl(0.25));
     assert_eq!(Divergence::from_name("taid", 0.25).unwrap(), taid(0.25));
-    assert!(Divergence::from_name("kl", 0.0).unwrap_err().to_string().contains("tvd, taid"));
+    assert!(Divergence::from_name("kl", 0.0).unwrap_err().to_string().contains("akl, taid"));
+}
+
+#[test]
+fn akl_ties_lower_id_first() {
+    // Uniform teachers and teachers of a few repeated values, across several blocks (ties in
+    // different blocks must stay ties), against the stable sort of the reference.
+    let cols = 2500;
+    let zs = logits(2, cols, 41, 3.0, 0);
+    let uniform = vec![0.25f32; 2 * cols];
+    let repeated: Vec<f32> = (0..2 * cols).map(|i| ((i * 7919) % 5) as f32 * 0.7).collect();
+    for zt in [&uniform, &repeated] {
+        for h in [0.0f32, 0.013, 0.3, 0.5, 0.77] {
+            assert_reference(akl(h), &zs, zt, 2, cols, 1.0, 2e-5, 1e-5, 1e-9);
+        }
+    }
+    // With a uniform teacher and head_mass 0 the head is id 0 alone: moving the student's
+    // mass between ids 0 and 1 changes the loss, between ids 1 and 2 it does not.
+    let zt = vec![0.0f32; 3];
+    let l = |zs: [f32; 3]| run(akl(0.0), &zs, &zt, 1, 3, 1.0, Isa::Scalar, 1).0[0];
+    assert!((l([3.0, 0.0, 0.0]) - l([0.0, 0.0, 3.0])).abs() > 1e-3);
+    assert!((l([0.0, 3.0, 0.0]) - l([0.0, 0.0, 3.0])).abs() < 1e-6);
+}
+
+#[test]
+fn akl_head_mass_extremes() {
+    let (rows, cols) = (3, 1700);
+    let (zs, zt) = pair(rows, cols, 51, 8.0);
+    for h in [0.0f32, 1e-9, 0.999] {
+        assert_reference(akl(h), &zs, &zt, rows, cols, 0.8, 2e-5, 1e-5, 1e-9);
+    }
+    // A teacher whose f32 probabilities are exact (uniform over 2^k ids, the rest -inf) has a
+    // cumulative mass of exactly 1: with head_mass 1 everything is the head, w_t = 0, and AKL is
+    // forward KL (finite even though the student is alive where the teacher is -inf).
+    let cols = 2048;
+    let zt: Vec<f32> = (0..cols).map(|i| if i < 1024 { 0.0 } else { NINF }).collect();
+    let zs = logits(1, cols, 52, 4.0, 0);
+    for isa in isas() {
+        let (l_akl, g_akl) = run(akl(1.0), &zs, &zt, 1, cols, 1.0, isa, 1);
+        let (l_fkl, g_fkl) = run(Divergence::ForwardKl, &zs, &zt, 1, cols, 1.0, isa, 1);
+        assert!((l_akl[0] - l_fkl[0]).abs() <= 1e-6 * l_fkl[0], "{isa:?}: {l_akl:?} vs {l_fkl:?}");
+        assert!(g_akl.iter().zip(&g_fkl).all(|(a, b)| (a - b).abs() <= 1e-7), "{isa:?}");
+        // Any smaller head leaves teacher-dead, student-alive ids in the tail: KL(q‖p) = +inf.
+        let (loss, grad) = run(akl(0.999), &zs, &zt, 1, cols, 1.0, isa, 1);
+        assert!(loss[0] == f32::INFINITY && grad.iter().all(|&g| g == 0.0), "{isa:?}");
+    }
+}
+
+#[test]
+fn akl_equal_distributions_and_one_column() {
+    // p == q: both gaps are 0, the weights ½, the loss and gradient exactly 0.
+    let (rows, cols) = (3, 2100);
+    let (zs, _) = pair(rows, cols, 61, 8.0);
+    let zt1 = vec![0.0f32; rows];
+    for isa in isas() {
+        for h in [0.0f32, 0.5, 1.0] {
+            let (loss, grad) = run(akl(h), &zs, &zs, rows, cols, 0.9, isa, 2);
+            assert!(loss.iter().all(|&l| l == 0.0) && grad.iter().all(|&g| g == 0.0), "{isa:?} h={h}");
+            // V = 1: p = q = 1.
+            let (loss, grad) = run(akl(h), &zt1, &zt1, rows, 1, 1.0, isa, 1);
+            assert!(loss.iter().all(|&l| l == 0.0) && grad.iter().all(|&g| g == 0.0), "{isa:?}");
+        }
+        let (loss, grad) = run(taid(0.4), &zt1, &zt1, rows, 1, 1.0, isa, 1);
+        assert!(loss.iter().all(|&l| l == 0.0) && grad.iter().all(|&g| g == 0.0), "{isa:?}");
+    }
+}
+
+#[test]
+fn akl_mass_against_minus_inf() {
+    // Row 1 of each case has one KL infinite (the student -inf where the teacher is alive, or
+    // the converse) with a positive weight: +inf with a zero gradient row.
+    let other = [0.3f32, -0.2, 1.1, 0.4];
+    let alive = [0.0f32, -2000.0, 1.0, 0.5];
+    let dead = [0.0f32, NINF, 1.0, 0.5];
+    for (s1, t1) in [(dead, alive), (alive, dead)] {
+        let zs: Vec<f32> = other.iter().chain(&s1).chain(&other).copied().collect();
+        let zt: Vec<f32> = other.iter().rev().chain(&t1).chain(other.iter().rev()).copied().collect();
+        for isa in isas() {
+            for h in [0.0f32, 0.5] {
+                let (loss, grad) = run(akl(h), &zs, &zt, 3, 4, 0.5, isa, 1);
+                assert_middle_row_infinite(&loss, &grad, &format!("{isa:?} h={h}"));
+            }
+        }
+    }
 }
 
 #[test]
@@ -126,8 +219,8 @@ fn half_precision_inputs_match_reference() {
     let bt: Vec<bf16> = zt.iter().map(|&x| bf16::from_f32(x)).collect();
     let hs: Vec<f16> = zs.iter().map(|&x| f16::from_f32(x)).collect();
     let ht: Vec<f16> = zt.iter().map(|&x| f16::from_f32(x)).collect();
-    // The gradient is rounded to the input's precision.
-    for div in [taid(0.3), taid(0.85)] {
+    // bf16 logits hold many ties in p; the gradient is rounded to the input's precision.
+    for div in [akl(0.5), akl(0.2), taid(0.3), taid(0.85)] {
         assert_reference(div, &bs, &bt, rows, cols, 1.0, 2e-5, 8e-3, 1e-9);
         assert_reference(div, &hs, &ht, rows, cols, 1.0, 2e-5, 1e-3, 1e-9);
     }
@@ -138,7 +231,7 @@ fn masked_rows_padding_columns_scales_and_threads() {
     let (rows, cols, grad_cols) = (5, 1030, 1040);
     let (zs, zt) = pair(rows, cols, 81, 6.0);
     let labels = [1i64, -100, 7, -100, 3];
-    for div in [taid(0.6)] {
+    for div in [akl(0.5), taid(0.6)] {
         let (l0, g0) = run(div, &zs, &zt, rows, cols, 2.0, Isa::detect(), 1);
         for threads in [1, 2] {
             let cfg = DenseConfig { divergence: div, temperature: 2.0, t2_scale: true, grad_scale: 0.5, grad_cols };
