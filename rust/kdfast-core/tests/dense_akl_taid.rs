@@ -156,18 +156,22 @@ fn akl_head_mass_extremes() {
     for h in [0.0f32, 1e-9, 0.999] {
         assert_reference(akl(h), &zs, &zt, rows, cols, 0.8, 2e-5, 1e-5, 1e-9);
     }
-    // A teacher whose f32 probabilities are exact (uniform over 2^k ids, the rest -inf) has a
-    // cumulative mass of exactly 1: with head_mass 1 everything is the head, w_t = 0, and AKL is
-    // forward KL (finite even though the student is alive where the teacher is -inf).
+    // head_mass 1 is the whole row (the bound 1 + 2^-20 is never left to the rounding of Σ p):
+    // w_t = 0 and AKL is forward KL, finite even where the student is alive and the teacher
+    // -inf. Here the f32 probabilities are exact (uniform over 2^10 ids, the rest -inf).
     let cols = 2048;
     let zt: Vec<f32> = (0..cols).map(|i| if i < 1024 { 0.0 } else { NINF }).collect();
     let zs = logits(1, cols, 52, 4.0, 0);
+    let (zs3, zt3) = (logits(3, 3001, 53, 8.0, 0), logits(3, 3001, 54, 8.0, 0));
     for isa in isas() {
-        let (l_akl, g_akl) = run(akl(1.0), &zs, &zt, 1, cols, 1.0, isa, 1);
-        let (l_fkl, g_fkl) = run(Divergence::ForwardKl, &zs, &zt, 1, cols, 1.0, isa, 1);
-        assert!((l_akl[0] - l_fkl[0]).abs() <= 1e-6 * l_fkl[0], "{isa:?}: {l_akl:?} vs {l_fkl:?}");
-        assert!(g_akl.iter().zip(&g_fkl).all(|(a, b)| (a - b).abs() <= 1e-7), "{isa:?}");
-        // Any smaller head leaves teacher-dead, student-alive ids in the tail: KL(q‖p) = +inf.
+        for (zs, zt, rows, cols) in [(&zs, &zt, 1, cols), (&zs3, &zt3, 3, 3001)] {
+            let (l_akl, g_akl) = run(akl(1.0), zs, zt, rows, cols, 1.0, isa, 1);
+            let (l_fkl, g_fkl) = run(Divergence::ForwardKl, zs, zt, rows, cols, 1.0, isa, 1);
+            assert!(l_akl.iter().zip(&l_fkl).all(|(a, b)| (a - b).abs() <= 1e-6 * b), "{isa:?}: {l_akl:?} vs {l_fkl:?}");
+            assert!(g_akl.iter().zip(&g_fkl).all(|(a, b)| (a - b).abs() <= 1e-7), "{isa:?}");
+        }
+        // A smaller head leaves teacher-dead, student-alive ids in the tail: KL(q‖p) = +inf.
+        // (1023/1024 = 0.99902 > 0.999 + 2^-20: the head ends two ids before the -inf ones.)
         let (loss, grad) = run(akl(0.999), &zs, &zt, 1, cols, 1.0, isa, 1);
         assert!(loss[0] == f32::INFINITY && grad.iter().all(|&g| g == 0.0), "{isa:?}");
     }

@@ -1,9 +1,13 @@
 //! AKL's head: the teacher's top ids by mass, selected inside the streaming passes.
 //!
 //! The definition: order the ids by `p` descending, lower id first among equal `p`; the head is
-//! every id whose cumulative mass (f64) up to and including itself is `≤ h` (`h` = head_mass),
-//! plus always the first id. As the cumulative mass only grows, the head is a prefix of that
-//! order, described by its end: a [`Cut`]. Finding it needs no sort of the row.
+//! every id whose cumulative mass (f64) up to and including itself is `≤ h`, plus always the
+//! first id, where `h = head_mass + 2⁻²⁰` ([`HEAD_TOLERANCE`], as every backend: a boundary
+//! that holds exactly, e.g. a uniform teacher at `head_mass = k/V`, is not left to the rounding
+//! of `p` and of its sums). `h ≥ 1` is the whole row without a search: in exact arithmetic
+//! every cumulative mass is `≤ Σ p = 1`, and how far the f32 `p` of a long row sum above 1 must
+//! not decide it (`head_mass = 1` is forward KL). As the cumulative mass only grows, the head is
+//! a prefix of that order, described by its end: a [`Cut`]. Finding it needs no sort of the row.
 //!
 //! **Radix selection on the bits of `p`.** For `p ≥ 0` (never NaN) the f32 bit pattern orders
 //! like the value, and `p < 2`, so the key has 30 bits: three 10-bit digits. A histogram holds
@@ -37,7 +41,8 @@
 //! f32 `p`; the order inside the crossing bucket is the definition's, ties included. The only
 //! difference from a sort and a cumulative sum is the order in which the masses *above* the
 //! crossing are added (per bucket, in id order), which can move a decision only where the
-//! cumulative mass lies within f64 rounding (≈ V·2⁻⁵³) of `h`.
+//! cumulative mass lies within f64 rounding (≈ V·2⁻⁵³) of `h`, which the tolerance keeps away
+//! from every boundary that holds exactly.
 
 use super::BLOCK;
 use crate::stats::LANES;
@@ -47,6 +52,9 @@ const BUCKETS: usize = 1 << DIGIT;
 const DIGIT: u32 = 10;
 /// Shift of the top digit: `p < 2` has `bits < 2³⁰`.
 const TOP: u32 = 2 * DIGIT;
+/// Added to `head_mass` to give the bound `h` of the cumulative masses (kdfast.reference's
+/// `HEAD_TOLERANCE`).
+pub const HEAD_TOLERANCE: f64 = 1.0 / (1u64 << 20) as f64;
 /// Candidates of a bucket that are sorted directly instead of refined by one more digit.
 pub(super) const GATHER: usize = 512;
 
@@ -63,6 +71,8 @@ pub(super) struct Head {
     h: f64,
     /// `τ` (see the module docs); 0 disables the pruning.
     floor: f32,
+    /// `h ≥ 1`: the head is the whole row.
+    whole: bool,
 }
 
 /// `(p bits, id)` as one integer that sorts like (p ascending, id descending).
@@ -78,13 +88,16 @@ fn key_id(k: u64) -> u32 {
 
 impl Head {
     pub fn new(head_mass: f32, v: usize) -> Self {
-        let h = head_mass as f64;
-        Head { hist: [0.0; BUCKETS], h, floor: ((1.0 - h) / (2.0 * v as f64)) as f32 }
+        let h = head_mass as f64 + HEAD_TOLERANCE;
+        Head { hist: [0.0; BUCKETS], h, floor: ((1.0 - h).max(0.0) / (2.0 * v as f64)) as f32, whole: h >= 1.0 }
     }
 
     /// Pass 2: histogram the top digit of one block's `p` (padding entries are 0 and add 0).
     #[inline(always)]
     pub fn add_block(&mut self, p: &[f32]) {
+        if self.whole {
+            return;
+        }
         let floor = self.floor;
         for c in p.chunks_exact(LANES) {
             if !c.iter().fold(false, |any, &x| any | (x >= floor)) {
@@ -102,7 +115,10 @@ impl Head {
     /// zero from `v` up to a multiple of [`LANES`]).
     pub fn select(mut self, p: &[f32], v: usize) -> Cut {
         let mut buf = [0u64; GATHER];
-        let everything = Cut { p: 0.0, id: v as u32 };
+        let everything = Cut { p: 0.0, id: u32::MAX };
+        if self.whole {
+            return everything;
+        }
         let mut crossing = self.walk(0.0);
         if crossing.is_none() && self.floor > 0.0 {
             filter(p, v, 0, self.floor.to_bits(), Some(TOP), &mut self.hist, &mut buf);
@@ -125,7 +141,7 @@ impl Head {
             };
             // None only if the digits' sums round below the bucket's: the whole bucket is in.
             let Some((b, a)) = self.walk(above) else {
-                return Cut { p: f32::from_bits(lo), id: v as u32 };
+                return Cut { p: f32::from_bits(lo), id: u32::MAX };
             };
             (prefix, above, shift) = ((prefix << DIGIT) | b, a, next);
         }
@@ -242,14 +258,15 @@ mod tests {
     use super::*;
 
     /// The definition: a stable sort by p descending and an f64 cumulative sum.
-    fn by_sort(p: &[f32], h: f64) -> Vec<bool> {
+    fn by_sort(p: &[f32], head_mass: f32) -> Vec<bool> {
+        let h = head_mass as f64 + HEAD_TOLERANCE;
         let mut order: Vec<usize> = (0..p.len()).collect();
         order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap());
         let mut head = vec![false; p.len()];
         let mut c = 0.0f64;
         for (k, &i) in order.iter().enumerate() {
             c += p[i] as f64;
-            head[i] = c <= h || k == 0;
+            head[i] = c <= h || k == 0 || h >= 1.0;
         }
         head
     }
@@ -295,7 +312,7 @@ mod tests {
                 let w = if w.iter().all(|&x| x == 0) { vec![1; v] } else { w };
                 let p = probs(&w);
                 for &h in &hs {
-                    assert_eq!(by_selection(&p, h), by_sort(&p, h as f64), "V={v} kind {kind} h={h}");
+                    assert_eq!(by_selection(&p, h), by_sort(&p, h), "V={v} kind {kind} h={h}");
                 }
             }
         }
@@ -303,11 +320,17 @@ mod tests {
 
     #[test]
     fn more_ties_than_gathered() {
-        // 3000 equal values cross at h = 0.5 after the 1500th, beyond GATHER (and in the
-        // gathered range for h = 0.1).
+        // 3000 equal values cross at h = 0.5 after the 2048th, beyond GATHER (and in the
+        // gathered range for h = 0.1); 0.7324 and 0.7325 are either side of the whole row.
         let p = vec![1.0f32 / 4096.0; 3000];
         for h in [0.1f32, 0.5, 0.7324, 0.7325] {
-            assert_eq!(by_selection(&p, h), by_sort(&p, h as f64), "h={h}");
+            assert_eq!(by_selection(&p, h), by_sort(&p, h), "h={h}");
+        }
+        // Exact boundaries: a uniform teacher at k / V keeps k ids, whatever the rounding.
+        for (v, k) in [(3000usize, 1500usize), (1000, 300), (7, 3)] {
+            let p = vec![(1.0 / v as f64) as f32; v];
+            let kept = by_selection(&p, (k as f64 / v as f64) as f32).iter().filter(|&&x| x).count();
+            assert_eq!(kept, k, "V={v}");
         }
     }
 }

@@ -67,14 +67,16 @@ pub fn reference(div: Divergence, zs: &[f32], zt: &[f32], t: f64) -> (f64, Vec<f
         }
         Divergence::Akl { head_mass } => {
             // The head from the f32 probabilities (the kernels' precision): a stable sort by p
-            // descending, the cumulative mass in f64.
+            // descending, the cumulative mass in f64 against head_mass + 2^-20 (the whole row
+            // from 1 up).
             let pf: Vec<f32> = p.iter().map(|&x| x as f32).collect();
             let mut order: Vec<usize> = (0..v).collect();
             order.sort_by(|&i, &j| pf[j].partial_cmp(&pf[i]).unwrap());
+            let h = head_mass as f64 + 2f64.powi(-20);
             let (mut head, mut c) = (vec![false; v], 0.0f64);
             for (k, &i) in order.iter().enumerate() {
                 c += pf[i] as f64;
-                head[i] = c <= head_mass as f64 || k == 0;
+                head[i] = c <= h || k == 0 || h >= 1.0;
             }
             let gh: f64 = (0..v).filter(|&i| head[i]).map(|i| (p[i] - q[i]).abs()).sum();
             let gt: f64 = (0..v).filter(|&i| !head[i]).map(|i| (p[i] - q[i]).abs()).sum();
