@@ -133,7 +133,7 @@ def test_auto_backend(loss_name, dtype_, case):
 def test_rust_backend_rejects_float64(loss_name):
     student, teacher = make_logits((3, 8), dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        loss_fn(loss_name)(student, teacher, backend="rust")
+        loss_fn(loss_name)(student, teacher, backend="rust", **extra_kwargs(loss_name))
 
 
 @pytest.mark.parametrize(

@@ -109,10 +109,10 @@ LOSSES: Dict[str, LossSpec] = _specs(
              "p descending (ties: lower id first), the head H is every id whose cumulative teacher mass is ≤ "
              "head_mass, plus the first; ``w_h = g_H / (g_H + g_T)``, ``g_H = Σ_H |p − q|``, ``g_T = Σ_{∉H} |p − q|`` "
              "(½ each when both are 0), constants for the gradient.",
-             reference.akl, _HEAD_MASS, backends=("triton", "torch")),
+             reference.akl, _HEAD_MASS),
     LossSpec("taid", "TAID (Shing et al., ICLR 2025) ``KL(p_t‖q)`` per row, ``p_t = softmax(((1 − t)·sg(z_s) + "
              "t·z_t) / T)``: exactly forward KL at t = 1, 0 at t = 0 (kdfast.TAIDSchedule moves t).",
-             reference.taid, _T, {1.0: "forward_kl"}, backends=("triton", "torch")),
+             reference.taid, _T, {1.0: "forward_kl"}),
 )
 
 
