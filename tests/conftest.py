@@ -65,11 +65,16 @@ settings.load_profile(os.environ.get("KDFAST_HYPOTHESIS_PROFILE", "kdfast"))
 # `python -m pytest -m "not slow"` is the inner loop (about 2 minutes on 2 cores); CI and the
 # README's command run everything.
 SLOW_FILES = {"test_triton_dense.py", "test_triton_sparse.py", "test_triton_compress.py", "test_demo.py",
-              "test_threads_and_fork.py", "test_compile.py"}
-HF_FILES = {"test_trainer.py", "test_capture.py", "test_demo.py", "test_training_smoke.py", "test_cache.py"}
+              "test_threads_and_fork.py", "test_compile.py", "test_trainer_fused.py",
+              "test_trainer_gkd.py"}
+HF_FILES = {"test_trainer.py", "test_trainer_fused.py", "test_trainer_gkd.py", "test_trl.py", "test_capture.py", "test_demo.py", "test_training_smoke.py", "test_cache.py"}
 SLOW_TESTS = {"test_loss_falls_and_parts_are_logged", "test_fuzz_only_value_or_type_errors",
               "test_huge_outputs_under_an_8_gib_address_space_limit", "test_rust_buffers_are_allocated_fallibly",
-              "test_sparse_loss_under_fullgraph_compile"}
+              "test_sparse_loss_under_fullgraph_compile",
+              # import the peer libraries (TRL alone takes 5-10 s to import)
+              "test_peer_agrees_with_kdfast_after_mapping", "test_torchtune_forward_kl_is_the_cross_entropy_form",
+              "test_bench_table_and_json_contain_the_installed_peers",
+              "test_gpu_benchmark_runs_liger_through_the_peer_adapter"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,21 +104,26 @@ def pytest_configure(config):
 # ----------------------------------------------------------------------------- helpers
 
 
+#: Losses whose gradient treats part of the student as a constant (AKL's weights, TAID's
+#: interpolated teacher): finite differences of the value are not their gradient.
+STOP_GRADIENT_LOSSES = frozenset({"akl", "taid"})
+
+
 def loss_fn(name):
     import kdfast
 
     return getattr(kdfast, name)
 
 
-def extra_kwargs(name, beta=0.5, skew=0.1):
-    """The loss's own keyword from the registry (beta for jsd, skew for the skew KLs; a new
-    loss's parameter at its default)."""
+def extra_kwargs(name, beta=0.5, skew=0.1, head_mass=0.5, t=0.6):
+    """The loss's own keyword from the registry (beta for jsd, skew for the skew KLs, head_mass
+    for akl, t for taid; a new loss's parameter at its default)."""
     import kdfast
 
     param = kdfast.LOSSES[name].param
     if param is None:
         return {}
-    return {param.name: {"beta": beta, "skew": skew}.get(param.name, param.default)}
+    return {param.name: {"beta": beta, "skew": skew, "head_mass": head_mass, "t": t}.get(param.name, param.default)}
 
 
 def make_logits(shape, *, seed=0, scale=3.0, dtype=torch.float32, correlated=True):

@@ -24,6 +24,8 @@ LOSSES = (
     "skew_forward_kl",
     "skew_reverse_kl",
     "tvd",
+    "akl",
+    "taid",
 )
 
 _NEG_INF = float("-inf")
@@ -60,9 +62,13 @@ def row_losses(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    head_mass: float = 0.5,
+    t: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ℓ and ∂ℓ/∂z_s for ``[N, V]`` logits, in float64, without T² or masking."""
     T = float(temperature)
+    if name == "taid":
+        return _taid_rows(student.double(), teacher.double(), T, float(t))
     logq = torch.log_softmax(student.double() / T, dim=-1)
     logp = torch.log_softmax(teacher.double() / T, dim=-1)
     q, p = logq.exp(), logp.exp()
@@ -102,10 +108,57 @@ def row_losses(
     elif name == "tvd":  # ½ Σ|p − q|; g = ½ sign(q − p)
         loss = 0.5 * (p - q).abs().sum(-1)
         grad = _project(q, 0.5 * q * torch.sign(q - p))
+    elif name == "akl":  # w_h KL(p‖q) + w_t KL(q‖p), weights constant
+        w_h, w_t = _akl_weights(p, q, float(head_mass))
+        fkl = _kl_terms(logp, logq).sum(-1)
+        rkl = _kl_terms(logq, logp).sum(-1)
+        zero_row = torch.zeros_like(fkl)
+        loss = torch.where(w_h == 0, zero_row, w_h * fkl) + torch.where(w_t == 0, zero_row, w_t * rkl)
+        grad_r = torch.where(q > 0, q * (logq - logp - rkl[:, None]), zero)
+        grad = w_h[:, None] * (q - p) + w_t[:, None] * grad_r
     else:
         raise KeyError(name)
     # api.md: a +inf row (forward/reverse KL with mass against a -inf) has a zero gradient.
     grad = torch.where(torch.isinf(loss)[:, None], zero, grad)
+    return loss, grad / T
+
+
+def _akl_weights(p: torch.Tensor, q: torch.Tensor, head_mass: float):
+    """AKL's weights per api.md: the head in the order of p descending, ties by lower id (a
+    lexicographic sort, row by row in plain Python), cumulative mass ≤ head_mass, first id
+    always in."""
+    w_h, w_t = [], []
+    for prow, qrow in zip(p.tolist(), q.tolist()):
+        order = sorted(range(len(prow)), key=lambda i: (-prow[i], i))
+        cum, head = 0.0, set()
+        for rank, i in enumerate(order):
+            cum += prow[i]
+            if rank == 0 or cum <= head_mass + 2.0**-20:  # api.md's ≤, robust to rounding (README)
+                head.add(i)
+        g_h = sum(abs(prow[i] - qrow[i]) for i in head)
+        g_t = sum(abs(prow[i] - qrow[i]) for i in range(len(prow)) if i not in head)
+        total = g_h + g_t
+        w_h.append(g_h / total if total > 0 else 0.5)
+        w_t.append(g_t / total if total > 0 else 0.5)
+    return torch.tensor(w_h, dtype=torch.float64), torch.tensor(w_t, dtype=torch.float64)
+
+
+def _taid_rows(s: torch.Tensor, z: torch.Tensor, T: float, t: float):
+    """TAID: KL(p_t‖q), p_t = softmax(((1−t) z_s + t z_t)/T) (student detached); ∂/∂z_s = (q − p_t)/T."""
+    if t == 0.0:
+        mix = s
+    elif t == 1.0:
+        mix = z
+    else:
+        mix = (1.0 - t) * s + t * z
+    dead = (mix == _NEG_INF).all(-1)
+    mix = torch.where(dead[:, None], torch.zeros_like(mix), mix)
+    logq = torch.log_softmax(s / T, dim=-1)
+    logpt = torch.log_softmax(mix / T, dim=-1)
+    loss = _kl_terms(logpt, logq).sum(-1)
+    loss = torch.where(dead, torch.full_like(loss, math.inf), loss)
+    grad = logq.exp() - logpt.exp()
+    grad = torch.where(torch.isinf(loss)[:, None], torch.zeros_like(grad), grad)
     return loss, grad / T
 
 
@@ -123,6 +176,8 @@ def reference(
     vocab_size: int | None = None,
     beta: float = 0.5,
     skew: float = 0.1,
+    head_mass: float = 0.5,
+    t: float = 1.0,
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (float64) and the float64 gradient of ``Σ loss ⊙ grad_output`` w.r.t. the student.
@@ -130,6 +185,7 @@ def reference(
     ``grad_output`` defaults to ones of the loss's shape. The gradient has the student's full
     shape (zero in columns beyond ``vocab_size`` and in masked rows).
     """
+    taid_t = float(t)
     s = student.detach().double()
     t = teacher.detach().double()
     if vocab_size is not None:
@@ -148,6 +204,8 @@ def reference(
         temperature=temperature,
         beta=beta,
         skew=skew,
+        head_mass=head_mass,
+        t=taid_t,
     )
     if labels is None:
         keep = torch.ones(rows.shape, dtype=torch.bool)

@@ -37,6 +37,13 @@ BAD_ARGUMENTS = [
     ("skew_one", {"skew_forward_kl", "skew_reverse_kl"}, dict(skew=1.0), ["skew"]),
     ("skew_above_one", {"skew_forward_kl", "skew_reverse_kl"}, dict(skew=2.0), ["skew"]),
     ("skew_nan", {"skew_forward_kl", "skew_reverse_kl"}, dict(skew=NAN), ["skew"]),
+    ("head_mass_negative", {"akl"}, dict(head_mass=-0.1), ["head_mass"]),
+    ("head_mass_above_one", {"akl"}, dict(head_mass=1.5), ["head_mass"]),
+    ("head_mass_nan", {"akl"}, dict(head_mass=NAN), ["head_mass"]),
+    ("t_negative", {"taid"}, dict(t=-0.1), ["t:"]),
+    ("t_above_one", {"taid"}, dict(t=1.01), ["t:"]),
+    ("t_nan", {"taid"}, dict(t=NAN), ["t:"]),
+    ("t_tensor_above_one", {"taid"}, dict(t=torch.tensor(1.5)), ["t:"]),
     ("reduction_unknown", None, dict(reduction="avg"), ["reduction", "avg"]),
     ("reduction_empty", None, dict(reduction=""), ["reduction"]),
     ("vocab_size_zero", None, dict(vocab_size=0), ["vocab_size"]),
@@ -59,7 +66,7 @@ BAD_ARGUMENT_PARAMS = [
 @pytest.mark.parametrize("name,kwargs,words", BAD_ARGUMENT_PARAMS)
 def test_bad_argument_raises_value_error_naming_it(name, kwargs, words, backend):
     student, teacher = make_logits((3, 8))
-    kwargs = dict(kwargs)
+    kwargs = {**extra_kwargs(name), **kwargs}
     kwargs.setdefault("backend", backend)
     if backend != "auto" and kwargs["backend"] == "magic":
         pytest.skip("one backend value is enough")

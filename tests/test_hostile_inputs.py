@@ -72,6 +72,9 @@ NEG_INF_MODES = {
     "skew_forward_kl": ("same", "teacher_extra", "student_extra", "different", "single_finite"),
     "skew_reverse_kl": ("same", "teacher_extra", "student_extra", "different", "single_finite"),
     "tvd": ("same", "teacher_extra", "student_extra", "different", "single_finite"),
+    "akl": ("same", "single_finite"),  # both KLs
+    # p_t lives where both logits are finite, inside the student's support: always finite.
+    "taid": ("same", "teacher_extra", "student_extra", "different", "single_finite"),
 }
 NEG_INF_PARAMS = [(name, mode) for name in LOSSES for mode in NEG_INF_MODES[name]]
 

@@ -29,7 +29,8 @@ def test_every_registered_loss_is_public_and_has_an_independent_reference():
         assert fn.__name__ == name and name in kdfast.__all__
         params = inspect.signature(fn).parameters
         if spec.param is not None:
-            assert params[spec.param.name].default == spec.param.default
+            want = inspect.Parameter.empty if spec.param.required else spec.param.default
+            assert params[spec.param.name].default == want
             assert spec.param.name in fn.__doc__
         assert spec.summary.split()[0] in fn.__doc__
 
@@ -196,5 +197,10 @@ def test_readme_documents_every_registered_loss():
 
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name, spec in kdfast.LOSSES.items():
-        row = f"| `{name}" if spec.param is None else f"| `{name}({spec.param.name}={spec.param.default:g})`"
+        if spec.param is None:
+            row = f"| `{name}"
+        elif spec.param.required:
+            row = f"| `{name}({spec.param.name}=…)`"
+        else:
+            row = f"| `{name}({spec.param.name}={spec.param.default:g})`"
         assert row in readme, f"README's API table has no row for {name}"

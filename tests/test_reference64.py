@@ -33,6 +33,18 @@ def _naive_rows(name, s, t, T, beta, skew):
         return kl(q, skew * q + (1 - skew) * p)
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if name == "akl":  # weights from a detached student, head by a stable descending sort
+        with torch.no_grad():
+            sp, order = torch.sort(p, dim=-1, descending=True, stable=True)
+            head = sp.cumsum(-1) <= beta + 2.0**-20
+            head[:, 0] = True
+            head = torch.zeros_like(head).scatter(-1, order, head)
+            gap = (p - q).abs()
+            g_h, g_t = (gap * head).sum(-1), (gap * ~head).sum(-1)
+        return g_h / (g_h + g_t) * kl(p, q) + g_t / (g_h + g_t) * kl(q, p)
+    if name == "taid":
+        pt = torch.softmax(((1 - beta) * s.detach() + beta * t) / T, -1)
+        return kl(pt, q)
     raise KeyError(name)
 
 
@@ -47,7 +59,7 @@ def test_closed_form_gradient_matches_autograd(name, temperature, param):
     t = torch.randn(5, 11, generator=g, dtype=torch.float64) * 2
     naive = _naive_rows(name, s, t, temperature, param, param)
     (auto_grad,) = torch.autograd.grad(naive.sum(), s)
-    rows, grad = row_losses(name, s, t, temperature=temperature, beta=param, skew=param)
+    rows, grad = row_losses(name, s, t, temperature=temperature, beta=param, skew=param, head_mass=param, t=param)
     torch.testing.assert_close(rows, naive.detach(), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(grad, auto_grad, rtol=1e-10, atol=1e-13)
 

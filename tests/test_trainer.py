@@ -8,6 +8,8 @@ normalisation), for a live teacher (dense loss) and for cached sparse targets.
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -267,3 +269,34 @@ def test_label_alignment_conventions(tmp_path, teacher):
     trainer.labels_shifted = None
     n = trainer._get_num_items_in_batch([hf, {"input_ids": ids, "attention_mask": mask}], torch.device("cpu"))
     assert int(n) == 4
+
+
+def test_taid_schedule_advances_each_step_and_resumes_from_checkpoints(tmp_path, teacher, sequences):
+    """loss="taid": the trainer updates the schedule once per optimizer step with that step's
+    distillation loss, writes it into each checkpoint, and restores it on resume."""
+    from kdfast.integrations.transformers import TAID_STATE_FILE
+
+    def run(out, steps, resume=None):
+        sched = kdfast.TAIDSchedule(t_start=0.2, t_end=0.9, alpha=0.2, beta=0.5)
+        trainer = DistillationTrainer(
+            model=_gpt2(1, seed=3), args=_args(out, max_steps=steps, save_strategy="steps", save_steps=2,
+                                                per_device_train_batch_size=2, gradient_accumulation_steps=2),
+            train_dataset=_Seqs(sequences * 4), data_collator=_collate, teacher_model=teacher,
+            distill_loss=kdfast.DistillationLoss("taid", t=sched, temperature=2.0),
+        )
+        seen = []
+        real = sched.update
+        sched.update = lambda loss, progress: seen.append((float(loss), progress)) or real(loss, progress)
+        trainer.train(resume_from_checkpoint=resume)
+        return sched, seen
+
+    sched, seen = run(tmp_path / "a", 4)
+    assert [p for _, p in seen] == [0.25, 0.5, 0.75, 1.0]
+    assert all(math.isfinite(x) and x > 0 for x, _ in seen)
+    assert float(sched.t) == 0.9  # the floor reaches t_end at progress 1
+    saved = json.loads((tmp_path / "a" / "checkpoint-2" / TAID_STATE_FILE).read_text())
+    assert 0.2 < saved["t"] < 0.9 and saved["prev_loss"] == pytest.approx(seen[1][0])
+
+    resumed, seen_after = run(tmp_path / "a", 4, resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert [p for _, p in seen_after] == [0.75, 1.0]
+    assert resumed.state_dict() == pytest.approx(sched.state_dict())

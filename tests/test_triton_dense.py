@@ -309,7 +309,8 @@ class _Head(torch.nn.Module):
         return getattr(kdfast, loss)(self.head(x), teacher, labels=labels, **kwargs)
 
 
-@pytest.mark.parametrize("loss,reduction", [("forward_kl", "mean"), ("jsd", "none"), ("skew_reverse_kl", "sum")])
+@pytest.mark.parametrize("loss,reduction", [("forward_kl", "mean"), ("jsd", "none"), ("skew_reverse_kl", "sum"),
+                                            ("akl", "mean"), ("taid", "none")])
 def test_compile_fullgraph_matches_eager(loss, reduction):
     torch.manual_seed(0)
     torch._dynamo.reset()

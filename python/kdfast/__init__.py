@@ -1,7 +1,8 @@
 """kdfast: fast, exact knowledge-distillation losses for LLMs.
 
 The dense losses of api.md §1 (:func:`forward_kl`, :func:`reverse_kl`, :func:`jsd`,
-:func:`skew_forward_kl`, :func:`skew_reverse_kl`, :func:`tvd`) compute the loss and its gradient
+:func:`skew_forward_kl`, :func:`skew_reverse_kl`, :func:`tvd`, :func:`akl`, :func:`taid` with its
+:class:`TAIDSchedule`) compute the loss and its gradient
 w.r.t. the student logits in one fused pass: a Rust kernel on CPU, or the pure-PyTorch
 :mod:`kdfast.reference` elsewhere.
 
@@ -23,6 +24,7 @@ from ._kdfast import __version__
 from ._registry import LOSSES
 from .distill import DistillationLoss
 from .fused_linear import fused_linear_distill_loss
+from .schedule import TAIDSchedule
 from .sparse import compress_sample, compress_topk, sparse_kl, sparse_loss
 from .targets import EncodedTargets, SparseTargets, decode_targets, encode_targets
 
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "DtypeError",
     *LOSSES,
+    "TAIDSchedule",
     "reference",
     "SparseTargets",
     "compress_topk",

@@ -28,6 +28,8 @@ def best_isa() -> str: ...
 # ---- dense losses (rust/kdfast-py/src/dense.rs)
 
 class DenseConfig:
+    """``loss``: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd, akl or taid;
+    ``param``: β (jsd), the skew, head_mass (akl) or t (taid), ignored otherwise."""
     def __init__(
         self,
         loss: str,

@@ -72,22 +72,26 @@ def _fake(student: torch.Tensor, reduce: bool, need_grad: bool):
 
 @torch.library.custom_op("kdfast::dense", mutates_args=())
 def dense(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-          weight: Optional[torch.Tensor], loss: str, param: float, temperature: float, t2_scale: bool,
-          ignore_index: int, vocab: int, reduce: bool, need_grad: bool, backend: str
-          ) -> Tuple[torch.Tensor, torch.Tensor]:
+          weight: Optional[torch.Tensor], param_tensor: Optional[torch.Tensor], loss: str, param: float,
+          temperature: float, t2_scale: bool, ignore_index: int, vocab: int, reduce: bool, need_grad: bool,
+          backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """A dense loss of the first ``vocab`` columns of ``student`` ``[..., V_s]`` and ``teacher``
-    ``[..., V_t]``; ``grad`` is ``[N, V_s]`` (zero beyond ``vocab``), empty without ``need_grad``."""
+    ``[..., V_t]``; ``grad`` is ``[N, V_s]`` (zero beyond ``vocab``), empty without ``need_grad``.
+    The loss's parameter is ``param``, or the 0-d float32 ``param_tensor`` when given (TAID's
+    ``t``: read by the Triton kernel on the device; on the CPU reading it is free)."""
     rows, grad = _outputs(student, need_grad)
     if rows.shape[0]:
         s2 = student.reshape(-1, student.shape[-1])[:, :vocab]
         t2 = teacher.reshape(-1, teacher.shape[-1])[:, :vocab]
+        if param_tensor is not None:
+            param = float(param_tensor) if backend == "rust" else param_tensor
         dense_call(backend)(loss, param, s2, t2, labels, ignore_index, temperature, t2_scale,
                             kernel_scale(backend, weight), rows, grad if need_grad else None)
     return (reduce_rows(rows, weight) if reduce else rows), grad
 
 
 @dense.register_fake
-def _(student, teacher, labels, weight, loss, param, temperature, t2_scale, ignore_index, vocab,
+def _(student, teacher, labels, weight, param_tensor, loss, param, temperature, t2_scale, ignore_index, vocab,
       reduce, need_grad, backend):
     return _fake(student, reduce, need_grad)
 
@@ -153,5 +157,5 @@ def _register_autograd(op, n_inputs: int, reduce_at: int) -> None:
     op.register_autograd(backward, setup_context=setup)
 
 
-_register_autograd(dense, 13, reduce_at=10)
+_register_autograd(dense, 14, reduce_at=11)
 _register_autograd(sparse, 16, reduce_at=13)

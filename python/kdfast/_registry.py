@@ -14,23 +14,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
+
 from . import reference
-from ._validate import check_real
+from ._validate import check_param_tensor, check_real
 
 
 @dataclass(frozen=True)
 class Param:
-    """A loss's one real parameter: name, default and valid range (``[low, high]`` or
-    ``[low, high)`` with ``high_open``)."""
+    """A loss's one real parameter: name, default (None: required) and valid range (``[low,
+    high]`` or ``[low, high)`` with ``high_open``). With ``tensor``, a 0-d floating tensor is
+    accepted as it is (so a value that changes every step, e.g. TAID's ``t``, neither syncs
+    with the device nor recompiles a ``torch.compile`` graph)."""
 
     name: str
-    default: float
+    default: Optional[float]
     low: float
     high: float
     high_open: bool = False
     doc: str = ""
+    tensor: bool = False
 
-    def check(self, value) -> float:
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    def check(self, value):
+        if self.tensor and isinstance(value, torch.Tensor):
+            return check_param_tensor(value, self.name, self.low, self.high)
         return check_real(value, self.name, low=self.low, high=self.high, high_open=self.high_open)
 
 
@@ -52,16 +63,18 @@ class LossSpec:
     backends: Tuple[str, ...] = ("rust", "triton", "torch")
     kernel_id: int = 0
 
-    def check_param(self, value) -> float:
+    def check_param(self, value):
+        """The checked parameter: a float, or a 0-d tensor for a ``tensor`` parameter."""
         return 0.0 if self.param is None else self.param.check(value)
 
-    def canonical(self, param: float) -> Tuple["LossSpec", float]:
+    def canonical(self, param) -> Tuple["LossSpec", float]:
         """The loss (and parameter) that every backend runs for ``param``: an edge value is
-        the plain loss it equals exactly."""
-        target = self.edges.get(param)
+        the plain loss it equals exactly (a tensor parameter is never read on the host, so it
+        is the kernels' to treat exactly)."""
+        target = None if isinstance(param, torch.Tensor) else self.edges.get(param)
         return (self, param) if target is None else (LOSSES[target], 0.0)
 
-    def row_losses(self, student, teacher, temperature: float, param: float = 0.0):
+    def row_losses(self, student, teacher, temperature: float, param=0.0):
         """Per-row ℓ by the pure-PyTorch reference (differentiable; exact in float64)."""
         if self.param is None:
             return self.reference(student, teacher, temperature)
@@ -74,6 +87,10 @@ def _specs(*specs: LossSpec) -> Dict[str, LossSpec]:
 
 _BETA = Param("beta", 0.5, 0.0, 1.0, doc="β ∈ [0, 1]: the mixture weight of the teacher")
 _SKEW = Param("skew", 0.1, 0.0, 1.0, high_open=True, doc="λ ∈ [0, 1): the skew of the mixture")
+_HEAD_MASS = Param("head_mass", 0.5, 0.0, 1.0, doc="μ ∈ [0, 1]: the teacher mass of the head")
+_T = Param("t", None, 0.0, 1.0, tensor=True,
+           doc="t ∈ [0, 1], required: the interpolation weight of the teacher, a float or a 0-d tensor "
+               "(e.g. from kdfast.TAIDSchedule; no host sync)")
 
 LOSSES: Dict[str, LossSpec] = _specs(
     LossSpec("forward_kl", "Forward KL ``KL(p‖q) = Σ p (log p − log q)`` per row.",
@@ -88,6 +105,14 @@ LOSSES: Dict[str, LossSpec] = _specs(
     LossSpec("skew_reverse_kl", "Skew reverse KL ``KL(q ‖ λq + (1−λ)p)``, λ = skew; exactly reverse KL at λ = 0.",
              reference.skew_reverse_kl, _SKEW, {0.0: "reverse_kl"}),
     LossSpec("tvd", "Total variation distance ``½ Σ |p − q|`` per row.", reference.tvd),
+    LossSpec("akl", "Adaptive KL (Wu et al. 2024) ``w_h KL(p‖q) + w_t KL(q‖p)`` per row: with the ids ordered by "
+             "p descending (ties: lower id first), the head H is every id whose cumulative teacher mass is ≤ "
+             "head_mass, plus the first; ``w_h = g_H / (g_H + g_T)``, ``g_H = Σ_H |p − q|``, ``g_T = Σ_{∉H} |p − q|`` "
+             "(½ each when both are 0), constants for the gradient.",
+             reference.akl, _HEAD_MASS),
+    LossSpec("taid", "TAID (Shing et al., ICLR 2025) ``KL(p_t‖q)`` per row, ``p_t = softmax(((1 − t)·sg(z_s) + "
+             "t·z_t) / T)``: exactly forward KL at t = 1, 0 at t = 0 (kdfast.TAIDSchedule moves t).",
+             reference.taid, _T, {1.0: "forward_kl"}),
 )
 
 

@@ -58,6 +58,23 @@ def check_real(value, name: str, *, low: float, high: float, high_open: bool = F
     return v
 
 
+def check_param_tensor(value: torch.Tensor, name: str, low: float, high: float) -> torch.Tensor:
+    """A 0-d floating tensor in ``[low, high]``, returned as float32 on its device. A CPU value
+    is checked at once (free); a device value by an asynchronous device assertion (no host
+    sync: a bad value fails at the next synchronisation)."""
+    if value.dim() != 0 or not value.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a real number or a 0-d floating tensor, "
+                        f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    value = value.detach().to(torch.float32)
+    ok = (value >= low) & (value <= high)
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(f"{name}: expected a finite number in [{low}, {high}], got {float(value)!r}")
+    elif value.device.type != "meta":
+        torch._assert_async(ok, f"{name}: expected a number in [{low}, {high}]")
+    return value
+
+
 def check_temperature(t) -> float:
     """T > 0 such that T and 1/T are normal float32 numbers (the kernels scale by 1/T in float32)."""
     v = check_real(t, "temperature", low=0.0, high=math.inf, low_open=True, high_open=True)

@@ -29,6 +29,8 @@ from ._registry import LOSSES as _SPECS
 from ._registry import get as _get_spec
 from ._validate import check_flag, check_int, check_labels, check_temperature, reject_unknown
 from .sparse_losses import SPARSE_LOSSES, TAILS, sparse_loss
+from .distill_fused import fused_parts
+from .schedule import TAIDSchedule
 from .targets import SparseTargets
 
 __all__ = ["DistillationLoss", "LOSSES"]
@@ -73,6 +75,10 @@ class DistillationLoss(torch.nn.Module):
             (also used by the cross-entropy), ``reduction`` (both parts), ``vocab_size`` (both
             parts use only the first ``vocab_size`` columns of the student; for sparse targets
             the student is cut to them), ``backend``, ``beta`` (jsd), ``skew`` (skew KLs),
+            ``head_mass`` (akl), ``t`` (taid: a number, a 0-d tensor, or a
+            :class:`~kdfast.TAIDSchedule` — the default — whose current ``t`` each call uses;
+            :class:`~kdfast.integrations.transformers.DistillationTrainer` advances it every
+            step, a plain loop calls ``loss.schedule.update(soft_loss, progress)``),
             ``tail`` (sparse top-k targets: ``"bucket"`` or ``"renorm"``). Without
             ``temperature`` a sparse teacher uses the temperature it was captured at
             (``targets.temperature``) and a dense one uses 1.
@@ -111,12 +117,25 @@ class DistillationLoss(torch.nn.Module):
         if kw.get("vocab_size") is not None:
             kw["vocab_size"] = check_int(kw["vocab_size"], "vocab_size", low=1)
         spec = _SPECS.get(loss)
+        #: TAID's schedule of ``t`` (``loss="taid"`` without a fixed ``t``), else None.
+        self.schedule: Optional[TAIDSchedule] = None
+        if loss == "taid" and isinstance(kw.get("t", None), (TAIDSchedule, type(None))):
+            self.schedule = kw.pop("t", None) or TAIDSchedule()
         if spec is not None and spec.param is not None and spec.param.name in kw:
             kw[spec.param.name] = spec.param.check(kw[spec.param.name])
         if "tail" in kw and kw["tail"] not in TAILS:
             raise ValueError(f"tail: expected 'bucket' or 'renorm', got {kw['tail']!r}")
         self.vocab_size: Optional[int] = kw.pop("vocab_size", None)
         self.loss_kwargs = kw
+
+    def get_extra_state(self) -> dict:
+        """The TAID schedule's state (so that ``state_dict()`` checkpoints it)."""
+        return {"taid_schedule": None if self.schedule is None else self.schedule.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        saved = state.get("taid_schedule") if isinstance(state, dict) else None
+        if saved is not None and self.schedule is not None:
+            self.schedule.load_state_dict(saved)
 
     def extra_repr(self) -> str:
         kw = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
@@ -135,13 +154,7 @@ class DistillationLoss(torch.nn.Module):
             raise TypeError(
                 f"teacher: expected teacher logits (torch.Tensor) or kdfast.SparseTargets, got {type(teacher).__name__}"
             )
-        if sparse and self.loss not in _SPARSE_OK:
-            raise ValueError(
-                f"teacher: sparse targets (kdfast.SparseTargets) support only loss in "
-                f"{', '.join(map(repr, _SPARSE_OK))}, got loss={self.loss!r}; pass dense teacher logits instead"
-            )
-        if not sparse and self.loss == "sparse_kl":
-            raise ValueError("teacher: loss='sparse_kl' expects kdfast.SparseTargets, got a dense tensor of logits")
+        self._check_teacher(sparse)
         if self.hard_weight > 0 and labels is None:
             raise ValueError(f"labels: hard_weight={self.hard_weight} > 0 needs labels for the cross-entropy, got None")
         # Under torch.compile a tensor count stays a tensor (no host sync); the losses take it as is.
@@ -159,11 +172,15 @@ class DistillationLoss(torch.nn.Module):
                     s = s[..., : self.vocab_size]
                 soft = sparse_loss(s, teacher, loss="forward_kl" if self.loss == "sparse_kl" else self.loss, **common)
             else:
-                soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common)
+                own = {} if self.schedule is None else {"t": self.schedule.t}
+                soft = LOSSES[self.loss](s, teacher, vocab_size=self.vocab_size, **common, **own)
         if want_hard:
             s = student_logits if self.hard_weight > 0 else student_logits.detach()
             hard = self._cross_entropy(s, labels, red)
 
+        return self._combine(soft, hard, return_parts)
+
+    def _combine(self, soft, hard, return_parts: bool):
         total = None
         for w, part in ((self.soft_weight, soft), (self.hard_weight, hard)):
             if w > 0:
@@ -171,6 +188,38 @@ class DistillationLoss(torch.nn.Module):
         if not return_parts:
             return total
         return total, soft.detach(), (None if hard is None else hard.detach())
+
+    def _check_teacher(self, sparse: bool) -> None:
+        if sparse and self.loss not in _SPARSE_OK:
+            raise ValueError(
+                f"teacher: sparse targets (kdfast.SparseTargets) support only loss in "
+                f"{', '.join(map(repr, _SPARSE_OK))}, got loss={self.loss!r}; pass dense teacher logits instead"
+            )
+        if not sparse and self.loss == "sparse_kl":
+            raise ValueError("teacher: loss='sparse_kl' expects kdfast.SparseTargets, got dense teacher logits")
+
+    def fused(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher=None,
+              labels: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+              num_items_in_batch=None, return_parts: bool = False, chunk_size: Optional[int] = None):
+        """:meth:`forward` on ``student_hidden @ student_weightᵀ (+ student_bias)`` without the
+        ``[N, V]`` logits: both parts go through :func:`kdfast.fused_linear_distill_loss`.
+
+        ``teacher`` is ``(teacher_hidden, teacher_weight[, teacher_bias])``, teacher logits, or
+        :class:`~kdfast.SparseTargets`; the other arguments and the result are as for
+        :meth:`forward` (``chunk_size``: tokens per chunk of the head, see the fused loss).
+        """
+        if teacher is None:
+            raise TypeError("teacher: expected (teacher_hidden, teacher_weight[, teacher_bias]), teacher logits "
+                            "or kdfast.SparseTargets, got None")
+        self._check_teacher(isinstance(teacher, SparseTargets))
+        if self.hard_weight > 0 and labels is None:
+            raise ValueError(f"labels: hard_weight={self.hard_weight} > 0 needs labels for the cross-entropy, got None")
+        soft, hard = fused_parts(self, student_hidden, student_weight, teacher, labels, student_bias=student_bias,
+                                 num_items_in_batch=num_items_in_batch,
+                                 want_soft=self.soft_weight > 0 or return_parts,
+                                 want_hard=labels is not None and (self.hard_weight > 0 or return_parts),
+                                 chunk_size=chunk_size)
+        return self._combine(soft, hard, return_parts)
 
     def _cross_entropy(self, student_logits: torch.Tensor, labels, red: Reduction) -> torch.Tensor:
         """Cross-entropy of the student at T = 1, masked and reduced like the distillation part."""

@@ -343,6 +343,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
 
     th = tw = tb = tlog = ids = lp = sw = tail_lp = None
     mode, param = "", 0.0
+    kernels = ("rust", "triton", "torch")
     if targets is not None:
         for key in (*param_names(), "vocab_size"):
             if key in loss_kwargs and key != "beta":
@@ -359,7 +360,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
             raise TypeError("fused_linear_distill_loss: 'tail' applies only to sparse targets")
         param = _loss_param(spec, loss_kwargs)
         spec, param = spec.canonical(param)
-        loss = spec.name
+        loss, kernels = spec.name, spec.backends
         t = check_temperature(loss_kwargs.get("temperature", 1.0))
         if teacher_logits is not None:
             tlog = _matrix(teacher_logits, "teacher_logits", 1)
@@ -390,7 +391,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     n = h.numel() // h_dim if h_dim else 0
     wide = torch.float64 in (h.dtype, w.dtype)
     backend = _dispatch.resolve(loss_kwargs.get("backend", "auto"), h.device, (h.dtype, w.dtype),
-                                op="fused_linear_distill_loss")
+                                op="fused_linear_distill_loss", available=kernels)
     out_dtype = torch.float64 if wide else torch.float32
     h2 = h.reshape(n, h_dim)
     if n == 0:
@@ -470,4 +471,8 @@ def _loss_param(spec, kw: dict) -> float:
     for key in param_names():
         if key in kw and key != own:
             raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to loss={spec.name!r}")
-    return spec.check_param(kw.get(own, spec.param.default) if own else None)
+    if own and spec.param.required and own not in kw:
+        raise TypeError(f"fused_linear_distill_loss: loss={spec.name!r} needs {own}= ({spec.param.doc})")
+    value = spec.check_param(kw.get(own, spec.param.default) if own else None)
+    # The chunked kernels take the parameter as a number (for a CUDA tensor: one host sync).
+    return float(value) if isinstance(value, torch.Tensor) else value

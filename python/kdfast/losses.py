@@ -37,6 +37,8 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
     """The dense loss ``spec`` (with its parameter ``param``; None: the default) of the student
     logits against the teacher's; the keywords are those of api.md §1."""
     param = spec.check_param(spec.param.default if (param is None and spec.param) else param)
+    if isinstance(param, torch.Tensor) and param.device not in (torch.device("cpu"), _device_of(student_logits)):
+        raise ValueError(f"{spec.param.name}: expected a tensor on the CPU or on the logits' device, got {param.device}")
     t = check_temperature(temperature)
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     t2_scale = check_flag(t2_scale, "t2_scale")
@@ -56,10 +58,15 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
         return red.apply(rows, pair.lead_shape, pair.labels)
     need_grad = pair.student.requires_grad and torch.is_grad_enabled()
     student = pair.s_rows if need_grad else pair.s_rows.detach()
+    tensor_param = param.to(pair.s2.device) if isinstance(param, torch.Tensor) else None
     out, _ = _ops.dense(student, pair.t2.detach(), pair.labels, red.weight(n, pair.labels, pair.s2.device),
-                        spec.name, float(param), t, t2_scale, red.ignore_index, pair.vocab,
-                        not red.per_row, need_grad, backend)
+                        tensor_param, spec.name, 0.0 if tensor_param is not None else float(param), t, t2_scale,
+                        red.ignore_index, pair.vocab, not red.per_row, need_grad, backend)
     return out.reshape(pair.lead_shape) if red.per_row else out
+
+
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
 def _reference_rows(spec: LossSpec, param: float, pair: Pair, t: float, red: Reduction) -> torch.Tensor:
@@ -99,22 +106,25 @@ _COMMON_DOC = """
 def _public(spec: LossSpec) -> Callable:
     """The public function of ``spec``: its parameter (if any) and the common keywords."""
     p = spec.param
+    own_kwargs = (*COMMON_KWARGS, *((p.name,) if p is not None else ()))
 
     def loss_fn(student_logits, teacher_logits, **kwargs):
+        reject_unknown(f"{spec.name}()", kwargs, own_kwargs)
+        if p is not None and p.required and p.name not in kwargs:
+            raise TypeError(f"{spec.name}() missing required keyword argument {p.name!r} ({p.doc})")
         param = spec.check_param(kwargs.pop(p.name)) if (p is not None and p.name in kwargs) else None
-        reject_unknown(f"{spec.name}()", kwargs, COMMON_KWARGS)
         return dense_loss(spec, student_logits, teacher_logits, param=param, **kwargs)
 
     kw = inspect.Parameter.KEYWORD_ONLY
     pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter("student_logits", pos), inspect.Parameter("teacher_logits", pos)]
     if p is not None:
-        params.append(inspect.Parameter(p.name, kw, default=p.default))
+        params.append(inspect.Parameter(p.name, kw) if p.required else inspect.Parameter(p.name, kw, default=p.default))
     params += [inspect.Parameter(name, kw, default=d) for name, d in COMMON_KWARGS.items()]
     loss_fn.__signature__ = inspect.Signature(params, return_annotation=torch.Tensor)
     loss_fn.__name__ = loss_fn.__qualname__ = spec.name
     loss_fn.__module__ = __name__
-    param_doc = f"\n        {p.name}: {p.doc} (default {p.default:g})." if p is not None else ""
+    param_doc = "" if p is None else f"\n        {p.name}: {p.doc}" + ("." if p.required else f" (default {p.default:g}).")
     loss_fn.__doc__ = spec.summary + "\n" + _COMMON_DOC.format(param=param_doc)
     return loss_fn
 

@@ -20,6 +20,10 @@ import torch
 
 NEG_INF = float("-inf")
 
+#: AKL's head is the ids whose cumulative teacher mass is ≤ head_mass + this (2⁻²⁰): well above
+#: the rounding of float32 probabilities and their float64 sums, far below any meaningful mass.
+HEAD_TOLERANCE = 2.0**-20
+
 
 def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log softmax(z / T)`` in float32 (float64 for float64 input)."""
@@ -94,6 +98,75 @@ def tvd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) 
     q = log_probs(student, temperature).exp()
     p = log_probs(teacher, temperature).exp()
     return 0.5 * (p - q).abs().sum(-1)
+
+
+def akl_weights(lq: torch.Tensor, lp: torch.Tensor, head_mass: float):
+    """AKL's head and tail weights ``(w_h, w_t)`` per row, constants (no gradient).
+
+    The head H is every id whose cumulative teacher mass, in the order of ``p`` descending
+    (ties: lower id first; a stable sort), is ≤ ``head_mass`` including itself, plus always
+    the first id; ``g_H = Σ_H |p − q|``, ``g_T = Σ_{∉H} |p − q|``, ``w_h = g_H / (g_H + g_T)``,
+    ``w_t = g_T / (g_H + g_T)`` (both ½ when both gaps are 0). The cumulative mass is summed
+    in float64 and compared with ``head_mass + HEAD_TOLERANCE``, as the kernels do, so that a
+    boundary that holds exactly (``head_mass = 1``: every id; a uniform teacher at ``k / V``)
+    is not decided by rounding.
+    """
+    with torch.no_grad():
+        p, q = lp.exp(), lq.exp()
+        sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
+        # HEAD_TOLERANCE: an exact boundary (a uniform teacher at head_mass = k/V, or
+        # head_mass = 1) must not be decided by the rounding of p and of its sums.
+        in_head = sorted_p.double().cumsum(-1) <= head_mass + HEAD_TOLERANCE
+        in_head[..., 0] = True
+        head = torch.zeros_like(in_head).scatter(-1, order, in_head)
+        gap = (p - q).abs().double()
+        g_h = torch.where(head, gap, 0.0).sum(-1)
+        g_t = torch.where(head, 0.0, gap).sum(-1)
+        total = g_h + g_t
+        some = total > 0
+        w_h = torch.where(some, g_h / torch.where(some, total, 1.0), 0.5)
+        w_t = torch.where(some, g_t / torch.where(some, total, 1.0), 0.5)
+        return w_h.to(lq.dtype), w_t.to(lq.dtype)
+
+
+def akl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, head_mass: float = 0.5) -> torch.Tensor:
+    """Adaptive KL (Wu et al. 2024): ``w_h KL(p‖q) + w_t KL(q‖p)`` with the weights of
+    :func:`akl_weights` (constants for the gradient). A part whose weight is exactly 0
+    contributes 0 (never ``0 · ∞``)."""
+    lq, lp = log_probs(student, temperature), log_probs(teacher, temperature)
+    w_h, w_t = akl_weights(lq, lp, head_mass)
+    fkl, rkl = _plogratio(lp, lq), _plogratio(lq, lp)
+    return torch.where(w_h == 0, 0.0, w_h * fkl) + torch.where(w_t == 0, 0.0, w_t * rkl)
+
+
+def taid_logits(student: torch.Tensor, teacher: torch.Tensor, t) -> torch.Tensor:
+    """TAID's interpolated teacher logits ``(1 − t)·sg(z_s) + t·z_t`` (detached), exactly
+    ``z_s`` at ``t = 0`` and ``z_t`` at ``t = 1`` (no ``0 · (−∞)``); ``t`` is a float or a
+    0-d tensor."""
+    s = student.detach()
+    s = s if s.dtype == torch.float64 else s.float()
+    z = teacher.detach().to(s.dtype)
+    if not isinstance(t, torch.Tensor):
+        if t == 0.0:
+            return s
+        if t == 1.0:
+            return z
+    t = torch.as_tensor(t, dtype=s.dtype, device=s.device)
+    mix = (1 - t) * s + t * z  # a -inf on either side gives -inf (the other weight is > 0)
+    return torch.where(t == 0, s, torch.where(t == 1, z, mix))
+
+
+def taid(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, t=1.0) -> torch.Tensor:
+    """TAID (Shing et al., ICLR 2025): ``KL(p_t‖q)``, ``p_t = softmax(((1 − t)·sg(z_s) +
+    t·z_t) / T)``: forward KL at ``t = 1``, 0 at ``t = 0``. A row whose interpolated logits
+    are all ``-inf`` (0 < t < 1 and no id finite on both sides) is ``+inf``, gradient 0."""
+    mix = taid_logits(student, teacher, t)
+    dead = (mix == NEG_INF).all(-1, keepdim=True)
+    lpt = log_probs(torch.where(dead, 0.0, mix), temperature)
+    loss = _plogratio(lpt, log_probs(student, temperature))
+    loss = torch.where(dead.squeeze(-1), math.inf, loss)
+    # t = 0: p_t is q itself; exactly 0 (autograd of the two log-softmaxes leaves rounding).
+    return torch.where(torch.as_tensor(t, device=loss.device) == 0, 0.0, loss)
 
 
 def divergence(name: str, lq: torch.Tensor, lp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:

@@ -73,8 +73,9 @@ import triton.language as tl
 
 from .._registry import LOSSES
 
-from .dense import p_minus_q, terms, xmul
+from .dense import terms
 from .launch import block_and_warps, unit_columns
+from .rowmath import p_minus_q, xmul
 
 __all__ = ["sparse_call", "MODES"]
 

@@ -7,6 +7,9 @@ its own:
 * ``compile`` - the same reference function wrapped in ``torch.compile`` (compile time excluded);
 * ``kdfast``  - ``kdfast.<loss>(..., backend="rust")`` (loss and gradient in the forward call);
 * ``kdfast-torch`` (opt-in) - ``kdfast.<loss>(..., backend="torch")``, the library's own reference;
+* the peers (:mod:`.peers`: ``trl``, ``torchtune``, ``liger``), every one that is installed and
+  can run here (``--peers``), for the losses it has; its value is mapped onto kdfast's
+  convention (:func:`.peers.value_offset`, outside the timed step) before the agreement check;
 
 plus the memory-bandwidth floor of the device: the time of ``torch.add(student, teacher)`` into a
 fresh tensor, i.e. one read of both inputs and one write of a gradient-sized tensor, which is the
@@ -31,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from kdfast.benchmarks import harness, tables
+from kdfast.benchmarks import harness, peers, plot, tables
+from kdfast.benchmarks.dense_report import format_table, summarize
 from kdfast.benchmarks.references import (
     DTYPES,
     EAGER,
@@ -44,19 +48,16 @@ from kdfast.benchmarks.references import (
 
 MODULE = "kdfast.benchmarks.dense"
 
-LOSSES = ("forward_kl", "jsd")
-IMPLS = ("eager", "compile", "kdfast", "kdfast-torch")
+LOSSES = ("forward_kl", "jsd", "reverse_kl")
+DEFAULT_LOSSES = ("forward_kl", "jsd")
+OWN_IMPLS = ("eager", "compile", "kdfast", "kdfast-torch")
+IMPLS = OWN_IMPLS + peers.NAMES
 DEFAULT_IMPLS = ("eager", "compile", "kdfast")
 
 # The issue's sizes: N=2048 rows, Llama-2 and Llama-3 vocabularies.
 FULL_SIZES = ((2048, 32000), (2048, 128256))
 QUICK_SIZES = ((256, 32000),)
 
-# The goals kdfast's CPU kernels are held to (see BENCHMARKS.md).
-TARGET_VS_COMPILE = 0.5
-TARGET_VS_EAGER = 0.1
-TARGET_VS_FLOOR = 2.0
-TARGET_EXTRA_MEM = 1.1
 
 
 def make_loss_fn(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -73,6 +74,8 @@ def make_loss_fn(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor],
         fn = getattr(kdfast, loss)
         kwargs = kdfast_kwargs(loss, reduction="mean", backend="rust" if impl == "kdfast" else "torch")
         return lambda student, teacher: fn(student, teacher, **kwargs)
+    if impl in peers.PEERS:
+        return peers.loss_fn(impl, loss, temperature=TEMPERATURE, beta=JSD_BETA)
     raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
 
 
@@ -85,7 +88,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     student, teacher = random_logits(spec["n"], spec["v"], DTYPES[spec["dtype"]])
     student.requires_grad_(True)
     input_bytes = student.numel() * student.element_size()
-    fn = make_loss_fn(spec["loss"], spec["impl"])
+    try:
+        fn = make_loss_fn(spec["loss"], spec["impl"])
+    except peers.PeerUnavailable as exc:  # installed but broken: a skip, not a failure
+        return {"skipped": str(exc)}
 
     def step():
         loss = fn(student, teacher)
@@ -102,6 +108,9 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     # Checks (outside the measured window): every implementation should agree on these.
     grad = student.grad
     result["loss_value"] = float(loss.detach())
+    if spec["impl"] in peers.PEERS:  # its own value, then kdfast's convention
+        result["peer_value"] = result["loss_value"]
+        result["loss_value"] += peers.value_offset(spec["impl"], spec["loss"], teacher, temperature=TEMPERATURE)
     result["loss_dtype"] = str(loss.dtype).replace("torch.", "")
     result["grad_dtype"] = None
     if grad is not None:
@@ -147,7 +156,7 @@ def _describe(spec: dict[str, Any], res: dict[str, Any]) -> str:
         what = res.get("error") or (f"add {res['add_s']:.4f} s, copy {res['copy_s']:.4f} s, "
                                     f"add into fresh {res['add_fresh_s']:.4f} s")
         return f"floor {label}: {what}"
-    what = res.get("error") or (
+    what = res.get("error") or (f"skipped: {res['skipped']}" if "skipped" in res else None) or (
         f"{res['time_s']:.4f} s, extra mem {res.get('extra_peak_inputs', float('nan')):.2f}x input")
     return f"{spec['loss']} {label} {spec['impl']}: {what}"
 
@@ -155,7 +164,7 @@ def _describe(spec: dict[str, Any], res: dict[str, Any]) -> str:
 def run_benchmark(
     sizes: Iterable[tuple[int, int]] = FULL_SIZES,
     dtypes: Iterable[str] = ("fp32", "bf16"),
-    losses: Iterable[str] = LOSSES,
+    losses: Iterable[str] = DEFAULT_LOSSES,
     impls: Iterable[str] = DEFAULT_IMPLS,
     *,
     repeats: int = 3,
@@ -164,14 +173,16 @@ def run_benchmark(
     timeout: float = 1800.0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every case and the floors; returns ``{"machine", "config", "floors", "cases"}``."""
+    """Run every case and the floors; returns ``{"machine", "config", "peers", "floors",
+    "cases"}``. A peer in ``impls`` runs for the losses it has (see :func:`.peers.supports`)."""
     sizes, dtypes, losses, impls = list(sizes), list(dtypes), list(losses), list(impls)
     specs: list[dict[str, Any]] = []
     for n, v in sizes:
         for dt in dtypes:
             specs.append({"kind": "floor", "n": n, "v": v, "dtype": dt, "repeats": repeats})
             specs += [{"kind": "case", "loss": loss, "impl": impl, "n": n, "v": v, "dtype": dt,
-                       "repeats": repeats, "warmup": warmup} for loss in losses for impl in impls]
+                       "repeats": repeats, "warmup": warmup} for loss in losses for impl in impls
+                      if impl not in peers.PEERS or peers.supports(impl, loss)]
     results, run = harness.run_cases(specs, run_spec, module=MODULE, subprocess=subprocess, timeout=timeout,
                                 describe=_describe, log=log)
     return {
@@ -181,106 +192,10 @@ def run_benchmark(
             "repeats": repeats, "warmup": warmup, "subprocess": subprocess,
             "temperature": TEMPERATURE, "jsd_beta": JSD_BETA, "logit_std": LOGIT_SCALE, **run,
         },
+        "peers": peers.report("cpu"),
         "floors": [r for r in results if r["kind"] == "floor"],
         "cases": [r for r in results if r["kind"] == "case"],
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Report.
-
-
-def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (loss, n, v, dtype): times per impl, floor, ratios, memory, agreement."""
-    floors = {(f["n"], f["v"], f["dtype"]): f for f in results["floors"]}
-    groups: dict[tuple, dict[str, dict]] = {}
-    for c in results["cases"]:
-        groups.setdefault((c["loss"], c["n"], c["v"], c["dtype"]), {})[c["impl"]] = c
-    rows = []
-    for (loss, n, v, dt), by_impl in groups.items():
-        fl = floors.get((n, v, dt), {})
-        row: dict[str, Any] = {"loss": loss, "n": n, "v": v, "dtype": dt,
-                               "floor_s": fl.get("floor_s"), "add_s": fl.get("add_s"),
-                               "copy_s": fl.get("copy_s"), "add_fresh_s": fl.get("add_fresh_s"),
-                               "time_s": {}, "extra_mem": {},
-                               "errors": {}, "mismatch": []}
-        for impl, c in by_impl.items():
-            if "error" in c:
-                row["errors"][impl] = c["error"]
-                continue
-            row["time_s"][impl] = c["time_s"]
-            row["extra_mem"][impl] = c.get("extra_peak_inputs")
-        # Every implementation sees the same inputs: losses and gradients must agree with eager.
-        ref = by_impl.get("eager")
-        if ref is not None and "error" not in ref:
-            for impl, c in by_impl.items():
-                if impl == "eager" or "error" in c:
-                    continue
-                for key, tol in (("loss_value", 1e-3), ("grad_norm", 1e-2), ("grad_dot_teacher", 1e-2)):
-                    a, b = c.get(key), ref.get(key)
-                    if a is None or b is None or not (abs(a - b) <= tol * max(abs(b), 1e-6)):
-                        row["mismatch"].append(f"{impl}.{key}={a} vs eager {b}")
-                if c.get("grad_dtype") not in (None, str(DTYPES[dt]).replace("torch.", "")):
-                    row["mismatch"].append(f"{impl} grad dtype {c.get('grad_dtype')}")
-                if c.get("grad_finite") is False:
-                    row["mismatch"].append(f"{impl} grad has NaN/inf")
-        rows.append(row)
-    return rows
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table (pasteable into BENCHMARKS.md) plus notes on errors and mismatches."""
-    rows = summarize(results)
-    impls = [i for i in results["config"]["impls"]]
-    head = ["loss", "N×V", "dtype"] + impls + ["floor", "floor+alloc"]
-    have_kd = "kdfast" in impls
-    if have_kd:
-        head += ["kd/compile", "kd/eager", "kd/floor"]
-    head += [f"mem {i}" for i in impls]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes = []
-    for r in rows:
-        t = r["time_s"]
-        cells = [r["loss"], f"{r['n']}×{r['v']}", r["dtype"]]
-        cells += [tables.fmt_s(t.get(i)) if i not in r["errors"] else "error" for i in impls]
-        cells += [tables.fmt_s(r["floor_s"]), tables.fmt_s(r["add_fresh_s"])]
-        if have_kd:
-            kd = t.get("kdfast")
-            cells += [
-                tables.fmt_x(tables.ratio(kd, t.get("compile")), at_most=TARGET_VS_COMPILE, sign=""),
-                tables.fmt_x(tables.ratio(kd, t.get("eager")), at_most=TARGET_VS_EAGER, sign=""),
-                tables.fmt_x(tables.ratio(kd, r["floor_s"]), at_most=TARGET_VS_FLOOR, sign=""),
-            ]
-        for i in impls:
-            m = r["extra_mem"].get(i)
-            if m is None:
-                cells.append("-")
-            else:
-                mark = (" ✓" if m <= TARGET_EXTRA_MEM else " ✗") if i == "kdfast" else ""
-                cells.append(f"{m:.2f}×{mark}")
-        lines.append("| " + " | ".join(cells) + " |")
-        tag = f"{r['loss']} {r['n']}×{r['v']} {r['dtype']}"
-        notes += [f"- {tag} {impl}: {err}" for impl, err in r["errors"].items()]
-        notes += [f"- {tag}: MISMATCH {m}" for m in r["mismatch"]]
-    m = results["machine"]
-    cfg = results["config"]
-    footer = [
-        "",
-        (f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch {m.get('torch')} "
-         f"({m.get('torch_threads')} threads), kdfast {m.get('kdfast')}."),
-        (f"Forward+backward, median of {cfg['repeats']} after {cfg['warmup']} warmup run(s) "
-         f"(compile time excluded); each case in a fresh subprocess: {cfg['subprocess']}; "
-         f"load average before/after: {cfg.get('load_average_before')}/{cfg.get('load_average_after')}."),
-        ("floor = min(torch.add(s, t, out=g), 1.5 × g.copy_(s)) into a preallocated g: one read "
-         "of both inputs and one write of a gradient-sized tensor at memory bandwidth; floor+alloc "
-         "= torch.add(s, t) into a fresh tensor (adds the page faults of a new gradient). "
-         "mem = extra peak RSS of the timed runs (gradient included) in units of one input tensor."),
-        (f"Targets (✓/✗): kdfast ≤ {TARGET_VS_COMPILE}× compile, ≤ {TARGET_VS_EAGER}× eager, "
-         f"≤ {TARGET_VS_FLOOR}× floor, extra memory ≤ {TARGET_EXTRA_MEM}× one input."),
-    ]
-    if notes:
-        footer += ["", "Problems:"] + notes
-    return "\n".join(lines + footer)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_sizes: Sequence[tuple[int, int]] | None = FULL_SIZES) -> None:
@@ -290,11 +205,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_sizes: Sequence[tu
                         + ",".join(f"{n}x{v}" for n, v in (default_sizes or FULL_SIZES)) + ")")
     parser.add_argument("--dtypes", type=tables.subset(tuple(DTYPES), "--dtypes"), default=["fp32", "bf16"],
                         help="comma-separated subset of fp32,bf16,fp16 (default: fp32,bf16)")
-    parser.add_argument("--losses", type=tables.subset(LOSSES, "--losses"), default=list(LOSSES),
-                        help="comma-separated subset of forward_kl,jsd (default: both)")
+    parser.add_argument("--losses", type=tables.subset(LOSSES, "--losses"), default=list(DEFAULT_LOSSES),
+                        help="comma-separated subset of " + ",".join(LOSSES)
+                        + " (default: " + ",".join(DEFAULT_LOSSES) + ")")
     parser.add_argument("--impls", type=tables.subset(IMPLS, "--impls"), default=list(DEFAULT_IMPLS),
                         help="comma-separated subset of " + ",".join(IMPLS)
-                        + " (default: " + ",".join(DEFAULT_IMPLS) + ")")
+                        + " (default: " + ",".join(DEFAULT_IMPLS) + ", plus --peers)")
+    parser.add_argument("--peers", type=peers.selection, default="auto",
+                        help="peer libraries to add to --impls: 'auto' (default: every one of "
+                        + ",".join(peers.NAMES) + " that is installed and can run here; the others "
+                        "are listed with the reason), 'none', or a comma-separated subset")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="also plot time and extra peak memory against V, one line per "
+                        "implementation (needs matplotlib: pip install 'kdfast[demo]'); pass several "
+                        "sizes, e.g. --sizes 1024x8000,1024x32000,1024x128256")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per case; the median is shown (default: 3, 1 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first, compilation included (default: 1)")
@@ -306,6 +230,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_sizes: Sequence[tu
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it is abandoned")
 
 
+def with_peers(impls: Sequence[str], selection: str | Sequence[str], device: str = "cpu"
+               ) -> tuple[list[str], dict[str, str]]:
+    """``impls`` plus the selected peers (:func:`.peers.select`), less the peers that cannot run
+    on ``device``; and those, with the reason."""
+    chosen, skipped = peers.select(selection, device)
+    for name in impls:  # a peer named in --impls is held to the same check
+        if name in peers.PEERS and name not in chosen and name not in skipped:
+            why = peers.skip_reason(name, device)
+            if why:
+                skipped[name] = why
+    out = [i for i in impls if i not in skipped]
+    return out + [p for p in chosen if p not in out], skipped
+
+
 def run_from_args(args: argparse.Namespace, *, default_sizes: Sequence[tuple[int, int]] = FULL_SIZES) -> int:
     """Run with parsed options, print the table, write JSON; exit status 1 when a case failed."""
     sizes = args.sizes or (list(QUICK_SIZES) if args.quick else list(default_sizes))
@@ -313,12 +251,23 @@ def run_from_args(args: argparse.Namespace, *, default_sizes: Sequence[tuple[int
     if repeats < 1 or args.warmup < 1:
         print("error: --repeats and --warmup must be at least 1", file=sys.stderr)
         return 2
-    results = run_benchmark(sizes, args.dtypes, args.losses, args.impls, repeats=repeats,
+    if args.plot:
+        problem = plot.missing_matplotlib()
+        if problem:
+            print(f"error: --plot: {problem}", file=sys.stderr)
+            return 2
+    impls, skipped = with_peers(args.impls, args.peers)
+    for name, why in skipped.items():
+        print(f"peer {name} skipped: {why}", file=sys.stderr, flush=True)
+    results = run_benchmark(sizes, args.dtypes, args.losses, impls, repeats=repeats,
                             warmup=args.warmup, subprocess=not args.in_process, timeout=args.timeout)
     results["config"]["command"] = " ".join(sys.argv)
+    results["config"]["peers_skipped"] = skipped
     results["rows"] = summarize(results)
     print(format_table(results))
     tables.write_json(args.json, results)
+    if args.plot:
+        plot.plot_dense(results, args.plot)
     failed = any("error" in c for c in results["cases"] + results["floors"])
     failed = failed or any(r["mismatch"] for r in results["rows"])
     return 1 if failed else 0

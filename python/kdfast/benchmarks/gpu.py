@@ -3,8 +3,8 @@
 
 * dense ``jsd`` and ``forward_kl`` at BT=8192, V=128256, bf16: ``eager`` (the references of
   :mod:`kdfast.benchmarks.references`), ``compile`` (the same under ``torch.compile``), ``liger``
-  (``LigerJSD`` / ``LigerKLDIVLoss``, fed ``log_softmax`` of the logits, as its API requires;
-  that ``log_softmax`` is part of the timed step) and ``kdfast`` (``backend="triton"``);
+  (``LigerJSD`` / ``LigerKLDIVLoss`` through the adapter of :mod:`.peers`, fed ``log_softmax``
+  of the logits, as its API requires; that ``log_softmax`` is part of the timed step) and ``kdfast`` (``backend="triton"``);
 * fused linear (H=4096, V=128256, BT ∈ {1024, 4096, 8192}, bf16): :mod:`.fused_linear`.
 
 Memory is ``torch.cuda.max_memory_allocated()`` over the timed runs minus what was allocated
@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from kdfast.benchmarks import fused_linear, harness, tables
+from kdfast.benchmarks import fused_linear, harness, peers, tables
 from kdfast.benchmarks.references import DTYPES, EAGER, JSD_BETA, TEMPERATURE, kdfast_kwargs, random_logits
 
 DENSE_SIZES = ((8192, 128256),)
@@ -31,23 +30,13 @@ QUICK_FUSED = ((1024, 1024, 32000), (4096, 1024, 32000))
 IMPLS = ("eager", "compile", "liger", "kdfast")
 
 
-def _liger(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
-
-    if loss == "jsd":
-        mod = LigerJSD(beta=JSD_BETA)
-        return lambda s, t: mod(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1))
-    mod = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-    return lambda s, t: mod(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1))
-
-
 def dense_step(loss: str, impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if impl == "eager":
         return EAGER[loss]
     if impl == "compile":
         return torch.compile(EAGER[loss])
     if impl == "liger":
-        return _liger(loss)
+        return peers.loss_fn("liger", loss, temperature=TEMPERATURE, beta=JSD_BETA)
     import kdfast
 
     kwargs = kdfast_kwargs(loss, backend="triton")
@@ -96,10 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kdfast.benchmarks.gpu: no CUDA device", file=sys.stderr)
         return 2
     impls = list(IMPLS)
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        print("liger_kernel is not installed: skipping it", file=sys.stderr)
+    why = peers.skip_reason("liger", "cuda")
+    if why:
+        print(f"peer liger skipped: {why}", file=sys.stderr)
         impls.remove("liger")
     parts = set(args.parts.split(","))
     results: dict[str, Any] = {"machine": {**harness.machine_info(), "gpu": torch.cuda.get_device_name()}}

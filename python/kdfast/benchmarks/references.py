@@ -1,6 +1,7 @@
 """The PyTorch code users write for the dense losses, and the inputs every benchmark shares.
 
-:func:`eager_forward_kl` and :func:`eager_jsd` (TRL's ``generalized_jsd_loss``) are the
+:func:`eager_forward_kl`, :func:`eager_reverse_kl` and :func:`eager_jsd` (TRL's
+``generalized_jsd_loss``, copied) are the
 ``eager`` implementation of :mod:`.dense`, :mod:`.fused_linear` and :mod:`.gpu`, and under
 ``torch.compile`` their ``compile`` one. Everything is computed in float32 (bf16 inputs are
 upcast first, as users do).
@@ -30,6 +31,14 @@ def eager_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
 
 
+def eager_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(q_student || p_teacher), batchmean: ``kl_div`` with the arguments swapped."""
+    T = TEMPERATURE
+    student_log_probs = F.log_softmax(student_logits.float() / T, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    return F.kl_div(teacher_log_probs, student_log_probs, log_target=True, reduction="batchmean")
+
+
 def eager_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Generalized JSD as TRL's ``generalized_jsd_loss`` computes it, batchmean."""
     T, beta = TEMPERATURE, JSD_BETA
@@ -48,7 +57,7 @@ def eager_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     return jsd.sum() / jsd.size(0)
 
 
-EAGER = {"forward_kl": eager_forward_kl, "jsd": eager_jsd}
+EAGER = {"forward_kl": eager_forward_kl, "jsd": eager_jsd, "reverse_kl": eager_reverse_kl}
 
 
 def kdfast_kwargs(loss: str, **extra) -> dict:

@@ -19,6 +19,8 @@ fn main() {
         Divergence::SkewForwardKl { skew: 0.1 },
         Divergence::SkewReverseKl { skew: 0.1 },
         Divergence::Tvd,
+        Divergence::Akl { head_mass: 0.5 },
+        Divergence::Taid { t: 0.5 },
     ];
     let only_div = std::env::var("DIV").ok();
     for div in divs.into_iter().filter(|d| only_div.as_deref().is_none_or(|o| format!("{d:?}").starts_with(o))) {

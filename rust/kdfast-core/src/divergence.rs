@@ -45,7 +45,16 @@ pub struct Terms {
 pub trait Div: Copy + Send + Sync {
     /// `S = Σ q_i g_i` when it is a constant (so the gradient is written in the loss pass).
     const KNOWN_S: Option<f32>;
+    /// Whether the loss's teacher is not the teacher input itself but [`Div::teacher`] of
+    /// both inputs (TAID's mixture).
+    const MIXED_TEACHER: bool = false;
     fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32, q: f32, p: f32) -> Terms;
+    /// The scaled teacher logit the loss compares with, from the scaled student logit `a` and
+    /// teacher logit `b` (called only when [`Div::MIXED_TEACHER`]).
+    #[inline(always)]
+    fn teacher(&self, _a: f32, b: f32) -> f32 {
+        b
+    }
 }
 
 /// `a · b` with `a = 0 ⇒ 0` (so `0 · ±∞` and `0 · NaN` from `-inf − -inf` vanish).
@@ -235,6 +244,78 @@ impl Div for Tvd {
     }
 }
 
+/// TAID (Shing et al., ICLR 2025) for `0 < t < 1`: forward KL against the mixed teacher
+/// `p_t = softmax(m / T)`, `m = (1 − t)·sg(z_s) + t·z_t`, so `∂/∂a = q − p_t` (the student
+/// inside `m` is a constant). The kernel forms `m / T = (1 − t)·a + t·b` from each loaded block
+/// of the scaled logits (no `[N, V]` mixture), in f32, the same operations on every
+/// instruction set. With both weights positive a `-inf` on either side gives `-inf` and never
+/// NaN (`0 · (−inf)` would need `t ∈ {0, 1}`, which `dense_loss` runs as a zero loss and as
+/// forward KL). Where the student is `-inf` so is `m`: the row is always finite, except when
+/// `m` is `-inf` everywhere (no id finite in both inputs), which the kernel makes an `+inf` row.
+#[derive(Clone, Copy, Debug)]
+pub struct Taid {
+    pub t: f32,
+    pub one_m_t: f32,
+}
+
+impl Taid {
+    pub fn new(t: f32) -> Self {
+        Taid { t, one_m_t: 1.0 - t }
+    }
+}
+
+impl Div for Taid {
+    const KNOWN_S: Option<f32> = Some(-1.0);
+    const MIXED_TEACHER: bool = true;
+    #[inline(always)]
+    fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32, q: f32, p: f32) -> Terms {
+        ForwardKl.terms::<M>(lq, lp, d, q, p)
+    }
+    #[inline(always)]
+    fn teacher(&self, a: f32, b: f32) -> f32 {
+        self.one_m_t * a + self.t * b
+    }
+}
+
+/// Adaptive KL (Wu et al., 2024): `ℓ = w_h·KL(p‖q) + w_t·KL(q‖p)`, with `w_h`, `w_t` the
+/// shares of `Σ|p − q|` on the teacher's head and tail (the head: the ids in order of `p`
+/// descending, lower id first, whose cumulative mass up to and including themselves is at most
+/// `head_mass`, and always the first). The weights are constants for the gradient:
+///
+/// ```text
+///     ∂ℓ/∂a = w_h·(q − p) + w_t·q·(d − S),   d = log q − log p,   S = Σ q d = KL(q‖p)
+/// ```
+///
+/// which is the forward KL gradient (`S = −1`, in closed form) plus the reverse KL one
+/// (`h = d`), each as in its own kernel. The head is found by the kernel (`dense::head`);
+/// [`Akl::terms`] gives an element's share of the rest. A component whose weight is exactly 0
+/// contributes exactly 0, so an infinite KL with a zero weight leaves the row finite.
+#[derive(Clone, Copy, Debug)]
+pub struct Akl {
+    pub head_mass: f32,
+}
+
+/// One element's contribution to [`Akl`]: the terms of both KLs and `q·d` (the reverse part's
+/// `q h`, stored for the gradient).
+#[derive(Clone, Copy, Debug)]
+pub struct AklTerms {
+    pub fwd: f32,
+    pub rev: f32,
+    pub qd: f32,
+}
+
+impl Akl {
+    #[inline(always)]
+    pub fn terms(&self, d: f32, q: f32, p: f32) -> AklTerms {
+        // The +inf of each KL is decided on d (see the module docs): d = −inf where the teacher
+        // is alive and the student -inf, d = +inf for the converse (q or p may have underflowed).
+        let fwd = if d == f32::NEG_INFINITY { f32::INFINITY } else { xmul(p, -d) };
+        let qd = xmul(q, d);
+        let rev = if d == f32::INFINITY { f32::INFINITY } else { qd };
+        AklTerms { fwd, rev, qd }
+    }
+}
+
 /// The divergences, with their parameters, as chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Divergence {
@@ -245,10 +326,15 @@ pub enum Divergence {
     SkewForwardKl { skew: f32 },
     SkewReverseKl { skew: f32 },
     Tvd,
+    /// Adaptive KL with the head's teacher mass `head_mass ∈ [0, 1]`.
+    Akl { head_mass: f32 },
+    /// TAID with the interpolation `t ∈ [0, 1]`: `t = 1` is forward KL exactly, `t = 0` gives 0.
+    Taid { t: f32 },
 }
 
 impl Divergence {
-    /// Parse a loss name (`"forward_kl"`, `"jsd"`, ...) with its parameter (β or skew).
+    /// Parse a loss name (`"forward_kl"`, `"jsd"`, ...) with its parameter (β, skew,
+    /// head_mass or t).
     pub fn from_name(name: &str, param: f32) -> crate::Result<Self> {
         use crate::KdError::InvalidArgument;
         let d = match name {
@@ -258,11 +344,13 @@ impl Divergence {
             "skew_forward_kl" => Divergence::SkewForwardKl { skew: param },
             "skew_reverse_kl" => Divergence::SkewReverseKl { skew: param },
             "tvd" => Divergence::Tvd,
+            "akl" => Divergence::Akl { head_mass: param },
+            "taid" => Divergence::Taid { t: param },
             other => {
                 return Err(InvalidArgument {
                     name: "loss",
                     expected: "one of forward_kl, reverse_kl, jsd, skew_forward_kl, \
-                               skew_reverse_kl, tvd"
+                               skew_reverse_kl, tvd, akl, taid"
                         .into(),
                     got: format!("{other:?}"),
                 })
@@ -272,25 +360,24 @@ impl Divergence {
         Ok(d)
     }
 
-    /// Check the parameter ranges: β ∈ [0, 1], skew ∈ [0, 1).
+    /// Check the parameter ranges: β ∈ [0, 1], skew ∈ [0, 1), head_mass ∈ [0, 1], t ∈ [0, 1].
     pub fn validate(&self) -> crate::Result<()> {
-        use crate::KdError::InvalidArgument;
-        match *self {
-            Divergence::Jsd { beta } if !(0.0..=1.0).contains(&beta) => Err(InvalidArgument {
-                name: "beta",
-                expected: "a number in [0, 1]".into(),
-                got: format!("{beta}"),
-            }),
-            Divergence::SkewForwardKl { skew } | Divergence::SkewReverseKl { skew }
-                if !(0.0..1.0).contains(&skew) =>
-            {
-                Err(InvalidArgument {
-                    name: "skew",
-                    expected: "a number in [0, 1)".into(),
-                    got: format!("{skew}"),
-                })
-            }
-            _ => Ok(()),
+        // (argument, value, whether 1 is allowed)
+        let (name, x, closed) = match *self {
+            Divergence::Jsd { beta } => ("beta", beta, true),
+            Divergence::SkewForwardKl { skew } | Divergence::SkewReverseKl { skew } => ("skew", skew, false),
+            Divergence::Akl { head_mass } => ("head_mass", head_mass, true),
+            Divergence::Taid { t } => ("t", t, true),
+            Divergence::ForwardKl | Divergence::ReverseKl | Divergence::Tvd => return Ok(()),
+        };
+        // NaN is in neither range.
+        if (0.0..=1.0).contains(&x) && (closed || x < 1.0) {
+            return Ok(());
         }
+        Err(crate::KdError::InvalidArgument {
+            name,
+            expected: (if closed { "a number in [0, 1]" } else { "a number in [0, 1)" }).into(),
+            got: format!("{x}"),
+        })
     }
 }

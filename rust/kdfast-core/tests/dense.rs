@@ -1,84 +1,12 @@
 //! The SIMD paths agree with the scalar (libm) path, and all agree with an f64 reference.
 
 mod common;
+use common::dense::{akl_slack, call, pair, reference, run};
 use common::{isas, logits};
 use half::{bf16, f16};
-use kdfast_core::{dense_loss, DenseConfig, Divergence, Elem, Isa, Rows};
+use kdfast_core::{dense_loss, DenseConfig, Divergence, Isa, Rows};
 
-/// Student and teacher logits with `-inf` at the same places (so every divergence is finite).
-fn pair(rows: usize, cols: usize, seed: u64, spread: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut zs = logits(rows, cols, seed, spread, 53);
-    let mut zt = logits(rows, cols, seed + 100, spread, 53);
-    for (a, b) in zs.iter_mut().zip(zt.iter_mut()) {
-        if *a == f32::NEG_INFINITY || *b == f32::NEG_INFINITY {
-            (*a, *b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-        }
-    }
-    (zs, zt)
-}
-
-/// f64 reference of one row: (loss, gradient w.r.t. z_s), by the closed forms.
-fn reference(div: Divergence, zs: &[f32], zt: &[f32], t: f64) -> (f64, Vec<f64>) {
-    let lsm = |z: &[f32]| {
-        let a: Vec<f64> = z.iter().map(|&x| x as f64 / t).collect();
-        let m = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let l = m + a.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-        a.iter().map(|x| x - l).collect::<Vec<f64>>()
-    };
-    let (lq, lp) = (lsm(zs), lsm(zt));
-    let q: Vec<f64> = lq.iter().map(|x| x.exp()).collect();
-    let p: Vec<f64> = lp.iter().map(|x| x.exp()).collect();
-    let xlog = |a: f64, la: f64, lb: f64| if a == 0.0 { 0.0 } else { a * (la - lb) };
-    let lae = |x: f64, y: f64| {
-        let m = x.max(y);
-        if m == f64::NEG_INFINITY { m } else { m + ((x - m).exp() + (y - m).exp()).ln() }
-    };
-    let v = zs.len();
-    // g_i = dℓ/dq_i (entries with q_i = 0 get no gradient anyway).
-    let (loss, g): (f64, Vec<f64>) = match div {
-        Divergence::ForwardKl => ((0..v).map(|i| xlog(p[i], lp[i], lq[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { -p[i] / q[i] }).collect()),
-        Divergence::ReverseKl => ((0..v).map(|i| xlog(q[i], lq[i], lp[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { lq[i] - lp[i] }).collect()),
-        Divergence::Jsd { beta } => {
-            let b = beta as f64;
-            let lm: Vec<f64> = (0..v).map(|i| lae(lp[i] + b.ln(), lq[i] + (1.0 - b).ln())).collect();
-            ((0..v).map(|i| b * xlog(p[i], lp[i], lm[i]) + (1.0 - b) * xlog(q[i], lq[i], lm[i])).sum(),
-             (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { (1.0 - b) * (lq[i] - lm[i]) }).collect())
-        }
-        Divergence::SkewForwardKl { skew } => {
-            let l = skew as f64;
-            let lm: Vec<f64> = (0..v).map(|i| lae(lp[i] + l.ln(), lq[i] + (1.0 - l).ln())).collect();
-            ((0..v).map(|i| xlog(p[i], lp[i], lm[i])).sum(), (0..v).map(|i| if q[i] == 0.0 || p[i] == 0.0 { 0.0 } else { -(1.0 - l) * (lp[i] - lm[i]).exp() }).collect())
-        }
-        Divergence::SkewReverseKl { skew } => {
-            let l = skew as f64;
-            let lm: Vec<f64> = (0..v).map(|i| lae(lq[i] + l.ln(), lp[i] + (1.0 - l).ln())).collect();
-            ((0..v).map(|i| xlog(q[i], lq[i], lm[i])).sum(), (0..v).map(|i| if q[i] == 0.0 { 0.0 } else { lq[i] - lm[i] - l * (lq[i] - lm[i]).exp() }).collect())
-        }
-        Divergence::Tvd => ((0..v).map(|i| 0.5 * (p[i] - q[i]).abs()).sum(), (0..v).map(|i| 0.5 * (q[i] - p[i]).signum() * ((q[i] - p[i]) != 0.0) as i32 as f64).collect()),
-    };
-    let s: f64 = (0..v).map(|i| q[i] * g[i]).sum();
-    (loss, (0..v).map(|i| q[i] * (g[i] - s) / t).collect())
-}
-
-fn run<E: Elem>(div: Divergence, zs: &[E], zt: &[E], rows: usize, cols: usize, t: f32, isa: Isa, threads: usize) -> (Vec<f32>, Vec<E>) {
-    let cfg = DenseConfig { divergence: div, temperature: t, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
-    let mut loss = vec![0.0; rows];
-    let mut grad = vec![E::zero(); rows * cols];
-    dense_loss(
-        Rows::new(zs, rows, cols, cols, "student").unwrap(),
-        Rows::new(zt, rows, cols, cols, "teacher").unwrap(),
-        None,
-        &cfg,
-        &mut loss,
-        Some(&mut grad),
-        isa,
-        threads,
-    )
-    .unwrap();
-    (loss, grad)
-}
-
-const DIVS: [Divergence; 8] = [
+const DIVS: [Divergence; 14] = [
     Divergence::ForwardKl,
     Divergence::ReverseKl,
     Divergence::Jsd { beta: 0.5 },
@@ -87,6 +15,12 @@ const DIVS: [Divergence; 8] = [
     Divergence::SkewReverseKl { skew: 0.1 },
     Divergence::SkewForwardKl { skew: 0.0 },
     Divergence::Tvd,
+    Divergence::Akl { head_mass: 0.5 },
+    Divergence::Akl { head_mass: 0.0 },
+    Divergence::Akl { head_mass: 0.9 },
+    Divergence::Taid { t: 0.3 },
+    Divergence::Taid { t: 0.0 },
+    Divergence::Taid { t: 1.0 },
 ];
 
 #[test]
@@ -98,8 +32,10 @@ fn every_isa_matches_f64_reference() {
                 for isa in isas() {
                     let (loss, grad) = run(div, &zs, &zt, rows, cols, t, isa, 2);
                     for r in 0..rows {
-                        let (l64, g64) = reference(div, &zs[r * cols..(r + 1) * cols], &zt[r * cols..(r + 1) * cols], t as f64);
-                        assert!((loss[r] as f64 - l64).abs() <= 2e-5 * l64.abs() + 1e-6, "{div:?} {isa:?} V={cols} T={t} row {r}: {} vs {l64}", loss[r]);
+                        let (s_row, t_row) = (&zs[r * cols..(r + 1) * cols], &zt[r * cols..(r + 1) * cols]);
+                        let (l64, g64) = reference(div, s_row, t_row, t as f64);
+                        let (ls, gs) = if let Divergence::Akl { .. } = div { akl_slack(s_row, t_row, t as f64) } else { (0.0, vec![0.0; cols]) };
+                        assert!((loss[r] as f64 - l64).abs() <= 2e-5 * l64.abs() + 1e-6 + ls, "{div:?} {isa:?} V={cols} T={t} row {r}: {} vs {l64}", loss[r]);
                         let gmax = g64.iter().fold(0.0f64, |m, x| m.max(x.abs()));
                         for c in 0..cols {
                             let d = (grad[r * cols + c] as f64 - g64[c]).abs();
@@ -107,7 +43,7 @@ fn every_isa_matches_f64_reference() {
                             // log-ratios (|a| ≤ 8/T) on top of the relative error.
                             let z = zs[r * cols + c] as f64 / t as f64;
                             let cancel = if !z.is_finite() { 0.0 } else { 4e-7 * (z.abs() + 1.0) * (z - loss[r] as f64).exp().min(1.0) / t as f64 };
-                            assert!(d <= 1e-5 * g64[c].abs() + 1e-6 * gmax.max(1e-30) + cancel + 1e-9, "{div:?} {isa:?} V={cols} T={t} loss {} {l64} grad[{r},{c}] {} vs {} zs {} zt {}", loss[r], grad[r * cols + c], g64[c], zs[r*cols+c], zt[r*cols+c]);
+                            assert!(d <= 1e-5 * g64[c].abs() + 1e-6 * gmax.max(1e-30) + cancel + gs[c] + 1e-9, "{div:?} {isa:?} V={cols} T={t} loss {} {l64} grad[{r},{c}] {} vs {} zs {} zt {}", loss[r], grad[r * cols + c], g64[c], zs[r*cols+c], zt[r*cols+c]);
                         }
                     }
                 }
@@ -177,19 +113,7 @@ fn masked_rows_and_padding_columns() {
     let (zs, zt) = pair(rows, cols, 5, 4.0);
     let labels = [1i64, -100, 7];
     let cfg = DenseConfig { divergence: Divergence::Jsd { beta: 0.5 }, temperature: 1.0, t2_scale: true, grad_scale: 0.5, grad_cols };
-    let mut loss = vec![9.0; rows];
-    let mut grad = vec![7.0f32; rows * grad_cols];
-    dense_loss(
-        Rows::new(&zs, rows, cols, cols, "s").unwrap(),
-        Rows::new(&zt, rows, cols, cols, "t").unwrap(),
-        Some((&labels, -100)),
-        &cfg,
-        &mut loss,
-        Some(&mut grad),
-        Isa::detect(),
-        2,
-    )
-    .unwrap();
+    let (loss, grad) = call(&cfg, &zs, &zt, rows, Some((&labels, -100)), Isa::detect(), 2).unwrap();
     assert_eq!(loss[1], 0.0);
     assert!(grad[grad_cols..2 * grad_cols].iter().all(|&g| g == 0.0));
     for r in [0, 2] {

@@ -20,8 +20,9 @@ pub struct DenseConfig {
 
 #[pymethods]
 impl DenseConfig {
-    /// `loss`: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd; `param`:
-    /// β (jsd) or the skew, ignored otherwise. Bad names and parameters raise `ValueError`.
+    /// `loss`: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd, akl or taid;
+    /// `param`: β (jsd), the skew, head_mass (akl) or t (taid), ignored otherwise. Bad names
+    /// and parameters raise `ValueError` naming the argument.
     #[new]
     #[pyo3(signature = (loss, param = 0.0, temperature = 1.0, t2_scale = false, grad_scale = 1.0, ignore_index = -100))]
     fn new(loss: &str, param: f32, temperature: f32, t2_scale: bool, grad_scale: f32, ignore_index: i64) -> Result<Self, Error> {

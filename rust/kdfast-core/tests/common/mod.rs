@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod dense;
+
 use kdfast_core::Isa;
 
 /// Deterministic wide-spread logits in `[-spread, spread)` with a `-inf` about every
