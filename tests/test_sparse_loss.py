@@ -463,6 +463,24 @@ def test_distillation_loss_with_sparse_teacher(loss, kw):
         mod(student, kdfast.compress_sample(t64.float().reshape(2, 3, 30), 4), labels)
 
 
+@pytest.mark.parametrize("loss,kw", LOSSES[1:], ids=LOSS_IDS[1:])
+def test_distillation_loss_fused_with_sparse_teacher(loss, kw):
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(37, 8, generator=g)
+    tg = kdfast.compress_topk(torch.randn(2, 5, 37, generator=g) * 3, 4, temperature=1.5)
+    labels = torch.tensor([[1, -100, 3, 4, 5], [6, 7, -100, 9, 0]])
+    mod = kdfast.DistillationLoss(loss, hard_weight=0.3, tail="renorm", **kw)
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    total, soft, hard = mod.fused(*leaves, tg, labels, return_parts=True)
+    total.backward()
+    ref = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    want, want_soft, want_hard = mod(ref[0] @ ref[1].t(), tg, labels, return_parts=True)
+    want.backward()
+    torch.testing.assert_close((total, soft, hard), (want, want_soft, want_hard), rtol=1e-5, atol=1e-6)
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss,kw", [("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("sparse_kl", {})])
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
