@@ -29,8 +29,7 @@ SCRIPT = textwrap.dedent(
     labels[::7] = -100
     results = {{}}
     for name in losses:
-        extra = {{"jsd": {{"beta": 0.3}}, "skew_forward_kl": {{"skew": 0.2}},
-                  "skew_reverse_kl": {{"skew": 0.2}}}}.get(name, {{}})
+        extra = {extras!r}[name]
         for dtype in (torch.float32, torch.bfloat16):
             for reduction in ("mean", "none"):
                 leaf = student.to(dtype).detach().clone().requires_grad_()
@@ -41,7 +40,7 @@ SCRIPT = textwrap.dedent(
                 results[(name, str(dtype), reduction)] = (loss.detach(), leaf.grad)
     torch.save(results, sys.argv[1])
     """
-).format(losses=LOSSES, rows=ROWS, vocab=VOCAB)
+).format(losses=LOSSES, rows=ROWS, vocab=VOCAB, extras={n: extra_kwargs(n, beta=0.3, skew=0.2) for n in LOSSES})
 
 
 def _run_script(tmp_path, tag, threads):
@@ -136,7 +135,7 @@ FORK_SCRIPT = textwrap.dedent(
         out = []
         for name in losses:
             leaf = student.clone().requires_grad_()
-            loss = getattr(kdfast, name)(leaf, teacher, reduction="none", backend="rust")
+            loss = getattr(kdfast, name)(leaf, teacher, reduction="none", backend="rust", **{extras!r}[name])
             loss.sum().backward()
             out.append((loss.detach(), leaf.grad))
         return out
@@ -161,7 +160,7 @@ FORK_SCRIPT = textwrap.dedent(
         proc.join(30)
         sys.exit(0 if ok and proc.exitcode == 0 else "child got a different result")
     """
-).format(losses=LOSSES)
+).format(losses=LOSSES, extras={n: extra_kwargs(n) for n in LOSSES})
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX only")
