@@ -75,6 +75,15 @@ def check_param_tensor(value: torch.Tensor, name: str, low: float, high: float) 
     return value
 
 
+def check_class_ids(labels: torch.Tensor, keep: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels of the kept rows are class ids in ``[0, vocab)`` (a host read: the caller skips it
+    where :func:`kdfast._dispatch.host_reads_allowed` says no)."""
+    bad = keep & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"labels: expected class ids in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {int(labels[bad][0])}")
+
+
 def check_temperature(t) -> float:
     """T > 0 such that T and 1/T are normal float32 numbers (the kernels scale by 1/T in float32)."""
     v = check_real(t, "temperature", low=0.0, high=math.inf, low_open=True, high_open=True)

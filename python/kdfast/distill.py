@@ -27,7 +27,7 @@ from .losses import COMMON_KWARGS
 from ._reduction import Reduction
 from ._registry import LOSSES as _SPECS
 from ._registry import get as _get_spec
-from ._validate import check_flag, check_int, check_labels, check_temperature, reject_unknown
+from ._validate import check_class_ids, check_flag, check_int, check_labels, check_temperature, reject_unknown
 from .sparse_losses import SPARSE_LOSSES, TAILS, sparse_loss
 from .distill_fused import fused_parts
 from .schedule import TAIDSchedule
@@ -232,10 +232,6 @@ class DistillationLoss(torch.nn.Module):
         if z2.shape[0] == 0:
             return red.apply(z2.sum(-1) * 0.0, lead, y)
         if _dispatch.host_reads_allowed(z2.device):
-            bad = keep & ((y < 0) | (y >= v))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"labels: expected class ids in [0, {v}) or ignore_index={self.ignore_index}, got {int(y[bad][0])}"
-                )
+            check_class_ids(y, keep, v, self.ignore_index)
         rows = F.cross_entropy(z2, y.masked_fill(~keep, 0), reduction="none") * keep
         return red.apply(rows, lead, y)

@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
+from . import _dispatch
 from ._reduction import Reduction
-from ._validate import check_labels
+from ._validate import check_class_ids, check_labels
 from .fused_linear import fused_linear_distill_loss
 from .targets import SparseTargets
 
@@ -40,12 +41,9 @@ def _teacher_form(teacher) -> dict:
 
 def _hard_targets(labels: torch.Tensor, keep: torch.Tensor, vocab: int, ignore_index: int) -> SparseTargets:
     """One-hot targets at the labels (masked rows point at id 0; the loss masks them)."""
+    if _dispatch.host_reads_allowed(labels.device):
+        check_class_ids(labels, keep, vocab, ignore_index)
     y = labels.masked_fill(~keep, 0)
-    if not torch.compiler.is_compiling() and labels.device.type != "meta":
-        bad = keep & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"labels: expected class ids in [0, {vocab}) or ignore_index={ignore_index}, "
-                             f"got {int(labels[bad][0])}")
     ids = y.unsqueeze(-1)
     lp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     tail = torch.full(y.shape, float("-inf"), dtype=torch.float32, device=ids.device)
@@ -65,29 +63,29 @@ def fused_parts(crit, student_hidden, student_weight, teacher, labels, *, studen
     red = Reduction(crit.reduction, ignore_index=crit.ignore_index, num_items_in_batch=num_items_in_batch)
     common = dict(labels=labels, ignore_index=crit.ignore_index, reduction=crit.reduction,
                   num_items_in_batch=red.num_items, chunk_size=chunk_size)
-    w, b = student_weight, student_bias
-    if crit.vocab_size is not None:  # the student's padded rows take part in neither loss
-        w = w[: crit.vocab_size]
-        b = None if b is None else b[: crit.vocab_size]
+    # The student's padded head rows take part in neither loss: the sparse and cross-entropy
+    # parts get the head cut to vocab_size, the dense loss cuts both heads itself.
+    cut_w, cut_b = student_weight, student_bias
+    if crit.vocab_size is not None:
+        cut_w = student_weight[: crit.vocab_size]
+        cut_b = None if student_bias is None else student_bias[: crit.vocab_size]
     soft = hard = None
     if want_soft:
         kw = dict(crit.loss_kwargs)
         if crit.schedule is not None:
             kw["t"] = crit.schedule.t
+        w, b = cut_w, cut_b
         if "targets" not in form and crit.vocab_size is not None:
             kw["vocab_size"] = crit.vocab_size
-            w, b = student_weight, student_bias  # the dense loss cuts both heads itself
-        loss = "sparse_kl" if crit.loss == "sparse_kl" else crit.loss
+            w, b = student_weight, student_bias
         with torch.set_grad_enabled(torch.is_grad_enabled() and crit.soft_weight > 0):
-            soft = fused_linear_distill_loss(student_hidden, w, loss=loss, student_bias=b, **form, **common, **kw)
-        w, b = (student_weight, student_bias) if crit.vocab_size is None else (
-            student_weight[: crit.vocab_size], None if student_bias is None else student_bias[: crit.vocab_size])
+            soft = fused_linear_distill_loss(student_hidden, w, loss=crit.loss, student_bias=b, **form, **common, **kw)
     if want_hard:
         lead = student_hidden.shape[:-1]
         y = check_labels(labels, lead, student_hidden.device)
-        targets = _hard_targets(y.reshape(lead), red.keep(y).reshape(lead), w.shape[0], crit.ignore_index)
+        targets = _hard_targets(y.reshape(lead), red.keep(y).reshape(lead), cut_w.shape[0], crit.ignore_index)
         backend = {"backend": crit.loss_kwargs["backend"]} if "backend" in crit.loss_kwargs else {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and crit.hard_weight > 0):
-            hard = fused_linear_distill_loss(student_hidden, w, targets=targets, student_bias=b,
+            hard = fused_linear_distill_loss(student_hidden, cut_w, targets=targets, student_bias=cut_b,
                                              temperature=1.0, **common, **backend)
     return soft, hard
