@@ -16,9 +16,13 @@ hidden states and the LM head chunk by chunk, never holding the ``[N, V]`` logit
 
 Training loops (api.md §4): :class:`DistillationLoss` mixes a distillation loss with the
 cross-entropy on the labels; :mod:`kdfast.integrations.transformers` has a Hugging Face Trainer.
+
+CPU gradients are written into reused buffers (no page faults per call); :func:`set_gradient_pool`
+caps the memory kept for them.
 """
 
 from . import losses, reference
+from ._buffers import gradient_pool_bytes, set_gradient_pool
 from ._errors import DtypeError
 from ._kdfast import __version__
 from ._registry import LOSSES
@@ -47,4 +51,6 @@ __all__ = [
     "decode_targets",
     "DistillationLoss",
     "fused_linear_distill_loss",
+    "set_gradient_pool",
+    "gradient_pool_bytes",
 ]

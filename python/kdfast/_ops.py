@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _native, _triton
+from ._buffers import gradient
 
 
 def kernel_scale(backend: str, weight: Optional[torch.Tensor]):
@@ -59,8 +60,7 @@ def sparse_call(backend: str):
 def _outputs(student: torch.Tensor, need_grad: bool):
     n = student.numel() // student.shape[-1]
     rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = (torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device)
-            if need_grad else student.new_empty(0))
+    grad = gradient((n, student.shape[-1]), student.dtype, student.device) if need_grad else student.new_empty(0)
     return rows, grad
 
 

@@ -33,6 +33,7 @@ import torch
 
 from . import _dispatch, _ops
 from . import reference_sparse as _ref_sparse
+from ._buffers import gradient
 from ._errors import DtypeError
 from ._reduction import Reduction
 from ._registry import LOSSES, param_names
@@ -158,7 +159,7 @@ def _fused_linear_op(
     g_w_acc = g_b_acc = None  # written by the first chunk, accumulated into by the others
 
     spec = (loss, mode, param, temperature, t2_scale, ignore_index)
-    buf = torch.empty((min(chunk, n), vocab), dtype=torch.float32) if (backend == "rust" and need_grad) else None
+    buf = gradient((min(chunk, n), vocab), torch.float32, dev) if (backend == "rust" and need_grad) else None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         h_c = hidden[c0:c1]

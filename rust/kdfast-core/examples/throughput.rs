@@ -31,7 +31,8 @@ fn main() {
         {
             let cfg = DenseConfig { divergence: div, temperature: 1.0, t2_scale: false, grad_scale: 1.0, grad_cols: cols };
             let mut best = f64::INFINITY;
-            for _ in 0..3 {
+            let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+            for _ in 0..reps {
             let t0 = Instant::now();
             dense_loss(
                 Rows::new(&zs, rows, cols, cols, "s").unwrap(),

@@ -6,7 +6,7 @@
 //! fast on every CPU. [`Isa::Scalar`] runs the same code with the platform's libm instead of
 //! the vectorisable polynomials: the reference the SIMD paths are tested against.
 
-use crate::math::{Libm, Math, Poly};
+use crate::math::{Libm, Math, Poly, PolyFma};
 
 /// An instruction set a kernel can run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,13 +99,13 @@ pub trait Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
-    k.run::<Poly>()
+    k.run::<PolyFma>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
-    k.run::<Poly>()
+    k.run::<PolyFma>()
 }
 
 /// Sets the x86 MXCSR flush-to-zero and denormals-are-zero bits for its lifetime, restoring the

@@ -29,8 +29,25 @@ pub trait Math: Copy + Send + Sync + 'static {
 }
 
 /// Polynomial approximations (Cephes `expf`/`logf` coefficients), ~1-2 ulp, vectorisable.
+/// `FMA`: evaluate them with fused multiply-adds, for code compiled where the CPU has them
+/// (half the instructions, and no libm call: elsewhere `mul_add` would be one).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Poly;
+pub struct Polynomial<const FMA: bool>;
+
+/// [`Polynomial`] with separate multiplies and adds: the baseline instruction sets.
+pub type Poly = Polynomial<false>;
+/// [`Polynomial`] with fused multiply-adds: AVX2+FMA, AVX-512.
+pub type PolyFma = Polynomial<true>;
+
+/// `a · b + c`, fused when `FMA`.
+#[inline(always)]
+fn mad<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
 
 /// The platform's scalar libm: the reference the vectorised path is tested against.
 #[derive(Clone, Copy, Debug, Default)]
@@ -49,27 +66,27 @@ const EXP_HI: f32 = 88.3;
 
 /// `x = n ln2 + r` with `|r| ≤ ln2/2` for `x` clamped to `[EXP_LO, EXP_HI]`: returns `(r, 2^n)`.
 #[inline(always)]
-fn reduce_ln2(x: f32) -> (f32, f32) {
+fn reduce_ln2<const FMA: bool>(x: f32) -> (f32, f32) {
     let xc = x.max(EXP_LO).min(EXP_HI);
-    let t = xc * LOG2E + ROUND_MAGIC;
+    let t = mad::<FMA>(xc, LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = mad::<FMA>(-n, LN2_LO, mad::<FMA>(-n, LN2_HI, xc));
     // 2^n from the integer left in t's mantissa by the magic-number rounding.
     let k = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
     (r, f32::from_bits(k.wrapping_add(127) << 23))
 }
 
-impl Math for Poly {
+impl<const FMA: bool> Math for Polynomial<FMA> {
     #[inline(always)]
     fn exp(x: f32) -> f32 {
-        let (r, pow2n) = reduce_ln2(x);
+        let (r, pow2n) = reduce_ln2::<FMA>(x);
         let mut p = 1.987_569_2e-4_f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + 5.000_000_1e-1;
-        let e = p * (r * r) + r + 1.0;
+        p = mad::<FMA>(p, r, 1.398_199_9e-3);
+        p = mad::<FMA>(p, r, 8.333_452e-3);
+        p = mad::<FMA>(p, r, 4.166_579_6e-2);
+        p = mad::<FMA>(p, r, 1.666_666_5e-1);
+        p = mad::<FMA>(p, r, 5.000_000_1e-1);
+        let e = mad::<FMA>(p, r * r, r) + 1.0;
         let y = e * pow2n;
         let y = if x < EXP_LO { 0.0 } else { y };
         let y = if x > EXP_HI { f32::INFINITY } else { y };
@@ -86,15 +103,15 @@ impl Math for Poly {
     /// (`n = 0`, the result is the polynomial itself) and no second code path.
     #[inline(always)]
     fn expm1(x: f32) -> f32 {
-        let (r, pow2n) = reduce_ln2(x);
+        let (r, pow2n) = reduce_ln2::<FMA>(x);
         let mut p = 1.0 / 5040.0_f32;
-        p = p * r + 1.0 / 720.0;
-        p = p * r + 1.0 / 120.0;
-        p = p * r + 1.0 / 24.0;
-        p = p * r + 1.0 / 6.0;
-        p = p * r + 0.5;
-        let em = p * (r * r) + r;
-        let y = pow2n * em + (pow2n - 1.0);
+        p = mad::<FMA>(p, r, 1.0 / 720.0);
+        p = mad::<FMA>(p, r, 1.0 / 120.0);
+        p = mad::<FMA>(p, r, 1.0 / 24.0);
+        p = mad::<FMA>(p, r, 1.0 / 6.0);
+        p = mad::<FMA>(p, r, 0.5);
+        let em = mad::<FMA>(p, r * r, r);
+        let y = mad::<FMA>(pow2n, em, pow2n - 1.0);
         let y = if x < EXP_LO { -1.0 } else { y };
         let y = if x > EXP_HI { f32::INFINITY } else { y };
         if x.is_nan() {
@@ -110,13 +127,13 @@ impl Math for Poly {
         // where dividing by w ∈ [1, 2] changes a correction below 1 ulp of 1 by at most 2×;
         // so tiny u keep their precision (w = 1 gives exactly u) without a division.
         let w = 1.0 + u;
-        ln_normal(w) + (u - (w - 1.0))
+        ln_normal::<FMA>(w) + (u - (w - 1.0))
     }
 }
 
 /// Natural log of a positive normal float (Cephes `logf`).
 #[inline(always)]
-fn ln_normal(x: f32) -> f32 {
+fn ln_normal<const FMA: bool>(x: f32) -> f32 {
     const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
     let bits = x.to_bits();
     let mut e = ((bits >> 23) & 0xff) as i32 - 126;
@@ -127,18 +144,18 @@ fn ln_normal(x: f32) -> f32 {
     let f = if small { m + m - 1.0 } else { m - 1.0 };
     let z = f * f;
     let mut y = 7.037_683_6e-2_f32;
-    y = y * f - 1.151_461e-1;
-    y = y * f + 1.167_699_9e-1;
-    y = y * f - 1.242_014_1e-1;
-    y = y * f + 1.424_932_3e-1;
-    y = y * f - 1.666_805_8e-1;
-    y = y * f + 2.000_071_4e-1;
-    y = y * f - 2.499_999_4e-1;
-    y = y * f + 3.333_333_1e-1;
+    y = mad::<FMA>(y, f, -1.151_461e-1);
+    y = mad::<FMA>(y, f, 1.167_699_9e-1);
+    y = mad::<FMA>(y, f, -1.242_014_1e-1);
+    y = mad::<FMA>(y, f, 1.424_932_3e-1);
+    y = mad::<FMA>(y, f, -1.666_805_8e-1);
+    y = mad::<FMA>(y, f, 2.000_071_4e-1);
+    y = mad::<FMA>(y, f, -2.499_999_4e-1);
+    y = mad::<FMA>(y, f, 3.333_333_1e-1);
     let mut r = y * f * z;
     let ef = e as f32;
-    r += LN2_LO * ef;
-    r -= 0.5 * z;
+    r = mad::<FMA>(LN2_LO, ef, r);
+    r = mad::<FMA>(-0.5, z, r);
     f + r + LN2_HI * ef
 }
 
@@ -183,12 +200,17 @@ mod tests {
 
     #[test]
     fn exp_matches_f64() {
-        let worst = worst_on_grid(-86.99, Poly::exp, f64::exp);
-        assert!(worst < 4e-7, "worst relative error {worst}");
+        for f in [Poly::exp, PolyFma::exp] {
+            let worst = worst_on_grid(-86.99, f, f64::exp);
+            assert!(worst < 4e-7, "worst relative error {worst}");
+        }
     }
 
     #[test]
     fn exp_edges() {
+        assert_eq!(PolyFma::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(PolyFma::exp(0.0), 1.0);
+        assert!(PolyFma::exp(f32::NAN).is_nan());
         assert_eq!(Poly::exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(Poly::exp(-1e4), 0.0);
         assert_eq!(Poly::exp(0.0), 1.0);
@@ -199,16 +221,18 @@ mod tests {
 
     #[test]
     fn expm1_matches_f64() {
-        let mut worst = worst_on_grid(-90.0, Poly::expm1, f64::exp_m1);
-        // Near 0, where e^x − 1 would cancel: every scale down to subnormal-free tiny values,
-        // both signs, and the polynomial's range edges ±ln2/2.
-        for e in 0..120 {
-            for &s in &[1.0f32, -1.0, 1.37, -1.37, 0.3466, -0.3466] {
-                let x = s * 2f32.powi(-e);
-                worst = worst.max(rel(Poly::expm1(x), (x as f64).exp_m1()));
+        for f in [Poly::expm1, PolyFma::expm1] {
+            let mut worst = worst_on_grid(-90.0, f, f64::exp_m1);
+            // Near 0, where e^x − 1 would cancel: every scale down to subnormal-free tiny values,
+            // both signs, and the polynomial's range edges ±ln2/2.
+            for e in 0..120 {
+                for &s in &[1.0f32, -1.0, 1.37, -1.37, 0.3466, -0.3466] {
+                    let x = s * 2f32.powi(-e);
+                    worst = worst.max(rel(f(x), (x as f64).exp_m1()));
+                }
             }
+            assert!(worst < 4e-7, "worst relative error {worst}");
         }
-        assert!(worst < 4e-7, "worst relative error {worst}");
     }
 
     #[test]
@@ -224,16 +248,18 @@ mod tests {
 
     #[test]
     fn ln_1p_matches_f64() {
-        let mut worst = 0.0f64;
-        for i in 0..=100_000 {
-            let u = i as f32 / 100_000.0;
-            worst = worst.max(rel(Poly::ln_1p(u), (u as f64).ln_1p()));
+        for f in [Poly::ln_1p, PolyFma::ln_1p] {
+            let mut worst = 0.0f64;
+            for i in 0..=100_000 {
+                let u = i as f32 / 100_000.0;
+                worst = worst.max(rel(f(u), (u as f64).ln_1p()));
+            }
+            for e in 1..40 {
+                let u = 2f32.powi(-e);
+                worst = worst.max(rel(f(u), (u as f64).ln_1p()));
+            }
+            assert!(worst < 4e-7, "worst relative error {worst}");
         }
-        for e in 1..40 {
-            let u = 2f32.powi(-e);
-            worst = worst.max(rel(Poly::ln_1p(u), (u as f64).ln_1p()));
-        }
-        assert!(worst < 4e-7, "worst relative error {worst}");
     }
 
     #[test]
