@@ -17,11 +17,12 @@ Retained memory is capped: at most :data:`MAX_FREE` free buffers of at most ``ma
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 import weakref
 
 import torch
+
+from ._validate import env_int
 
 #: Default cap on retained free buffers: 4 GiB (a 2048 × 128256 float32 gradient is 1 GiB).
 DEFAULT_MAX_BYTES = 4 << 30
@@ -32,16 +33,7 @@ MIN_BYTES = 1 << 20
 
 
 def _cap_from_env() -> int:
-    raw = os.environ.get("KDFAST_GRADIENT_POOL")
-    if raw is None or raw == "":
-        return DEFAULT_MAX_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"KDFAST_GRADIENT_POOL: expected a number of bytes (0 = off), got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"KDFAST_GRADIENT_POOL: expected a number of bytes ≥ 0, got {value}")
-    return value
+    return env_int("KDFAST_GRADIENT_POOL", DEFAULT_MAX_BYTES, minimum=0, what="a number of bytes ≥ 0 (0 = off)")
 
 
 class _Pool:

@@ -18,23 +18,14 @@ import os
 import torch
 
 from . import _kdfast
-from ._validate import KERNEL_DTYPES, check_count
+from ._validate import KERNEL_DTYPES, check_count, env_int
 
 NATIVE_DTYPES = KERNEL_DTYPES  # what the binding reads
 
 
 def num_threads() -> int:
     """Worker threads for the Rust kernels: ``KDFAST_NUM_THREADS`` or ``torch.get_num_threads()``."""
-    env = os.environ.get("KDFAST_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"KDFAST_NUM_THREADS: expected a positive integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"KDFAST_NUM_THREADS: expected a positive integer, got {env!r}")
-        return n
-    return max(1, torch.get_num_threads())
+    return env_int("KDFAST_NUM_THREADS", max(1, torch.get_num_threads()), minimum=1, what="a positive integer")
 
 
 def isa() -> str:

@@ -3,7 +3,9 @@ the argument, what was expected and what was given — never a crash, a hang or 
 
 from __future__ import annotations
 
+
 import math
+import os
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -208,3 +210,18 @@ def reject_unknown(what: str, kwargs: dict, allowed) -> None:
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(map(repr, unknown))} not accepted by {what}; "
                         f"expected some of {', '.join(map(repr, sorted(allowed)))}")
+
+
+def env_int(name: str, default: int, *, minimum: int, what: str) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset or empty), at least
+    ``minimum``; a ValueError naming the variable otherwise. ``what`` describes it in the message."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}: expected {what}, got {raw!r}") from None
+    return value
