@@ -3,10 +3,9 @@ the argument, what was expected and what was given — never a crash, a hang or 
 
 from __future__ import annotations
 
-
 import math
-import os
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional
 
