@@ -243,6 +243,23 @@ def test_large_common_offsets(loss_name, backend, offsets, temperature):
     )
 
 
+@pytest.mark.parametrize("offsets", [(0.0, 1000.0), (-40.0, 20.0)], ids=str)
+def test_offsets_across_blocks(loss_name, backend, offsets):
+    """The same across many 1024-column blocks with different block maxima: the closed-form
+    kernels (forward and reverse KL) take each block's shift apart from the row's, and a
+    teacher equal to the student up to an offset must give ~0, not the rounding of the offset."""
+    if loss_name == "tvd":
+        pytest.skip("TVD's gradient ½ sign(q − p) is the rounding's sign where p = q")
+    student, _ = make_logits((3, 5000), seed=23, scale=3.0)
+    student[:, 1024:2048] -= 30.0  # a block far below the row maximum
+    teacher = student.clone()
+    teacher[1] += 0.01 * torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    check_against_reference(
+        loss_name, student + offsets[0], teacher + offsets[1], backend=backend,
+        temperature=1.0, reduction="none", **extra_kwargs(loss_name),
+    )
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_mixture_underflow_two_columns(backend, beta):
     # V = 2: the second column has log p ≈ −150, log q ≈ −200 at T = 1 and far lower at T = 0.1.

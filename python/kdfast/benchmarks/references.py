@@ -1,7 +1,7 @@
 """The PyTorch code users write for the dense losses, and the inputs every benchmark shares.
 
 :func:`eager_forward_kl`, :func:`eager_reverse_kl` and :func:`eager_jsd` (TRL's
-``generalized_jsd_loss``, copied) are the
+``generalized_jsd_loss``, copied), and for the other losses :mod:`kdfast.reference`, are the
 ``eager`` implementation of :mod:`.dense`, :mod:`.fused_linear` and :mod:`.gpu`, and under
 ``torch.compile`` their ``compile`` one. Everything is computed in float32 (bf16 inputs are
 upcast first, as users do).
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kdfast import reference
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -57,15 +59,36 @@ def eager_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     return jsd.sum() / jsd.size(0)
 
 
-EAGER = {"forward_kl": eager_forward_kl, "jsd": eager_jsd, "reverse_kl": eager_reverse_kl}
+#: The parameter each benchmarked loss runs with (kdfast's keyword for it).
+PARAMS: dict[str, dict] = {
+    "jsd": {"beta": JSD_BETA},
+    "skew_forward_kl": {"skew": 0.1},
+    "skew_reverse_kl": {"skew": 0.1},
+    "akl": {"head_mass": 0.5},
+    "taid": {"t": 0.5},
+}
+
+
+def _eager_from_reference(name: str):
+    """The losses without a one-line PyTorch idiom: :mod:`kdfast.reference`'s PyTorch code (the
+    papers' math, AKL's head by a sort), in float32, averaged over rows."""
+    fn = getattr(reference, name)
+
+    def eager(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return fn(student_logits.float(), teacher_logits.float(), temperature=TEMPERATURE,
+                  **PARAMS.get(name, {})).mean()
+
+    eager.__name__ = f"eager_{name}"
+    return eager
+
+
+EAGER = {"forward_kl": eager_forward_kl, "jsd": eager_jsd, "reverse_kl": eager_reverse_kl,
+         **{name: _eager_from_reference(name) for name in ("skew_forward_kl", "skew_reverse_kl", "tvd", "akl", "taid")}}
 
 
 def kdfast_kwargs(loss: str, **extra) -> dict:
     """The keyword arguments that make ``kdfast.<loss>`` compute what :data:`EAGER` does."""
-    kwargs = {"temperature": TEMPERATURE, **extra}
-    if loss == "jsd":
-        kwargs["beta"] = JSD_BETA
-    return kwargs
+    return {"temperature": TEMPERATURE, **PARAMS.get(loss, {}), **extra}
 
 
 def random_logits(n: int, v: int, dtype: torch.dtype, *, device: str = "cpu", seed: int = 0

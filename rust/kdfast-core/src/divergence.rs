@@ -20,7 +20,7 @@
 //! [`Div::terms`] takes `lq`, `lp`, `d`, `q` and `p` (`d = 0` where both are `-inf`) and
 //! returns `t_i` and `q_i h_i`; the kernel sums both in one pass and writes the gradient
 //! `q_j h_j − q_j Σ q_i h_i` in a second one, or in the same pass when `S` is known in closed
-//! form ([`Div::KNOWN_S`]). Mixture log-ratios are written in terms of `d` only (e.g. for
+//! form ([`Div::CLOSED`]). Mixture log-ratios are written in terms of `d` only (e.g. for
 //! `m = βp + (1−β)q`, `log q − log m = −ln(β e^{−d} + 1 − β)`), formed in log space.
 //!
 //! Zero probabilities: entries with `q = 0` or `p = 0` (`-inf` logits, or log-probabilities
@@ -41,10 +41,22 @@ pub struct Terms {
     pub qg: f32,
 }
 
+/// The divergences whose loss and gradient follow from the per-block sums of pass 1, with no
+/// per-element loss pass (see `crate::dense`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// The general kernel: `terms` per element, then the gradient.
+    No,
+    /// Forward KL: `ℓ = Σ p (b − a) + (lse_a − lse_b)`, `∂/∂a = q − p`.
+    Forward,
+    /// Reverse KL: `ℓ = Σ q d`, `∂/∂a = q (d − ℓ)`, `d = log q − log p`.
+    Reverse,
+}
+
 /// A divergence between the teacher `p` and the student `q`.
 pub trait Div: Copy + Send + Sync {
-    /// `S = Σ q_i g_i` when it is a constant (so the gradient is written in the loss pass).
-    const KNOWN_S: Option<f32>;
+    /// Whether the kernel may use a closed form instead of [`Div::terms`].
+    const CLOSED: Closed = Closed::No;
     /// Whether the loss's teacher is not the teacher input itself but [`Div::teacher`] of
     /// both inputs (TAID's mixture).
     const MIXED_TEACHER: bool = false;
@@ -97,7 +109,7 @@ fn lae_parts<M: Math>(x: f32, y: f32) -> (f32, f32, bool) {
 pub struct ForwardKl;
 
 impl Div for ForwardKl {
-    const KNOWN_S: Option<f32> = Some(-1.0);
+    const CLOSED: Closed = Closed::Forward;
     /// Unused by the fused kernel (which needs no per-element `g`); kept for completeness with
     /// the `+inf` rule (`d = −inf`: teacher alive, student `-inf`).
     #[inline(always)]
@@ -112,7 +124,8 @@ impl Div for ForwardKl {
 pub struct ReverseKl;
 
 impl Div for ReverseKl {
-    const KNOWN_S: Option<f32> = None;
+    const CLOSED: Closed = Closed::Reverse;
+    /// Unused by the fused kernel; kept for completeness with the `+inf` rule.
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, _p: f32) -> Terms {
         // d = +inf: the student is alive where the teacher is -inf (q may have underflowed).
@@ -138,7 +151,6 @@ impl Jsd {
 }
 
 impl Div for Jsd {
-    const KNOWN_S: Option<f32> = None;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
         // log q − log m = −lae(ln β − d, ln(1−β)) = −(hi + L), and log p − log m = that − d,
@@ -181,7 +193,6 @@ impl SkewForwardKl {
 }
 
 impl Div for SkewForwardKl {
-    const KNOWN_S: Option<f32> = None;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
         let (hi, e, y_hi) = lae_parts::<M>(self.ln_skew, self.ln_1m_skew + d);
@@ -212,7 +223,6 @@ impl SkewReverseKl {
 }
 
 impl Div for SkewReverseKl {
-    const KNOWN_S: Option<f32> = None;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, p: f32) -> Terms {
         let (hi, e, y_hi) = lae_parts::<M>(self.ln_skew, self.ln_1m_skew - d);
@@ -229,7 +239,6 @@ impl Div for SkewReverseKl {
 pub struct Tvd;
 
 impl Div for Tvd {
-    const KNOWN_S: Option<f32> = None;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, _d: f32, q: f32, p: f32) -> Terms {
         let diff = q - p;
@@ -265,7 +274,7 @@ impl Taid {
 }
 
 impl Div for Taid {
-    const KNOWN_S: Option<f32> = Some(-1.0);
+    const CLOSED: Closed = Closed::Forward;
     const MIXED_TEACHER: bool = true;
     #[inline(always)]
     fn terms<M: Math>(&self, lq: f32, lp: f32, d: f32, q: f32, p: f32) -> Terms {

@@ -18,7 +18,7 @@
 use super::head::{gaps, Head};
 use super::pointwise::{infinite_row, load_pair, log_ratio, pass1, Scratch};
 use super::{RowLoss, RowParams, BLOCK};
-use crate::divergence::{Akl, ReverseKl};
+use crate::divergence::{Akl, Closed, ReverseKl};
 use crate::elem::Elem;
 use crate::error::Result;
 use crate::math::Math;
@@ -32,7 +32,7 @@ impl RowLoss for Akl {
         let v = s_row.len();
         let mut sc = Scratch::split(scratch, v, Self::SCRATCH_ROWS);
         // Reverse KL's pass 1: not fused, the teacher as it is (so never `None`).
-        let Some(st) = pass1::<M, ReverseKl, S, T>(&ReverseKl, p.inv_t, s_row, t_row, row, &mut sc)? else {
+        let Some(st) = pass1::<M, ReverseKl, S, T>(&ReverseKl, Closed::No, p.inv_t, s_row, t_row, row, &mut sc)? else {
             return Ok(infinite_row(grad));
         };
         let mut a = [0.0f32; BLOCK];

@@ -2,7 +2,7 @@
 //! that every dense kernel starts with.
 
 use super::{RowLoss, RowParams, BLOCK};
-use crate::divergence::Div;
+use crate::divergence::{Closed, Div};
 use crate::elem::Elem;
 use crate::error::{KdError, Result};
 use crate::math::Math;
@@ -54,16 +54,17 @@ pub(super) struct Softmax {
     pub infinite: bool,
 }
 
-/// Pass 1 of a row (see [`PointwiseKernel`]): exponentials into `sc.ea`/`sc.eb`, the block
-/// factors into `sc.fa`/`sc.fb`, and the row's statistics; for a fused divergence also the
-/// blocks' `Σ e_b (b − a)`. `Ok(None)`: the teacher is a mixture ([`Div::MIXED_TEACHER`]) that
-/// is `-inf` everywhere although both inputs are valid rows.
+/// Pass 1 of a row (see the [`Div`] kernel below): exponentials into `sc.ea`/`sc.eb`, the block
+/// factors into `sc.fa`/`sc.fb`, and the row's statistics. With a closed form, also per block
+/// `Σ e_b (b − a)` ([`Closed::Forward`]), or `Σ e_a u` with `u = (a − m_a) − (b − m_b)` the
+/// shifted logits' difference, which replaces `e_b` in `sc.eb` ([`Closed::Reverse`]; 0 where
+/// `e_a = 0`). `Ok(None)`: the teacher is a mixture ([`Div::MIXED_TEACHER`]) that is `-inf`
+/// everywhere although both inputs are valid rows.
 #[inline(always)]
-pub(super) fn pass1<M: Math, D: Div, S: Elem, T: Elem>(div: &D, inv_t: f32, s_row: &[S], t_row: &[T], row: usize, sc: &mut Scratch) -> Result<Option<Softmax>> {
+pub(super) fn pass1<M: Math, D: Div, S: Elem, T: Elem>(div: &D, closed: Closed, inv_t: f32, s_row: &[S], t_row: &[T], row: usize, sc: &mut Scratch) -> Result<Option<Softmax>> {
     let v = s_row.len();
     let mut a = [0.0f32; BLOCK];
     let mut b = [0.0f32; BLOCK];
-    let fused = D::KNOWN_S.is_some();
     let (mut sa, mut sb) = (LseStats::EMPTY, LseStats::EMPTY);
     let mut infinite = false;
     for (k, start) in (0..v).step_by(BLOCK).enumerate() {
@@ -83,16 +84,27 @@ pub(super) fn pass1<M: Math, D: Div, S: Elem, T: Elem>(div: &D, inv_t: f32, s_ro
             .zip(xb.chunks_exact_mut(LANES))
         {
             for l in 0..LANES {
-                let e_a = M::exp(ca[l] - sha);
-                let e_b = M::exp(cb[l] - shb);
-                xa[l] = e_a;
-                xb[l] = e_b;
+                let (ua, ub) = (ca[l] - sha, cb[l] - shb);
+                let e_a = M::exp(ua);
+                let e_b = M::exp(ub);
                 acc_a[l] += e_a;
                 acc_b[l] += e_b;
-                if fused {
-                    acc_k[l] += if e_b == 0.0 { 0.0 } else { e_b * (cb[l] - ca[l]) };
-                    // Forward KL's +inf: the teacher alive (even if e_b underflowed), q = 0.
-                    acc_inf[l] |= (ca[l] == f32::NEG_INFINITY) & (cb[l] != f32::NEG_INFINITY);
+                xa[l] = e_a;
+                match closed {
+                    Closed::No => xb[l] = e_b,
+                    Closed::Forward => {
+                        xb[l] = e_b;
+                        acc_k[l] += if e_b == 0.0 { 0.0 } else { e_b * (cb[l] - ca[l]) };
+                        // +inf: the teacher alive (even if e_b underflowed), q = 0.
+                        acc_inf[l] |= (ca[l] == f32::NEG_INFINITY) & (cb[l] != f32::NEG_INFINITY);
+                    }
+                    Closed::Reverse => {
+                        let u = if e_a == 0.0 { 0.0 } else { ua - ub };
+                        xb[l] = u;
+                        acc_k[l] += e_a * u;
+                        // +inf: the student alive (even if e_a underflowed), p = 0.
+                        acc_inf[l] |= (cb[l] == f32::NEG_INFINITY) & (ca[l] != f32::NEG_INFINITY);
+                    }
                 }
             }
         }
@@ -116,16 +128,21 @@ pub(super) fn pass1<M: Math, D: Div, S: Elem, T: Elem>(div: &D, inv_t: f32, s_ro
         }
         return Err(e);
     }
-    for k in 0..sc.fa.len() {
-        sc.fa[k] = (sc.fa[k] - sa.max).exp() / sa.sum;
-        sc.fb[k] = (sc.fb[k] - sb.max).exp() / sb.sum;
-    }
     // lse = M + ln Z, kept as two parts: rounding M + ln Z to one f32 would lose most digits
     // of a small ln Z (a nearly one-hot row), and every q = e_a · exp(ma − M) / Z with it.
     let (ln_za, ln_zb) = (sa.sum.ln(), sb.sum.ln());
     let c = ((sa.max as f64 - sb.max as f64) + (ln_za as f64 - ln_zb as f64)) as f32;
     // ln Z_a − ln Z_b as one log of a ratio: rounded to a few eps, not eps·|ln Z|.
-    let c_z = (sa.sum as f64 / sb.sum as f64).ln() as f32;
+    let c_z = (sa.sum as f64 / sb.sum as f64).ln();
+    for k in 0..sc.fa.len() {
+        if closed == Closed::Reverse {
+            // C_k of `reverse_finish`, from the block shifts (Σ e_b is not needed there).
+            sc.bzb[k] = ((sc.fa[k] as f64 - sa.max as f64) - (sc.fb[k] as f64 - sb.max as f64) - c_z) as f32;
+        }
+        sc.fa[k] = (sc.fa[k] - sa.max).exp() / sa.sum;
+        sc.fb[k] = (sc.fb[k] - sb.max).exp() / sb.sum;
+    }
+    let c_z = c_z as f32;
     Ok(Some(Softmax { sa, sb, ln_za, ln_zb, c, c_z, infinite }))
 }
 
@@ -147,11 +164,13 @@ impl<D: Div> RowLoss for D {
     fn row<M: Math, S: Elem, T: Elem>(self, p: RowParams, s_row: &[S], t_row: &[T], grad: Option<&mut [S]>, row: usize, scratch: &mut [f32]) -> Result<f32> {
         let v = s_row.len();
         let mut sc = Scratch::split(scratch, v, Self::SCRATCH_ROWS);
-        let Some(st) = pass1::<M, D, S, T>(&self, p.inv_t, s_row, t_row, row, &mut sc)? else {
+        let Some(st) = pass1::<M, D, S, T>(&self, D::CLOSED, p.inv_t, s_row, t_row, row, &mut sc)? else {
             return Ok(infinite_row(grad));
         };
-        if D::KNOWN_S.is_some() {
-            return Ok(fused_finish::<D, S>(p, v, &st, &sc, grad));
+        match D::CLOSED {
+            Closed::Forward => return Ok(forward_finish(p, v, &st, &sc, grad)),
+            Closed::Reverse => return Ok(reverse_finish(p, v, &st, &sc, grad)),
+            Closed::No => {}
         }
         let mut a = [0.0f32; BLOCK];
         let mut b = [0.0f32; BLOCK];
@@ -211,9 +230,10 @@ impl<D: Div> RowLoss for D {
     }
 }
 
-/// The loss and gradient of a fused divergence (`S` known) from pass 1's scratch alone.
+/// Forward KL's loss and gradient from pass 1's scratch alone: `ℓ = Σ_blocks f_b (Σ e_b (b − a)
+/// + c Σ e_b)` with `c = lse_a − lse_b`, and `∂/∂a = q − p`.
 #[inline(always)]
-fn fused_finish<D: Div, S: Elem>(p: RowParams, v: usize, st: &Softmax, sc: &Scratch, grad: Option<&mut [S]>) -> f32 {
+fn forward_finish<S: Elem>(p: RowParams, v: usize, st: &Softmax, sc: &Scratch, grad: Option<&mut [S]>) -> f32 {
     if st.infinite {
         return infinite_row(grad);
     }
@@ -222,22 +242,54 @@ fn fused_finish<D: Div, S: Elem>(p: RowParams, v: usize, st: &Softmax, sc: &Scra
         loss += sc.fb[k] as f64 * (sc.bkl[k] as f64 + st.c as f64 * sc.bzb[k] as f64);
     }
     if let Some(gr) = grad {
-        let known_s = D::KNOWN_S.unwrap_or(0.0);
-        let mut g = [0.0f32; BLOCK];
-        for (k, start) in (0..v).step_by(BLOCK).enumerate() {
-            let end = v.min(start + BLOCK);
-            let n = (end - start).div_ceil(LANES) * LANES;
-            let (xa, xb) = (&sc.ea[k * BLOCK..k * BLOCK + n], &sc.eb[k * BLOCK..k * BLOCK + n]);
-            let (sfa, sfb) = (sc.fa[k] * p.grad_scale, sc.fb[k] * p.grad_scale);
-            // With S = −1 (forward KL, q g = −p): grad = (q − p) · grad_scale.
-            let sq = -known_s * sfa;
-            for ((g, &ea), &eb) in g[..n].iter_mut().zip(xa).zip(xb) {
-                *g = ea * sq - eb * sfb;
+        write_gradient(v, gr, |k| (sc.fa[k] * p.grad_scale, sc.fb[k] * p.grad_scale), |g, (sq, sp), ea, eb| {
+            for ((g, &ea), &eb) in g.iter_mut().zip(ea).zip(eb) {
+                *g = ea * sq - eb * sp;
             }
-            S::store(&g[..end - start], &mut gr[start..end]);
-        }
+        }, sc);
     }
     loss as f32 * p.loss_scale
+}
+
+/// Reverse KL's loss and gradient from pass 1's scratch alone. With `u` the shifted logits'
+/// difference, `d = u + C_k` in block `k`, where `C_k = (m_a − M_a) − (m_b − M_b) − (ln Z_a −
+/// ln Z_b)` (the block shifts `m`, the row maxima `M`; pass 1 leaves it in `sc.bzb`), so `ℓ = Σ q d = Σ_k f_a (Σ e_a u + C_k
+/// Σ e_a)` and `∂/∂a = q (d − ℓ) = e_a f_a (u + (C_k − ℓ))`: `d` from the shifted logits, as
+/// in the general kernel.
+#[inline(always)]
+fn reverse_finish<S: Elem>(p: RowParams, v: usize, st: &Softmax, sc: &Scratch, grad: Option<&mut [S]>) -> f32 {
+    if st.infinite {
+        return infinite_row(grad);
+    }
+    let block_c = |k: usize| sc.bzb[k] as f64;
+    let mut loss = 0.0f64;
+    for k in 0..sc.fa.len() {
+        loss += sc.fa[k] as f64 * (sc.bkl[k] as f64 + block_c(k) * sc.bza[k] as f64);
+    }
+    if loss == f64::INFINITY {
+        return infinite_row(grad);
+    }
+    if let Some(gr) = grad {
+        write_gradient(v, gr, |k| (sc.fa[k] * p.grad_scale, (block_c(k) - loss) as f32), |g, (sq, kk), ea, u| {
+            for ((g, &ea), &u) in g.iter_mut().zip(ea).zip(u) {
+                *g = ea * sq * (u + kk);
+            }
+        }, sc);
+    }
+    loss as f32 * p.loss_scale
+}
+
+/// Write a gradient row block by block from the scratch rows: `body(g, consts(k), ea, eb)` fills
+/// the block's `g` from its `sc.ea`, `sc.eb`, then it is stored as `S`.
+#[inline(always)]
+fn write_gradient<S: Elem, K: Copy>(v: usize, gr: &mut [S], consts: impl Fn(usize) -> K, body: impl Fn(&mut [f32], K, &[f32], &[f32]), sc: &Scratch) {
+    let mut g = [0.0f32; BLOCK];
+    for (k, start) in (0..v).step_by(BLOCK).enumerate() {
+        let end = v.min(start + BLOCK);
+        let n = (end - start).div_ceil(LANES) * LANES;
+        body(&mut g[..n], consts(k), &sc.ea[k * BLOCK..k * BLOCK + n], &sc.eb[k * BLOCK..k * BLOCK + n]);
+        S::store(&g[..end - start], &mut gr[start..end]);
+    }
 }
 
 /// TAID at `t = 0`: the mixed teacher is the student, so `ℓ = 0` and the gradient is 0; the
