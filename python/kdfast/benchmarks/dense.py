@@ -206,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_sizes: Sequence[tu
     parser.add_argument("--dtypes", type=tables.subset(tuple(DTYPES), "--dtypes"), default=["fp32", "bf16"],
                         help="comma-separated subset of fp32,bf16,fp16 (default: fp32,bf16)")
     parser.add_argument("--losses", type=tables.subset(LOSSES, "--losses"), default=list(DEFAULT_LOSSES),
-                        help="comma-separated subset of " + ",".join(LOSSES)
+                        help="'all' or a comma-separated subset of " + ",".join(LOSSES)
                         + " (default: " + ",".join(DEFAULT_LOSSES) + ")")
     parser.add_argument("--impls", type=tables.subset(IMPLS, "--impls"), default=list(DEFAULT_IMPLS),
                         help="comma-separated subset of " + ",".join(IMPLS)

@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from kdfast import gradient_pool_bytes
+
 RESULT_PREFIX = "KDFAST_BENCH_RESULT "
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +107,9 @@ def measure(fn: Callable[[], Any], *, repeats: int, warmup: int, reset: Callable
 
     ``reset()`` runs before every call, outside the timed region (it drops old gradients).
     Returns ``({"time_s": median, "times_s", "warmup_times_s", "peak_method",
-    "extra_peak_bytes"}, last output)``; ``extra_peak_bytes`` is the peak memory of the timed runs
-    over what was held before them (absent where it cannot be read)."""
+    "pooled_bytes", "extra_peak_bytes"}, last output)``; ``extra_peak_bytes`` is the peak memory of
+    the timed runs over what was held before them, plus the pooled gradient buffers they reuse
+    (``pooled_bytes``; absent where it cannot be read)."""
     reset = reset or (lambda: None)
     cuda = device.startswith("cuda")
     hwm_before = read_status_kib("VmHWM")
@@ -120,6 +123,8 @@ def measure(fn: Callable[[], Any], *, repeats: int, warmup: int, reset: Callable
         del out
     reset()
     gc.collect()
+    # Memory the timed runs will reuse (kdfast's pooled CPU gradients) is theirs: count it.
+    held = 0 if cuda else gradient_pool_bytes()
     if cuda:
         import torch
 
@@ -142,9 +147,9 @@ def measure(fn: Callable[[], Any], *, repeats: int, warmup: int, reset: Callable
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else _kib_bytes(read_status_kib("VmHWM"))
     res: dict[str, Any] = {"time_s": median(times), "times_s": times, "warmup_times_s": warm,
-                           "peak_method": method}
+                           "peak_method": method, "pooled_bytes": held}
     if base is not None and peak is not None:
-        res["extra_peak_bytes"] = peak - base
+        res["extra_peak_bytes"] = peak - base + held
     return res, out
 
 

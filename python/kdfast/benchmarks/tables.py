@@ -90,8 +90,10 @@ def sizes(shape: str = "NxV", example: str = "2048x32000") -> Callable[[str], li
 
 
 def subset(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
-    """An ``argparse`` type: a comma-separated, non-empty subset of ``allowed``."""
+    """An ``argparse`` type: a comma-separated, non-empty subset of ``allowed`` (``all``: every one)."""
     def parse(text: str) -> list[str]:
+        if text.strip() == "all":
+            return list(allowed)
         items = [x.strip() for x in text.split(",") if x.strip()]
         if not items or any(x not in allowed for x in items):
             raise argparse.ArgumentTypeError(

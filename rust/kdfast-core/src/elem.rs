@@ -64,7 +64,14 @@ impl Elem for bf16 {
     }
     #[inline]
     fn store(src: &[f32], dst: &mut [bf16]) {
-        dst.convert_from_f32_slice(src);
+        // Round to nearest even on the bit pattern, as `bf16::from_f32` does, written so that
+        // it is inlined and vectorised with the caller (the `half` slice conversion is compiled
+        // for the baseline and converts one element at a time).
+        for (d, &x) in dst.iter_mut().zip(src) {
+            let b = x.to_bits();
+            let r = if b & 0x7FFF_FFFF > 0x7F80_0000 { (b >> 16) | 0x40 } else { (b + 0x7FFF + ((b >> 16) & 1)) >> 16 };
+            *d = bf16::from_bits(r as u16);
+        }
     }
     fn zero() -> Self {
         bf16::ZERO
@@ -89,6 +96,25 @@ impl Elem for f16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_store_rounds_as_half_does() {
+        // Every exponent with the mantissa patterns around the rounding boundaries (ties to
+        // even and odd, just below and above), the specials, and a sweep of other bit patterns.
+        let mut bits: Vec<u32> = vec![0, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0000, 0x7F80_0001, 0xFFFF_FFFF, 0x7F7F_FFFF, 0x0000_0001];
+        for e in 0..=0x1FFu32 {
+            for m in [0u32, 0x7FFF, 0x8000, 0x8001, 0x1_7FFF, 0x1_8000, 0x1_8001, 0x7F_FFFF, 0x7F_8000] {
+                bits.push((e << 23) | m);
+            }
+        }
+        bits.extend((0..200_000u32).map(|i| i.wrapping_mul(2_654_435_761)));
+        let xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut out = vec![bf16::ZERO; xs.len()];
+        bf16::store(&xs, &mut out);
+        for (x, y) in xs.iter().zip(&out) {
+            assert_eq!(y.to_bits(), bf16::from_f32(*x).to_bits(), "{:#x}", x.to_bits());
+        }
+    }
 
     #[test]
     fn round_trips() {
