@@ -57,6 +57,9 @@ pub enum Closed {
 pub trait Div: Copy + Send + Sync {
     /// Whether the kernel may use a closed form instead of [`Div::terms`].
     const CLOSED: Closed = Closed::No;
+    /// Whether [`Div::terms`] reads `lq`, `lp` or `d` (else the kernel passes 0 and does not
+    /// read the logits again).
+    const USES_D: bool = true;
     /// Whether the loss's teacher is not the teacher input itself but [`Div::teacher`] of
     /// both inputs (TAID's mixture).
     const MIXED_TEACHER: bool = false;
@@ -239,6 +242,7 @@ impl Div for SkewReverseKl {
 pub struct Tvd;
 
 impl Div for Tvd {
+    const USES_D: bool = false;
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, _d: f32, q: f32, p: f32) -> Terms {
         let diff = q - p;

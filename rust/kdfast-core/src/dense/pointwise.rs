@@ -76,7 +76,8 @@ pub(super) fn pass1<M: Math, D: Div, S: Elem, T: Elem>(div: &D, closed: Closed, 
         let mut acc_a = [0.0f32; LANES];
         let mut acc_b = [0.0f32; LANES];
         let mut acc_k = [0.0f32; LANES];
-        let mut acc_inf = [false; LANES];
+        // Flags as floats (1.0 = seen): a bool array here costs byte shuffles per step.
+        let mut acc_inf = [0.0f32; LANES];
         for (((ca, cb), xa), xb) in a[..n]
             .chunks_exact(LANES)
             .zip(b[..n].chunks_exact(LANES))
@@ -96,21 +97,23 @@ pub(super) fn pass1<M: Math, D: Div, S: Elem, T: Elem>(div: &D, closed: Closed, 
                         xb[l] = e_b;
                         acc_k[l] += if e_b == 0.0 { 0.0 } else { e_b * (cb[l] - ca[l]) };
                         // +inf: the teacher alive (even if e_b underflowed), q = 0.
-                        acc_inf[l] |= (ca[l] == f32::NEG_INFINITY) & (cb[l] != f32::NEG_INFINITY);
+                        let dead = (ca[l] == f32::NEG_INFINITY) & (cb[l] != f32::NEG_INFINITY);
+                        acc_inf[l] = if dead { 1.0 } else { acc_inf[l] };
                     }
                     Closed::Reverse => {
                         let u = if e_a == 0.0 { 0.0 } else { ua - ub };
                         xb[l] = u;
                         acc_k[l] += e_a * u;
                         // +inf: the student alive (even if e_a underflowed), p = 0.
-                        acc_inf[l] |= (cb[l] == f32::NEG_INFINITY) & (ca[l] != f32::NEG_INFINITY);
+                        let dead = (cb[l] == f32::NEG_INFINITY) & (ca[l] != f32::NEG_INFINITY);
+                        acc_inf[l] = if dead { 1.0 } else { acc_inf[l] };
                     }
                 }
             }
         }
         let (za, zb) = (acc_a.iter().sum::<f32>(), acc_b.iter().sum::<f32>());
         (sc.fa[k], sc.fb[k], sc.bza[k], sc.bzb[k], sc.bkl[k]) = (sha, shb, za, zb, acc_k.iter().sum());
-        infinite |= acc_inf.iter().any(|&x| x);
+        infinite |= acc_inf.iter().any(|&x| x != 0.0);
         sa = sa.merge(LseStats { max: ma, sum: if ma == f32::NEG_INFINITY && !za.is_nan() { 0.0 } else { za } });
         sb = sb.merge(LseStats { max: mb, sum: if mb == f32::NEG_INFINITY && !zb.is_nan() { 0.0 } else { zb } });
     }
@@ -182,7 +185,9 @@ impl<D: Div> RowLoss for D {
         // amplify.
         let (mut loss, mut s_sum) = (0.0f64, 0.0f64);
         for (k, start) in (0..v).step_by(BLOCK).enumerate() {
-            let n = load_pair(&self, &s_row[start..v.min(start + BLOCK)], &t_row[start..v.min(start + BLOCK)], &mut a, &mut b, p.inv_t);
+            let (s_blk, t_blk) = (&s_row[start..v.min(start + BLOCK)], &t_row[start..v.min(start + BLOCK)]);
+            // A loss of q and p alone (TVD) reads only the scratch: `a`, `b` are then unused.
+            let n = if D::USES_D { load_pair(&self, s_blk, t_blk, &mut a, &mut b, p.inv_t) } else { s_blk.len().div_ceil(LANES) * LANES };
             let (sfa, sfb) = (sc.fa[k], sc.fb[k]);
             let (xa, xb) = (&mut sc.ea[k * BLOCK..k * BLOCK + n], &mut sc.eb[k * BLOCK..k * BLOCK + n]);
             let mut acc_l = [0.0f32; LANES];
@@ -196,9 +201,13 @@ impl<D: Div> RowLoss for D {
                 for l in 0..LANES {
                     let q = xa[l] * sfa;
                     let pp = xb[l] * sfb;
-                    let (x, y) = (ca[l] - st.sa.max, cb[l] - st.sb.max);
-                    let (lq, lp) = (x - st.ln_za, y - st.ln_zb);
-                    let t = self.terms::<M>(lq, lp, log_ratio(x, y, st.c_z), q, pp);
+                    let t = if D::USES_D {
+                        let (x, y) = (ca[l] - st.sa.max, cb[l] - st.sb.max);
+                        let (lq, lp) = (x - st.ln_za, y - st.ln_zb);
+                        self.terms::<M>(lq, lp, log_ratio(x, y, st.c_z), q, pp)
+                    } else {
+                        self.terms::<M>(0.0, 0.0, 0.0, q, pp)
+                    };
                     acc_l[l] += t.loss;
                     acc_s[l] += t.qg;
                     xa[l] = q;
