@@ -16,6 +16,7 @@ Retained memory is capped: at most :data:`MAX_FREE` free buffers of at most ``ma
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 import weakref
@@ -44,9 +45,7 @@ class _Pool:
         self._lock = threading.RLock()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
         if nbytes < MIN_BYTES or nbytes > self.max_bytes:
             return torch.empty(shape, dtype=dtype)

@@ -128,7 +128,7 @@ pub struct ReverseKl;
 
 impl Div for ReverseKl {
     const CLOSED: Closed = Closed::Reverse;
-    /// Unused by the fused kernel; kept for completeness with the `+inf` rule.
+    /// The dense kernel uses the closed form; the sparse category losses use these terms.
     #[inline(always)]
     fn terms<M: Math>(&self, _lq: f32, _lp: f32, d: f32, q: f32, _p: f32) -> Terms {
         // d = +inf: the student is alive where the teacher is -inf (q may have underflowed).

@@ -224,16 +224,11 @@ impl<D: Div> RowLoss for D {
         // Pass 3: the gradient (q h − q Σ q h) · grad_scale, from the scratch.
         if let Some(gr) = grad {
             let s = s_sum as f32;
-            let mut g = [0.0f32; BLOCK];
-            for (k, start) in (0..v).step_by(BLOCK).enumerate() {
-                let end = v.min(start + BLOCK);
-                let n = (end - start).div_ceil(LANES) * LANES;
-                let (xa, xb) = (&sc.ea[k * BLOCK..k * BLOCK + n], &sc.eb[k * BLOCK..k * BLOCK + n]);
-                for ((g, &q), &qg) in g[..n].iter_mut().zip(xa).zip(xb) {
+            write_gradient(v, gr, |_| (), |g, (), q, qg| {
+                for ((g, &q), &qg) in g.iter_mut().zip(q).zip(qg) {
                     *g = (qg - q * s) * p.grad_scale;
                 }
-                S::store(&g[..end - start], &mut gr[start..end]);
-            }
+            }, &sc);
         }
         Ok(loss as f32 * p.loss_scale)
     }
