@@ -114,10 +114,10 @@ def test_manifest_and_files(tmp_path):
             w.append(ids, t, seq_id=100 + len(w.done) * 2)
         assert w.done == {100, 102, 104, 106, 108}
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == "kdfast-teacher-cache" and m["format_version"] == 1
+    assert m["format"] == "kdfast-teacher-cache" and m["format_version"] == 2
     assert (m["method"], m["k"], m["num_samples"], m["temperature"], m["vocab_size"]) == ("topk", 8, None, 2.0, V)
     assert m["teacher_name"] == "gpt2-tiny" and m["config"] == {"data": "x"}
-    assert m["encoding"] == "packed" and m["has_tail"] is True and m["id_bits"] == 9
+    assert m["encoding"] == "compact" and m["has_tail"] is True and m["id_bits"] == 9
     assert m["dtypes"]["input_ids"] == "list<item: uint16>" and m["dtypes"]["targets"] == "binary"
     assert m["complete"] is True
     assert m["num_sequences"] == 5 and m["num_tokens"] == sum(ids.shape[0] for ids, _ in seqs)
@@ -136,7 +136,7 @@ def test_manifest_and_files(tmp_path):
 
 def _write_and_die(path):
     torch.set_num_threads(1)
-    w = writer(path, shard_size=4)
+    w = writer(path, shard_size=4, encoding="packed")
     for i, (ids, t) in enumerate(make_sequences(10)):
         w.append(ids, t)
         if i == 8:
@@ -157,7 +157,7 @@ def test_resume_after_kill(tmp_path):
     partial = TeacherCache(path)
     assert len(partial) == 8 and not partial.complete
     seqs = make_sequences(10)
-    with writer(path, shard_size=4) as w:
+    with writer(path, shard_size=4, encoding="packed") as w:
         assert w.done == frozenset(range(8))  # sequence 8 was only buffered: lost, redone
         assert w.num_tokens == sum(ids.shape[0] for ids, _ in seqs[:8])
         for i, (ids, t) in enumerate(seqs):

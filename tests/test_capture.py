@@ -82,7 +82,7 @@ def test_score_topk_is_exactly_compress_topk_of_the_teacher(tmp_path, teacher_di
 def test_score_batched_packed_and_student_training_step(tmp_path, teacher_dir, teacher, docs_txt):
     out = tmp_path / "cache"
     capture(teacher_dir, docs_txt, out, k=8, batch_size=4, max_length=MAXLEN, shard_size=3,
-            progress=False, verbose=False)
+            encoding="packed", progress=False, verbose=False)
     cache = TeacherCache(out)
     assert len(cache.shard_files) == 4
     for i, doc in enumerate(tm.DOCS):  # padded batches: the same targets up to float noise

@@ -169,3 +169,26 @@ def decode_targets(data: torch.Tensor, k: int, vocab_size: int, num_samples, has
     tail = torch.empty(rows, dtype=torch.float32) if has_tail else None
     _kdfast.decode_targets(layout, data, (ids, lp, w, tail))
     return ids, lp, w, tail
+
+
+@functools.lru_cache(maxsize=64)
+def compact_codec(method: str, vocab_size: int, has_tail: bool, num_samples):
+    """The compact record codec of a cache (kdfast-core ``compact.rs``)."""
+    return _kdfast.CompactCodec(method, vocab_size, has_tail, num_samples)
+
+
+def compact_encode(codec, ids, lp, w, tail):
+    """``(record bytes, k_row)`` of one sequence's contiguous CPU targets (``ids`` int64
+    ``[S, k]``, ``lp``/``w`` float32 ``[S, k]``, ``tail`` float32 ``[S]``)."""
+    return codec.encode((ids, lp, w, tail))
+
+
+def compact_decode(codec, data: torch.Tensor, rows: int, k_row: int, sampled: bool, has_tail: bool):
+    """Decode one record (uint8 ``[bytes]``): ``(ids, lp, w or None, tail or None)`` of
+    ``[rows, k_row]`` slots."""
+    ids = torch.empty((rows, k_row), dtype=torch.int64)
+    lp = torch.empty((rows, k_row), dtype=torch.float32)
+    w = torch.empty((rows, k_row), dtype=torch.float32) if sampled else None
+    tail = torch.empty(rows, dtype=torch.float32) if has_tail else None
+    codec.decode(data, rows, k_row, (ids, lp, w, tail))
+    return ids, lp, w, tail

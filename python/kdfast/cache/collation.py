@@ -55,14 +55,14 @@ class Collator:
         k = max(item["targets"].k for item in batch)
         sampled = method == "sample"
         has_tail = t0.tail_logprob is not None
-        input_ids = torch.full((b, s), self.pad_id, dtype=torch.int64)
-        attention = torch.zeros((b, s), dtype=torch.int64)
-        labels = torch.full((b, s), self.ignore_index, dtype=torch.int64)
-        response = torch.zeros((b, s), dtype=torch.bool)
-        ids = torch.full((b, s, k), -1, dtype=torch.int64)
-        lps = torch.full((b, s, k), float("-inf"), dtype=torch.float32)
-        weights = torch.zeros((b, s, k), dtype=torch.float32) if sampled else None
-        tails = torch.zeros((b, s), dtype=torch.float32) if has_tail else None
+        input_ids = _full((b, s), self.pad_id, torch.int64)
+        attention = _full((b, s), 0, torch.int64)
+        labels = _full((b, s), self.ignore_index, torch.int64)
+        response = _full((b, s), False, torch.bool)
+        ids = _full((b, s, k), -1, torch.int64)
+        lps = _full((b, s, k), float("-inf"), torch.float32)
+        weights = _full((b, s, k), 0.0, torch.float32) if sampled else None
+        tails = _full((b, s), 0.0, torch.float32) if has_tail else None
         for r, item in enumerate(batch):
             n = lengths[r]
             t = item["targets"]
@@ -97,6 +97,15 @@ class Collator:
             "prompt_length": torch.tensor([int(item.get("prompt_length", 0)) for item in batch]),
             "seq_id": torch.tensor([int(item.get("seq_id", -1)) for item in batch]),
         }
+
+
+def _full(shape, value, dtype) -> torch.Tensor:
+    """``torch.full``; in a DataLoader worker, in shared memory, where the batch must go anyway
+    to reach the main process (as ``default_collate`` does: it saves a copy of every tensor)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.full(shape, value, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape).fill_(value)
 
 
 def collate(batch: Sequence[dict], pad_id: int = 0, *, response_only: bool = False) -> dict:

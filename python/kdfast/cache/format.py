@@ -64,10 +64,15 @@ import pyarrow as pa
 from .durable import read_regular_file
 
 FORMAT = "kdfast-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # version 1 has no "compact" encoding
 MANIFEST = "manifest.json"
-ENCODINGS = ("packed", "raw")
+ENCODINGS = ("compact", "packed", "raw")
 METHODS = ("topk", "sample")
+# The unit of a stored log-prob (sampled compact records: of the cross term Σ w log p).
+LOGPROB_QUANTUM = {("compact", "topk"): 2.0 ** -7, ("compact", "sample"): 2.0 ** -16,
+                   ("packed", "topk"): 2.0 ** -11, ("packed", "sample"): 2.0 ** -11,
+                   ("raw", "topk"): None, ("raw", "sample"): None}
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_SHARD_BYTES = 256 << 20
 MAX_SHARD_BYTES = (1 << 31) - (1 << 20)  # binary/list offsets are int32
@@ -144,7 +149,7 @@ def schema_for(params: dict) -> pa.Schema:
         pa.field("prompt_length", pa.int32(), nullable=False),
         pa.field("k", pa.int32(), nullable=False),
     ]
-    if params["encoding"] == "packed":
+    if params["encoding"] in ("compact", "packed"):
         fields.append(pa.field("targets", pa.binary(), nullable=False))
     else:
         _, id_type = raw_id_dtype(params["vocab_size"])
@@ -166,7 +171,7 @@ def dtypes(schema: pa.Schema) -> Dict[str, str]:
 
 def target_columns(encoding: str) -> tuple:
     """The columns that hold a row's targets under ``encoding`` (those present are used)."""
-    if encoding == "packed":
+    if encoding in ("compact", "packed"):
         return ("targets",)
     return ("target_ids", "target_logprobs", "target_weights", "tail_logprob")
 
@@ -189,11 +194,13 @@ def read_manifest(path: str, name: str = MANIFEST) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: not a kdfast cache manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
         raise ValueError(
             f"{file}: cache format version {version!r} is not supported by this kdfast "
-            f"(supported: {FORMAT_VERSION})"
+            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); a newer kdfast wrote it"
         )
+    if version == 1 and manifest.get("encoding") == "compact":
+        raise ValueError(f"{file}: invalid kdfast cache manifest: encoding 'compact' needs format version 2")
     check_manifest(manifest, file)
     return manifest
 

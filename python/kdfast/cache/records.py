@@ -1,7 +1,8 @@
 """One sequence ↔ one shard row: the codec between ``(input_ids, SparseTargets)`` and the columns.
 
 :func:`encode_row` checks what :meth:`kdfast.cache.CacheWriter.append` was given and builds the
-row (packed records of :func:`kdfast.encode_targets`, or raw arrays); :func:`build_table` turns
+row (one variable-length compact record, fixed-size packed records of
+:func:`kdfast.encode_targets`, or raw arrays); :func:`build_table` turns
 buffered rows into the Arrow table of one shard. :func:`decode_row` is the inverse, used by the
 reader and by :func:`kdfast.cache.decode_record`; it checks every length and range against the
 manifest before decoding, so a corrupt row is a ``ValueError`` naming the sequence.
@@ -10,6 +11,7 @@ manifest before decoding, so a corrupt row is a ``ValueError`` naming the sequen
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -23,6 +25,11 @@ from .format import input_dtype, raw_id_dtype
 
 def _num_samples(params: dict) -> Optional[int]:
     return params["num_samples"] if params["method"] == "sample" else None
+
+
+def codec(params: dict):
+    """The compact record codec of a cache with these parameters (kdfast-core ``compact.rs``)."""
+    return _native.compact_codec(params["method"], params["vocab_size"], params["has_tail"], _num_samples(params))
 
 
 def row_bytes(params: dict, k_row: int) -> int:
@@ -94,10 +101,16 @@ def encode_row(params: dict, seq_id: int, ids: torch.Tensor, targets: SparseTarg
                prompt_length: int) -> tuple:
     """``(row, bytes)``: the columns of one sequence (checked ``ids`` and ``targets``) and the
     bytes they take in a shard."""
-    k_row = _used_slots(targets.indices)
-    t = _trim(targets, k_row)
     row = {"seq_id": seq_id, "input_ids": ids.numpy().astype(input_dtype(params["vocab_size"])[0]),
-           "prompt_length": prompt_length, "k": k_row}
+           "prompt_length": prompt_length}
+    if params["encoding"] == "compact":
+        f32 = (lambda x: None if x is None else x.to(torch.float32).contiguous())
+        row["targets"], row["k"] = _native.compact_encode(
+            codec(params), targets.indices.contiguous(), f32(targets.logprobs), f32(targets.weights),
+            f32(targets.tail_logprob))
+        return row, len(row["targets"]) + row["input_ids"].nbytes
+    row["k"] = k_row = _used_slots(targets.indices)
+    t = _trim(targets, k_row)
     if params["encoding"] == "packed":
         enc = encode_targets(t, params["vocab_size"], num_samples=_num_samples(params))
         row["targets"] = enc.data.numpy().tobytes()
@@ -150,7 +163,9 @@ def decode_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: 
     if not 0 <= prompt_length <= s:
         raise ValueError(f"{where}: sequence {seq_id} has prompt_length {prompt_length} outside [0, {s}]; "
                          f"the cache is corrupt")
-    if params["encoding"] == "packed":
+    if params["encoding"] == "compact":
+        targets = _decode_compact(params, fields["targets"], s, k_row, method, temperature, f"{where}: sequence {seq_id}")
+    elif params["encoding"] == "packed":
         rb = row_bytes(params, k_row)
         raw = np.frombuffer(fields["targets"], dtype=np.uint8) if isinstance(fields["targets"], (bytes, bytearray)) \
             else np.asarray(fields["targets"], dtype=np.uint8)
@@ -183,3 +198,19 @@ def decode_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: 
             temperature=temperature, method=method,
         )
     return {"seq_id": int(seq_id), "input_ids": ids, "targets": targets, "prompt_length": int(prompt_length)}
+
+
+def _decode_compact(params: dict, record, s: int, k_row: int, method: str, temperature: float,
+                    where: str) -> SparseTargets:
+    if isinstance(record, (bytes, bytearray)):
+        record = np.frombuffer(record, dtype=np.uint8)
+    with warnings.catch_warnings():  # a read-only view of the mapped shard: only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(np.asarray(record, dtype=np.uint8))
+    try:
+        ids, lp, w, tail = _native.compact_decode(codec(params), data, s, k_row, method == "sample",
+                                                  params["has_tail"])
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}; the cache is corrupt") from None
+    return SparseTargets(indices=ids, logprobs=lp, weights=w, tail_logprob=tail, temperature=temperature,
+                         method=method)

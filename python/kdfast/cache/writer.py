@@ -22,7 +22,7 @@ import pyarrow as pa
 from ..targets import SparseTargets
 from .durable import WriterLock, atomic_write, fsync_dir, sha256_hex
 from .format import (CACHE_FILE_RE, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, ENCODINGS, FORMAT, FORMAT_VERSION,
-                     IDENTITY, MANIFEST, MAX_NUM_SAMPLES, MAX_SHARD_BYTES, MAX_VOCAB_SIZE, METHODS,
+                     IDENTITY, LOGPROB_QUANTUM, MANIFEST, MAX_NUM_SAMPLES, MAX_SHARD_BYTES, MAX_VOCAB_SIZE, METHODS,
                      RANK_MANIFEST_RE, dtypes, id_bits, lock_name, manifest_name, read_manifest, schema_for,
                      shard_name)
 from .records import as_ids, build_table, check_targets, encode_row
@@ -50,7 +50,10 @@ class CacheWriter:
         teacher_name: recorded in the manifest (compared on resume).
         shard_size: sequences per shard; a shard is also closed when its encoded targets
             reach ``shard_bytes`` (default 256 MiB; shards are built in memory).
-        encoding: ``"packed"`` (compact; log-probs within 2^-12, the rest exact) or ``"raw"``
+        encoding: ``"compact"`` (the default: variable-length entropy-coded records; top-k
+            log-probs within 2^-8 nat, sampled targets as exact ids and counts and the exact
+            loss, see :mod:`kdfast.cache.format`), ``"packed"`` (fixed-size records; log-probs
+            within 2^-12, the rest exact) or ``"raw"``
             (exact float32 log-probs; ids int16/int32).
         has_tail: store ``tail_logprob`` (default: True for top-k, False for sampling).
         rank, world_size: for multi-process captures: each rank writes its own shards and
@@ -76,13 +79,13 @@ class CacheWriter:
 
     def __init__(self, path, *, method: str, temperature: float, vocab_size: int, k: Optional[int] = None,
                  num_samples: Optional[int] = None, teacher_name: str = "", shard_size: int = DEFAULT_SHARD_SIZE,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, encoding: str = "packed", has_tail: Optional[bool] = None,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, encoding: str = "compact", has_tail: Optional[bool] = None,
                  rank: int = 0, world_size: int = 1, config: Optional[dict] = None, info: Optional[dict] = None,
                  overwrite: bool = False):
         if method not in METHODS:
             raise ValueError(f"method: expected 'topk' or 'sample', got {method!r}")
         if encoding not in ENCODINGS:
-            raise ValueError(f"encoding: expected 'packed' or 'raw', got {encoding!r}")
+            raise ValueError(f"encoding: expected one of {', '.join(map(repr, ENCODINGS))}, got {encoding!r}")
         temperature = float(temperature)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
@@ -275,7 +278,7 @@ class CacheWriter:
         m = dict(self._params)
         m.update({
             "id_bits": id_bits(self._params["vocab_size"]),
-            "logprob_quantum": 1.0 / 2048 if self._params["encoding"] == "packed" else None,
+            "logprob_quantum": LOGPROB_QUANTUM[self._params["encoding"], self._params["method"]],
             "dtypes": dtypes(self._schema),
             "rank": self.rank,
             "info": self._info,

@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--split", default="train", help="split of a saved DatasetDict")
     p.add_argument("--txt-docs", choices=TXT_DOCS, default="line",
                    help=".txt documents: one per line, or separated by blank lines")
-    p.add_argument("--encoding", choices=("packed", "raw"), default="packed")
+    p.add_argument("--encoding", choices=("compact", "packed", "raw"), default="compact")
     p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard")
     p.add_argument("--teacher-name", default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N documents")

@@ -60,7 +60,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             max_length: Optional[int] = None, max_new_tokens: int = 128, do_sample: bool = False,
             generation_temperature: float = 1.0, top_p: float = 1.0, device: str = "cpu",
             dtype: str = "auto", tokenizer=None, text_field: Optional[str] = None, split: str = "train",
-            txt_docs: str = "line", encoding: str = "packed", shard_size: int = 1024,
+            txt_docs: str = "line", encoding: str = "compact", shard_size: int = 1024,
             teacher_name: Optional[str] = None, limit: Optional[int] = None, overwrite: bool = False,
             progress: bool = True, verbose: bool = True) -> CaptureSummary:
     """Run the teacher ``model`` over ``data`` and store sparse targets in the cache ``output``.

@@ -10,6 +10,7 @@ pub mod compress;
 pub mod dense;
 pub mod divergence;
 pub mod elem;
+pub mod compact;
 pub mod encode;
 pub mod error;
 pub mod isa;

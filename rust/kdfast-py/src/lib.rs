@@ -1,12 +1,13 @@
 //! `kdfast._kdfast`: the thin PyO3 layer over `kdfast-core`.
 //!
-//! One module per core module (`dense`, `sparse`, `compress`, `encode`). Every entry point
+//! One module per core module (`dense`, `sparse`, `compress`, `encode`, `compact`). Every entry point
 //! takes torch tensors themselves, converted once into checked views ([`tensor`]), and typed
 //! configurations (`#[pyclass]`es mirroring the core's configs, validated when built); it
 //! dispatches on dtypes with the one macro [`tensor::dispatch_float`], releases the interpreter
 //! for the work and maps core errors to Python exceptions in one place ([`error`]). Outputs
 //! are preallocated by the Python package (`kdfast/_native.py`), which owns allocation policy.
 
+mod compact;
 mod compress;
 mod dense;
 mod encode;
@@ -67,6 +68,8 @@ mod _kdfast {
 
     #[pymodule_export]
     use super::Runtime;
+    #[pymodule_export]
+    use super::compact::CompactCodec;
     #[pymodule_export]
     use super::compress::{compress_sample, compress_topk, Sampling, TopK};
     #[pymodule_export]
