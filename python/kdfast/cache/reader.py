@@ -2,8 +2,15 @@
 
 On open, the manifest is read and checked (:func:`kdfast.cache.read_manifest`), every listed
 shard is mapped (a regular file inside the cache directory, of the recorded size), verified
-against its sha256 and parsed with its offsets checked (:mod:`kdfast.cache.shard`); an item
-then decodes only its own bytes (:mod:`kdfast.cache.records`).
+against its sha256 and parsed with its offsets checked and its schema metadata and counts
+compared with the manifest (:mod:`kdfast.cache.shard`); an item then decodes only its own bytes
+(:mod:`kdfast.cache.records`).
+
+**What an open cache guarantees.** The manifest and the shards agree (every decoding parameter,
+every count, every ``seq_id`` once), or the open fails with a ``ValueError`` naming the file and
+the field; nothing outside the cache directory is read. The checksums detect
+corruption, not a malicious writer that rewrites shards and manifest consistently (see
+:mod:`kdfast.cache.format`).
 
 **Hugging Face datasets.** Shards are Arrow IPC *stream* files, the format of ``datasets``' own
 cache files, so ``datasets.Dataset.from_file(shard)`` memory-maps one and
@@ -23,7 +30,7 @@ import numpy as np
 import torch
 
 from .durable import sha256_hex
-from .format import MANIFEST, rank_manifests, read_manifest, target_columns
+from .format import MANIFEST, SHARD_NAME_RE, rank_manifests, read_manifest, target_columns
 from .records import decode_row
 from .shard import Shard, map_shard
 
@@ -39,9 +46,11 @@ class TeacherCache(torch.utils.data.Dataset):
 
     On open, every shard listed in ``manifest.json`` is checked: present, a regular file in the
     cache directory, of the recorded size (else "truncated"), well-formed, and, with ``verify=True`` (the default), of the recorded sha256 (else
-    "checksum mismatch"); each error names the shard file. A multi-rank cache whose ranks were
-    never merged is refused with an explanation. Pickles without its memory maps (DataLoader
-    workers reopen the shards lazily, without re-verifying).
+    "checksum mismatch"), with the decoding parameters and counts of the manifest (see the
+    module docstring); each error names the shard file. A complete cache must list every shard
+    file of its directory. A multi-rank cache whose ranks were never merged is refused with an
+    explanation. Pickles without its memory maps (DataLoader workers reopen the shards lazily,
+    without re-verifying).
     """
 
     def __init__(self, path, *, verify: bool = True):
@@ -57,6 +66,13 @@ class TeacherCache(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a kdfast teacher cache")
         self.manifest = read_manifest(self.path)
         entries = self.manifest["shards"]
+        if self.manifest["complete"]:
+            listed = {entry["file"] for entry in entries}
+            extra = sorted(n for n in os.listdir(self.path) if SHARD_NAME_RE.match(n) and n not in listed)
+            if extra:
+                raise ValueError(f"{os.path.join(self.path, MANIFEST)}: shards lists {len(entries)} shard files, "
+                                 f"the directory also holds {', '.join(extra)}; the manifest does not "
+                                 f"describe this cache")
         maps = [map_shard(self.path, entry) for entry in entries]  # present, regular files, whole
         if verify:
             for entry, buffer in zip(entries, maps):
@@ -67,7 +83,7 @@ class TeacherCache(torch.utils.data.Dataset):
                         f"{entry['sha256']}); the file is corrupt (file {os.path.join(self.path, entry['file'])})"
                     )
         self._files = [os.path.join(self.path, entry["file"]) for entry in entries]
-        self._shards = [Shard(buffer, file, self.manifest, entry["rows"])
+        self._shards = [Shard(buffer, file, self.manifest, entry)
                         for buffer, file, entry in zip(maps, self._files, entries)]
         self._pid = os.getpid()
         order = []
@@ -87,7 +103,7 @@ class TeacherCache(torch.utils.data.Dataset):
     def _open(self) -> None:
         """(Re)map the shards in a new process (a DataLoader worker), without re-verifying."""
         if self._shards is None or self._pid != os.getpid():
-            self._shards = [Shard(map_shard(self.path, entry), file, self.manifest, entry["rows"])
+            self._shards = [Shard(map_shard(self.path, entry), file, self.manifest, entry)
                             for file, entry in zip(self._files, self.manifest["shards"])]
             self._pid = os.getpid()
 

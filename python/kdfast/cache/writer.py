@@ -352,11 +352,14 @@ class CacheWriter:
             if s["file"] != expected:
                 raise ValueError(f"{self._manifest_file}: shard entry {index} is {s['file']!r}, this writer's "
                                  f"shard {index} is {expected!r}; the manifest is not this rank's")
+        if self._params["temperature"] != old["temperature"]:  # within 1e-12: keep the cache's exactly
+            self._params["temperature"] = old["temperature"]
+            self._schema = schema_for(self._params)
         maps = [map_shard(self.path, s) for s in shards]  # present, regular files, whole
         self._shards = [dict(s) for s in shards]
         self._remove_own_files(keep_listed=True)
         for s, buffer in zip(self._shards, maps):
-            shard = Shard(buffer, os.path.join(self.path, s["file"]), self._params, s["rows"])
+            shard = Shard(buffer, os.path.join(self.path, s["file"]), old, s)
             for sid in shard.cols["seq_id"].tolist():
                 if sid in self._done:
                     raise ValueError(f"{s['file']}: sequence {sid} is stored twice in {self.path}")
