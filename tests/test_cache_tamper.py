@@ -1,10 +1,13 @@
 """A teacher cache cannot be tricked: a manifest that disagrees with its shards (parameters,
-counts, names), names outside the directory, symbolic links and malformed manifests are all
-refused with a ``ValueError`` naming the file and the field. Real files, real Arrow,
+counts, names), names outside the directory, symbolic links, a cache rewritten under an open
+reader and malformed manifests are all refused with a ``ValueError`` naming the file and the
+field. Real files, real Arrow,
 real CacheWriter / TeacherCache / capture; no mocks."""
 
 import json
+import multiprocessing
 import os
+import pickle
 import shutil
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 pytest.importorskip("pyarrow")
 
 import kdfast  # noqa: E402
-from kdfast.cache import CacheWriter, TeacherCache, merge_manifests  # noqa: E402
+from kdfast.cache import CacheWriter, TeacherCache, collate, merge_manifests  # noqa: E402
 
 V = 300
 
@@ -251,6 +254,40 @@ def test_a_linked_rank_manifest_is_not_merged(tmp_path):
     rank1.symlink_to(tmp_path / "m1.json")
     with pytest.raises(ValueError, match=r"manifest\.rank001\.json: cache manifest is a symbolic link"):
         merge_manifests(path)
+
+
+# ----------------------------------------------------------------------------- 4. rewritten under a reader
+
+
+def _loader(cache):
+    return torch.utils.data.DataLoader(cache, batch_size=4, collate_fn=collate, num_workers=1,
+                                       multiprocessing_context="fork")
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork()")
+def test_a_dataloader_worker_refuses_a_cache_rewritten_after_the_open(tmp_path):
+    path = make_cache(tmp_path / "c")
+    cache = TeacherCache(path)
+    assert torch.cat([b["seq_id"] for b in _loader(cache)]).tolist() == list(range(7))  # unchanged: works
+    make_cache(path, overwrite=True, seed=1)  # the same names and counts, other targets
+    with pytest.raises(ValueError, match=r"shard-00000\.arrow: the cache was rewritten after it was opened; "
+                                         r"reopen TeacherCache"):
+        list(_loader(cache))
+    with pytest.raises(ValueError, match="the cache was rewritten after it was opened"):
+        pickle.loads(pickle.dumps(cache))[0]  # a spawned worker: the same check
+    fresh = TeacherCache(path)
+    batches = list(_loader(fresh))
+    assert torch.cat([b["seq_id"] for b in batches]).tolist() == list(range(7))
+    assert torch.equal(batches[0]["input_ids"][0], fresh[0]["input_ids"])
+
+
+def test_a_worker_refuses_a_shard_removed_after_the_open(tmp_path):
+    path = make_cache(tmp_path / "c")
+    clone = pickle.dumps(TeacherCache(path))
+    (path / "shard-00002.arrow").unlink()
+    with pytest.raises(ValueError, match=r"shard-00002\.arrow: the cache was rewritten after it was opened "
+                                         r"\(.*missing"):
+        pickle.loads(clone)[0]
 
 
 # ----------------------------------------------------------------------------- 5. malformed manifests

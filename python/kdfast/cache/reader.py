@@ -8,7 +8,10 @@ compared with the manifest (:mod:`kdfast.cache.shard`); an item then decodes onl
 
 **What an open cache guarantees.** The manifest and the shards agree (every decoding parameter,
 every count, every ``seq_id`` once), or the open fails with a ``ValueError`` naming the file and
-the field; nothing outside the cache directory is read. The checksums detect
+the field; nothing outside the cache directory is read. The identity of each shard file (device,
+inode, size, modification time) is recorded at open: a DataLoader worker that maps the shards
+again refuses a file that was replaced since (a cache rewritten in place, e.g. by a capture with
+``--overwrite``) instead of reading other targets under the old manifest. The checksums detect
 corruption, not a malicious writer that rewrites shards and manifest consistently (see
 :mod:`kdfast.cache.format`).
 
@@ -50,7 +53,7 @@ class TeacherCache(torch.utils.data.Dataset):
     module docstring); each error names the shard file. A complete cache must list every shard
     file of its directory. A multi-rank cache whose ranks were never merged is refused with an
     explanation. Pickles without its memory maps (DataLoader workers reopen the shards lazily,
-    without re-verifying).
+    without re-verifying the checksums, but refusing a shard file replaced since the open).
     """
 
     def __init__(self, path, *, verify: bool = True):
@@ -73,7 +76,9 @@ class TeacherCache(torch.utils.data.Dataset):
                 raise ValueError(f"{os.path.join(self.path, MANIFEST)}: shards lists {len(entries)} shard files, "
                                  f"the directory also holds {', '.join(extra)}; the manifest does not "
                                  f"describe this cache")
-        maps = [map_shard(self.path, entry) for entry in entries]  # present, regular files, whole
+        mapped = [map_shard(self.path, entry) for entry in entries]  # present, regular files, whole
+        maps = [buffer for buffer, _ in mapped]
+        self._identity = [identity for _, identity in mapped]
         if verify:
             for entry, buffer in zip(entries, maps):
                 digest = sha256_hex(buffer)
@@ -101,10 +106,20 @@ class TeacherCache(torch.utils.data.Dataset):
         self._index = table
 
     def _open(self) -> None:
-        """(Re)map the shards in a new process (a DataLoader worker), without re-verifying."""
+        """(Re)map the shards in a new process (a DataLoader worker), without re-verifying the
+        checksums but refusing a shard file that is not the one opened (rewritten since)."""
         if self._shards is None or self._pid != os.getpid():
-            self._shards = [Shard(map_shard(self.path, entry), file, self.manifest, entry)
-                            for file, entry in zip(self._files, self.manifest["shards"])]
+            shards = []
+            for file, entry, identity in zip(self._files, self.manifest["shards"], self._identity):
+                try:
+                    buffer, now = map_shard(self.path, entry)
+                except ValueError as exc:  # missing, replaced by a link, of another size: changed since
+                    raise ValueError(f"{file}: the cache was rewritten after it was opened ({exc}); "
+                                     f"reopen TeacherCache") from None
+                if now != identity:
+                    raise ValueError(f"{file}: the cache was rewritten after it was opened; reopen TeacherCache")
+                shards.append(Shard(buffer, file, self.manifest, entry))
+            self._shards = shards
             self._pid = os.getpid()
 
     def __getstate__(self):

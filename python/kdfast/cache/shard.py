@@ -16,7 +16,6 @@ to count it otherwise, is refused on open, naming the shard and the fields.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from typing import Any, Dict
 
@@ -27,8 +26,9 @@ from .durable import map_regular_file
 from .format import SCHEMA_PARAMS, schema_for, schema_params
 
 
-def map_shard(folder: str, entry: dict) -> mmap.mmap:
-    """The memory map of the shard ``entry`` (a checked manifest entry) of the cache ``folder``."""
+def map_shard(folder: str, entry: dict):
+    """``(map, identity)``: the memory map of the shard ``entry`` (a checked manifest entry) of the
+    cache ``folder`` and the identity of the file mapped (:func:`kdfast.cache.durable.file_identity`)."""
     return map_regular_file(os.path.join(folder, entry["file"]), "shard", entry["bytes"])
 
 

@@ -355,7 +355,7 @@ class CacheWriter:
         if self._params["temperature"] != old["temperature"]:  # within 1e-12: keep the cache's exactly
             self._params["temperature"] = old["temperature"]
             self._schema = schema_for(self._params)
-        maps = [map_shard(self.path, s) for s in shards]  # present, regular files, whole
+        maps = [map_shard(self.path, s)[0] for s in shards]  # present, regular files, whole
         self._shards = [dict(s) for s in shards]
         self._remove_own_files(keep_listed=True)
         for s, buffer in zip(self._shards, maps):
