@@ -1,13 +1,14 @@
 """A teacher cache cannot be tricked: a manifest that disagrees with its shards (parameters,
-counts, names), names outside the directory, symbolic links, a cache rewritten under an open
-reader and malformed manifests are all refused with a ``ValueError`` naming the file and the
-field. Real files, real Arrow,
+counts, names), names outside the directory, symbolic links, an overwrite while another writer
+is running, a cache rewritten under an open reader, and malformed manifests are all refused
+with a ``ValueError`` / ``RuntimeError`` naming the file and the field. Real files, real Arrow,
 real CacheWriter / TeacherCache / capture; no mocks."""
 
 import json
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 
 import pytest
@@ -17,6 +18,7 @@ pytest.importorskip("pyarrow")
 
 import kdfast  # noqa: E402
 from kdfast.cache import CacheWriter, TeacherCache, collate, merge_manifests  # noqa: E402
+from kdfast.cache.writer import clear_cache  # noqa: E402
 
 V = 300
 
@@ -254,6 +256,88 @@ def test_a_linked_rank_manifest_is_not_merged(tmp_path):
     rank1.symlink_to(tmp_path / "m1.json")
     with pytest.raises(ValueError, match=r"manifest\.rank001\.json: cache manifest is a symbolic link"):
         merge_manifests(path)
+
+
+# ----------------------------------------------------------------------------- 3. overwrite
+
+
+def _hold_writer(path, world_size, rank, ready, go):
+    """A second process: a writer that is open (one shard written) until ``go`` is set."""
+    torch.set_num_threads(1)
+    seqs = sequences(5, seed=11)
+    w = writer(path, shard_size=2, rank=rank, world_size=world_size)
+    for i, (ids, t) in enumerate(seqs[:3]):
+        w.append(ids, t, seq_id=i * world_size + rank)
+    ready.set()
+    if not go.wait(300):
+        os._exit(2)
+    for i, (ids, t) in enumerate(seqs[3:], start=3):
+        w.append(ids, t, seq_id=i * world_size + rank)
+    w.close()
+
+
+def _start_holder(path, world_size=1, rank=0):
+    ctx = multiprocessing.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_writer, args=(str(path), world_size, rank, ready, go))
+    proc.start()
+    assert ready.wait(300), "the writer process did not start"
+    return proc, go
+
+
+def _snapshot(path):
+    return {p.name: p.read_bytes() for p in path.iterdir() if not p.name.startswith(".lock")}
+
+
+def test_overwrite_while_another_process_writes_is_refused(tmp_path, teacher_dir):
+    path = tmp_path / "c"
+    proc, go = _start_holder(path)
+    try:
+        files = _snapshot(path)
+        assert "shard-00000.arrow" in files
+        refused = rf"{re.escape(str(path))}: another capture/CacheWriter is writing this cache"
+        with pytest.raises(RuntimeError, match=refused):
+            writer(path, overwrite=True)
+        with pytest.raises(RuntimeError, match=refused):
+            clear_cache(path)
+        with pytest.raises(RuntimeError, match=refused):
+            capture(teacher_dir, DOCS, path, overwrite=True, **CAPTURE_KW)
+        assert _snapshot(path) == files  # nothing deleted
+    finally:
+        go.set()
+        proc.join(120)
+    assert proc.exitcode == 0  # the first writer closed normally
+    cache = TeacherCache(path)
+    assert cache.complete and cache.seq_ids.tolist() == list(range(5))
+    # once it is closed, the overwrite goes ahead
+    capture(teacher_dir, DOCS, path, overwrite=True, **CAPTURE_KW)
+    assert TeacherCache(path).seq_ids.tolist() == list(range(len(DOCS)))
+
+
+def test_clearing_a_multi_rank_cache_waits_for_every_rank(tmp_path):
+    path = tmp_path / "c"
+    proc, go = _start_holder(path, world_size=2, rank=1)
+    try:
+        files = _snapshot(path)
+        refused = rf"{re.escape(str(path))}: another capture/CacheWriter is writing this cache .*\.lock\.rank001"
+        with pytest.raises(RuntimeError, match=refused):
+            clear_cache(path)  # what rank 0 of `kdfast capture --overwrite` calls
+        with pytest.raises(RuntimeError, match=refused):
+            writer(path, overwrite=True)  # a single-process cache would replace every rank's files
+        assert _snapshot(path) == files
+        # rank 0's own writer may start (and overwrite only its own files) meanwhile
+        with writer(path, rank=0, world_size=2, overwrite=True, shard_size=2) as w0:
+            for i, (ids, t) in enumerate(sequences(5, seed=12)):
+                w0.append(ids, t, seq_id=2 * i)
+        assert all(_snapshot(path)[name] == data for name, data in files.items())
+    finally:
+        go.set()
+        proc.join(120)
+    assert proc.exitcode == 0
+    merge_manifests(path)
+    assert TeacherCache(path).seq_ids.tolist() == list(range(10))
+    clear_cache(path)
+    assert sorted(os.listdir(path)) == [".lock", ".lock.rank000", ".lock.rank001"]
 
 
 # ----------------------------------------------------------------------------- 4. rewritten under a reader

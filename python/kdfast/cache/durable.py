@@ -11,7 +11,8 @@
   replaced since it was first opened.
 * :func:`sha256_hex` — the digest of a buffer, chunk by chunk.
 * :class:`WriterLock` — one writer per cache and rank: an exclusive lock held through the
-  ``filelock`` package (released by the OS when the process dies).
+  ``filelock`` package (released by the OS when the process dies); the writer also uses it for
+  the directory lock held while it takes its rank's lock or clears a cache.
 """
 
 from __future__ import annotations
@@ -133,24 +134,33 @@ def map_regular_file(path: str, what: str, size: int):
 
 
 class WriterLock:
-    """An exclusive, non-blocking lock on the file ``path``: one writer per cache and rank.
+    """An exclusive lock on the file ``path``: one writer per cache and rank.
 
-    :meth:`acquire` raises ``RuntimeError`` if another process (or another writer in this one)
-    holds it; the OS releases it if the holder dies.
+    :meth:`acquire` raises ``RuntimeError`` naming the cache directory if another process (or
+    another writer in this one) holds it — at once, or after ``timeout`` seconds; the OS releases
+    it if the holder dies. Also a context manager (acquire on entry, release on exit).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, timeout: float = 0):
         self.path = path
-        self._lock = filelock.FileLock(path, timeout=0, mode=0o644)
+        self._lock = filelock.FileLock(path, timeout=timeout, mode=0o644)
 
     def acquire(self) -> "WriterLock":
         try:
             self._lock.acquire()
         except filelock.Timeout:
+            folder, name = os.path.split(self.path)
             raise RuntimeError(
-                f"{self.path}: another CacheWriter holds this cache (one writer per cache and rank)"
+                f"{folder}: another capture/CacheWriter is writing this cache (another CacheWriter "
+                f"holds its lock {name}; one writer per cache and rank)"
             ) from None
         return self
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def release(self) -> None:
         if self._lock.is_locked:

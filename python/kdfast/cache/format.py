@@ -107,8 +107,10 @@ IDENTITY = ("format", "format_version", "method", "k", "num_samples", "temperatu
 
 SHARD_NAME_RE = re.compile(r"^shard-(?:r\d{3,}-)?\d{5,}\.arrow$")
 RANK_MANIFEST_RE = re.compile(r"^manifest\.rank(\d{3,})\.json$")
+LOCK_FILE_RE = re.compile(r"^\.lock(?:\.rank(\d+))?$")  # the directory lock and the rank locks
 # Every file a cache directory may hold: manifests, shards, writer locks, temporary files.
-CACHE_FILE_RE = re.compile(r"^(manifest(\.rank\d+)?\.json|shard-(r\d+-)?\d+\.arrow|\.lock\.rank\d+|\..*\.tmp-\d+)$")
+CACHE_FILE_RE = re.compile(r"^(manifest(\.rank\d+)?\.json|shard-(r\d+-)?\d+\.arrow|\.lock(\.rank\d+)?|\..*\.tmp-\d+)$")
+DIR_LOCK = ".lock"  # held while a writer takes its rank's lock, and while a cache is cleared
 
 
 # ----------------------------------------------------------------------------- names
