@@ -5,7 +5,8 @@ Everything a reader or a writer must agree on lives here, and only here.
 **Files.** ``manifest.json`` and ``shard-{index:05d}.arrow``; multi-rank captures name their
 shards ``shard-r{rank:03d}-{index:05d}.arrow`` and keep one ``manifest.rank{rank:03d}.json``
 per rank until :func:`kdfast.cache.merge_manifests` writes ``manifest.json``. A shard is an
-Arrow IPC *stream* file holding one record batch.
+Arrow IPC *stream* file holding one record batch. Writers also keep lock files: ``.lock`` (the
+directory) and ``.lock.rank{rank:03d}`` (one per rank; see :mod:`kdfast.cache.writer`).
 
 **One row per sequence** (schema; ``k_row`` is the row's slot count, see below):
 
@@ -38,7 +39,8 @@ distinct ids), which is where most of the space of a sampled cache would otherwi
 
 **Manifest** (JSON): ``format`` (``"kdfast-teacher-cache"``), ``format_version``, ``method``,
 ``k``, ``num_samples``, ``temperature``, ``vocab_size``, ``teacher_name``, ``encoding``,
-``has_tail``, ``id_bits``, ``dtypes`` (column → Arrow type), ``rank`` / ``world_size``,
+``has_tail``, ``id_bits``, ``logprob_quantum``, ``dtypes`` (column → Arrow type), ``rank`` (null
+once merged) / ``world_size``,
 ``config`` (what produced the targets; compared on resume), ``info`` (free-form),
 ``complete`` (the writer was closed), ``num_sequences``, ``num_tokens`` and ``shards``: for
 each shard ``file``, ``rank``, ``index``, ``rows``, ``tokens``, ``bytes``, ``sha256``,
@@ -47,6 +49,9 @@ each shard ``file``, ``rank``, ``index``, ``rows``, ``tokens``, ``bytes``, ``sha
 The decoding parameters (:data:`SCHEMA_PARAMS`: ``format``, ``format_version``, ``method``,
 ``k``, ``num_samples``, ``temperature``, ``vocab_size``, ``encoding``, ``has_tail``) are also
 written into every shard's Arrow schema metadata (key ``"kdfast"``, JSON; :func:`schema_for`).
+The other fields are not: ``world_size`` and ``rank`` are checked through the shard names,
+``teacher_name``, ``config`` and ``info`` only describe the capture (``config`` and
+``teacher_name`` are compared when a writer resumes), ``id_bits`` and ``dtypes`` are informative.
 
 **What is checked, and what is guaranteed.** :func:`read_manifest` is the one door through
 which a manifest comes in: it must be a regular file (no symbolic link) holding a JSON object
