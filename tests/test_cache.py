@@ -356,10 +356,10 @@ def test_manifest_shard_entries_are_checked(tmp_path, key, value):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("encoding", "raw", "no column 'target_ids'; not a shard of this cache"),
-    ("vocab_size", 70000, "column 'input_ids' is list<item: uint16>, the manifest expects list<item: int32>"),
-    ("vocab_size", 10, r"token ids outside \[0, 10\)"),
-    ("k", 4, r"has k=8 slots, expected 1\.\.4"),
+    ("encoding", "raw", r"shard-00000\.arrow: the manifest's parameters differ .*encoding: manifest 'raw', shard 'compact'"),
+    ("vocab_size", 70000, r"shard-00000\.arrow: the manifest's parameters differ .*vocab_size: manifest 70000"),
+    ("vocab_size", 10, r"shard-00000\.arrow: the manifest's parameters differ .*vocab_size: manifest 10, shard 300"),
+    ("k", 4, r"shard-00000\.arrow: the manifest's parameters differ .*k: manifest 4, shard 8"),
     ("vocab_size", 0, "vocab_size 0 is not an integer"),
     ("method", "../x", "method '../x' is not one of"),
     ("temperature", float("nan"), "temperature nan is not a finite number"),
@@ -451,7 +451,7 @@ def test_resume_refuses_a_manifest_of_other_shard_names(tmp_path):
         m["shards"][0]["file"], m["shards"][1]["file"] = m["shards"][1]["file"], m["shards"][0]["file"]
 
     _edit_manifest(path, edit)
-    with pytest.raises(ValueError, match="shard entry 0 is 'shard-00001.arrow'"):
+    with pytest.raises(ValueError, match=r"shard entry 0 \(shard-00001\.arrow\): file, rank 0 and index 0 do not agree"):
         writer(path, shard_size=3)
 
 

@@ -38,7 +38,9 @@ every shard it completed; reopening it with the same parameters resumes.
 **File safety.** Nothing in a manifest or a shard can make kdfast read or write outside the
 cache directory: shard names are bare names of the expected pattern, symbolic links and
 non-regular files are refused, sizes must match the manifest, and list offsets and per-row
-lengths are checked before anything is sliced or decoded.
+lengths are checked before anything is sliced or decoded. A manifest that disagrees with its
+shards — a decoding parameter, a count, a shard entry — is refused on open, naming the file and
+the field (:mod:`~kdfast.cache.format` says what is checked, and what a checksum cannot tell).
 """
 
 from __future__ import annotations

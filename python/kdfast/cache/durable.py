@@ -5,10 +5,14 @@
   (``O_EXCL``, never through a symbolic link).
 * :func:`read_regular_file` / :func:`map_regular_file` — a file's bytes (a manifest) or a
   read-only memory map (a shard), refusing symbolic links and anything but a regular file, so
-  that a link planted in a cache directory cannot make kdfast read elsewhere.
+  that a link planted in a cache directory cannot make kdfast read elsewhere (a link among the
+  directories *above* the cache is followed as usual). A map comes with the identity of the file
+  it maps (:func:`file_identity`, from the same descriptor), so that a reader can tell a file
+  replaced since it was first opened.
 * :func:`sha256_hex` — the digest of a buffer, chunk by chunk.
 * :class:`WriterLock` — one writer per cache and rank: an exclusive lock held through the
-  ``filelock`` package (released by the OS when the process dies).
+  ``filelock`` package (released by the OS when the process dies); the writer also uses it for
+  the directory lock held while it takes its rank's lock or clears a cache.
 """
 
 from __future__ import annotations
@@ -97,8 +101,14 @@ def read_regular_file(path: str, what: str) -> bytes:
         return f.read()
 
 
-def map_regular_file(path: str, what: str, size: int) -> mmap.mmap:
-    """A read-only memory map of the regular file ``path``, which must have ``size`` bytes.
+def file_identity(st: os.stat_result) -> tuple:
+    """What tells one file from its replacement: ``(st_dev, st_ino, st_size, st_mtime_ns)``."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def map_regular_file(path: str, what: str, size: int):
+    """``(map, identity)``: a read-only memory map of the regular file ``path``, which must have
+    ``size`` bytes, and the :func:`file_identity` of the file mapped (``fstat`` of the same fd).
 
     ``ValueError`` naming the file if it is missing, a link, not a regular file, or of another
     size ("truncated" / "larger than recorded").
@@ -110,37 +120,47 @@ def map_regular_file(path: str, what: str, size: int) -> mmap.mmap:
         raise ValueError(f"{name}: {what} listed in the manifest is missing from "
                          f"{os.path.dirname(path)}") from None
     try:
-        actual = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        actual = st.st_size
         if actual != size:
             how = "truncated" if actual < size else "larger than recorded"
             raise ValueError(f"{name}: {what} is {how}: the manifest records {size} bytes, "
                              f"the file has {actual} (file {path})")
         if size == 0:
             raise ValueError(f"{name}: {what} is empty (file {path})")
-        return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ), file_identity(st)
     finally:
         os.close(fd)
 
 
 class WriterLock:
-    """An exclusive, non-blocking lock on the file ``path``: one writer per cache and rank.
+    """An exclusive lock on the file ``path``: one writer per cache and rank.
 
-    :meth:`acquire` raises ``RuntimeError`` if another process (or another writer in this one)
-    holds it; the OS releases it if the holder dies.
+    :meth:`acquire` raises ``RuntimeError`` naming the cache directory if another process (or
+    another writer in this one) holds it — at once, or after ``timeout`` seconds; the OS releases
+    it if the holder dies. Also a context manager (acquire on entry, release on exit).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, timeout: float = 0):
         self.path = path
-        self._lock = filelock.FileLock(path, timeout=0, mode=0o644)
+        self._lock = filelock.FileLock(path, timeout=timeout, mode=0o644)
 
     def acquire(self) -> "WriterLock":
         try:
             self._lock.acquire()
         except filelock.Timeout:
+            folder, name = os.path.split(self.path)
             raise RuntimeError(
-                f"{self.path}: another CacheWriter holds this cache (one writer per cache and rank)"
+                f"{folder}: another capture/CacheWriter is writing this cache (another CacheWriter "
+                f"holds its lock {name}; one writer per cache and rank)"
             ) from None
         return self
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def release(self) -> None:
         if self._lock.is_locked:

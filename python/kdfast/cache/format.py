@@ -5,7 +5,8 @@ Everything a reader or a writer must agree on lives here, and only here.
 **Files.** ``manifest.json`` and ``shard-{index:05d}.arrow``; multi-rank captures name their
 shards ``shard-r{rank:03d}-{index:05d}.arrow`` and keep one ``manifest.rank{rank:03d}.json``
 per rank until :func:`kdfast.cache.merge_manifests` writes ``manifest.json``. A shard is an
-Arrow IPC *stream* file holding one record batch.
+Arrow IPC *stream* file holding one record batch. Writers also keep lock files: ``.lock`` (the
+directory) and ``.lock.rank{rank:03d}`` (one per rank; see :mod:`kdfast.cache.writer`).
 
 **One row per sequence** (schema; ``k_row`` is the row's slot count, see below):
 
@@ -17,7 +18,17 @@ column             Arrow type                  content
 ``prompt_length``  int32                       tokens of prompt before a generated response
                                                (0 when the whole sequence is given text)
 ``k``              int32                       ``k_row``: target slots per position in this row
-``targets``        binary                      encoding ``"packed"`` (the default): S fixed-size
+``targets``        binary                      encoding ``"compact"`` (the default, format 2):
+                                               one variable-length record of the S positions
+                                               (kdfast-core's ``compact.rs``):
+                                               per-sequence Rice codes; sampled targets as the
+                                               distinct ids (gaps) and exact counts plus
+                                               ``Σ w log p`` within 2^-17 nat (decoded as that
+                                               value in every used slot, so the loss is exact);
+                                               top-k log-probs in rank order within 2^-8 nat
+                                               (steps of 1/128 nat), ids at ``ceil(log2 V)``
+                                               bits, the tail within 2^-8 nat.
+                                               Encoding ``"packed"``: S fixed-size
                                                records of :func:`kdfast.encode_targets` —
                                                ids bit-packed at ``ceil(log2 V)`` bits,
                                                log-probs quantised to 1/2048 nat
@@ -31,6 +42,9 @@ column             Arrow type                  content
 ``tail_logprob``     list<float32>             raw, top-k with a tail: ``[S]``
 =================  ==========================  =================================================
 
+**Versions.** Format 2 added the ``"compact"`` encoding and binds ``teacher_name`` and
+``world_size`` into the shards too; version-1 caches (``"packed"`` / ``"raw"``) still open.
+
 ``k_row`` is the number of leading slots that any position of the sequence uses (unused slots
 are trailing; at least 1): always ``k`` for top-k over a vocabulary with ≥ k finite logits, and
 typically far fewer than ``num_samples`` for sampled targets (N = 50 draws give about a dozen
@@ -38,16 +52,40 @@ distinct ids), which is where most of the space of a sampled cache would otherwi
 
 **Manifest** (JSON): ``format`` (``"kdfast-teacher-cache"``), ``format_version``, ``method``,
 ``k``, ``num_samples``, ``temperature``, ``vocab_size``, ``teacher_name``, ``encoding``,
-``has_tail``, ``id_bits``, ``dtypes`` (column → Arrow type), ``rank`` / ``world_size``,
+``has_tail``, ``id_bits``, ``logprob_quantum``, ``dtypes`` (column → Arrow type), ``rank`` (null
+once merged) / ``world_size``,
 ``config`` (what produced the targets; compared on resume), ``info`` (free-form),
 ``complete`` (the writer was closed), ``num_sequences``, ``num_tokens`` and ``shards``: for
 each shard ``file``, ``rank``, ``index``, ``rows``, ``tokens``, ``bytes``, ``sha256``,
 ``min_seq_id``, ``max_seq_id``.
 
-:func:`read_manifest` is the one door through which a manifest comes in: besides the format
-and its version it checks every field that later decides what is read — a shard ``file`` must
-be a bare shard name (no directory part, so nothing outside the cache directory can be named),
-sizes and counts non-negative integers, the parameters of the expected types and ranges.
+The decoding parameters (:data:`SCHEMA_PARAMS`: ``format``, ``format_version``, ``method``,
+``k``, ``num_samples``, ``temperature``, ``vocab_size``, ``encoding``, ``has_tail``; from
+version 2 also ``teacher_name`` and ``world_size``, :func:`bound_params`) are also written into
+every shard's Arrow schema metadata (key ``"kdfast"``, JSON; :func:`schema_for`). The other
+fields are not: ``rank`` is checked through the shard names, ``config`` and ``info`` only
+describe the capture (``config`` is compared when a writer resumes), ``id_bits`` and ``dtypes``
+are informative.
+
+**What is checked, and what is guaranteed.** :func:`read_manifest` is the one door through
+which a manifest comes in: it must be a regular file (no symbolic link) holding a JSON object
+with every field above, each of its type and range (else a ``ValueError`` naming
+``manifest.json`` and the field, never a bare ``KeyError``/``TypeError``); a shard ``file`` must
+be a bare shard name (no directory part, so nothing outside the cache directory can be named)
+equal to the name of its entry's ``rank`` and ``index``, the indices of each rank must run
+0, 1, 2, ... in order, and ``num_sequences`` / ``num_tokens`` must be the sums of the entries'
+``rows`` / ``tokens``. On open each shard is then checked against its entry
+(:class:`kdfast.cache.shard.Shard`): size and sha256, the columns and types of the schema, the
+decoding parameters of its schema metadata equal to the manifest's (exact JSON equality), and
+``rows`` / ``tokens`` / ``min_seq_id`` / ``max_seq_id`` equal to what the shard holds; the
+reader refuses a ``seq_id`` stored twice and, in a complete cache, a shard file the manifest
+does not list. So an edit of the manifest that changes what is read (a parameter, a count, a
+dropped or renamed shard entry) is refused with an error naming the file and the field.
+
+The sha256 in the manifest detects corruption of a shard, not a malicious writer: someone with
+write access to the directory can rewrite a shard *and* the manifest consistently (or delete the
+last shard together with its entry), and kdfast cannot tell. What kdfast guarantees is that an
+inconsistent cache is refused, and that nothing outside the cache directory is ever read.
 """
 
 from __future__ import annotations
@@ -80,6 +118,20 @@ MAX_VOCAB_SIZE = 1 << 31
 MAX_NUM_SAMPLES = 65535  # stored counts are 16-bit
 IGNORE_INDEX = -100
 
+# The parameters that decide how a shard is decoded: written into every shard's schema metadata
+# (key "kdfast") and compared with the manifest's on open.
+SCHEMA_PARAMS = ("format", "format_version", "method", "k", "num_samples", "temperature", "vocab_size",
+                 "encoding", "has_tail")
+# Version 2 also binds the teacher and the number of writing ranks into every shard.
+SCHEMA_PARAMS_V2 = SCHEMA_PARAMS + ("teacher_name", "world_size")
+
+
+def bound_params(version: int) -> tuple:
+    """The manifest fields a shard of format ``version`` records in its schema metadata."""
+    return SCHEMA_PARAMS if version == 1 else SCHEMA_PARAMS_V2
+
+SCHEMA_METADATA_KEY = b"kdfast"
+
 # Parameters that must agree between a cache on disk and a writer that reopens it (or between
 # the ranks of one capture).
 IDENTITY = ("format", "format_version", "method", "k", "num_samples", "temperature",
@@ -87,8 +139,10 @@ IDENTITY = ("format", "format_version", "method", "k", "num_samples", "temperatu
 
 SHARD_NAME_RE = re.compile(r"^shard-(?:r\d{3,}-)?\d{5,}\.arrow$")
 RANK_MANIFEST_RE = re.compile(r"^manifest\.rank(\d{3,})\.json$")
+LOCK_FILE_RE = re.compile(r"^\.lock(?:\.rank(\d+))?$")  # the directory lock and the rank locks
 # Every file a cache directory may hold: manifests, shards, writer locks, temporary files.
-CACHE_FILE_RE = re.compile(r"^(manifest(\.rank\d+)?\.json|shard-(r\d+-)?\d+\.arrow|\.lock\.rank\d+|\..*\.tmp-\d+)$")
+CACHE_FILE_RE = re.compile(r"^(manifest(\.rank\d+)?\.json|shard-(r\d+-)?\d+\.arrow|\.lock(\.rank\d+)?|\..*\.tmp-\d+)$")
+DIR_LOCK = ".lock"  # held while a writer takes its rank's lock, and while a cache is cleared
 
 
 # ----------------------------------------------------------------------------- names
@@ -159,9 +213,18 @@ def schema_for(params: dict) -> pa.Schema:
             fields.append(pa.field("target_weights", pa.list_(pa.float32()), nullable=False))
         if params["has_tail"]:
             fields.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
-    meta = {k: params[k] for k in ("format", "format_version", "method", "k", "num_samples",
-                                   "temperature", "vocab_size", "encoding", "has_tail")}
-    return pa.schema(fields, metadata={"kdfast": json.dumps(meta, sort_keys=True)})
+    meta = {k: params[k] for k in bound_params(params["format_version"])}
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def schema_params(schema: pa.Schema):
+    """The decoding parameters recorded in a shard's schema metadata (a dict), or None."""
+    raw = (schema.metadata or {}).get(SCHEMA_METADATA_KEY)
+    try:
+        meta = json.loads(raw.decode("utf-8")) if raw is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def dtypes(schema: pa.Schema) -> Dict[str, str]:
@@ -183,7 +246,7 @@ def read_manifest(path: str, name: str = MANIFEST) -> dict:
     """The manifest ``name`` of the cache directory ``path`` (``ValueError`` if unreadable).
 
     The file must be a regular file (not a symbolic link); its content is checked as the module
-    docstring says, so that what it names stays inside ``path``.
+    docstring says, so that what it names stays inside ``path`` and agrees with itself.
     """
     file = os.path.join(os.fspath(path), name)
     data = read_regular_file(file, "cache manifest")
@@ -194,10 +257,10 @@ def read_manifest(path: str, name: str = MANIFEST) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: not a kdfast cache manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if not (_is_int(version) and version in SUPPORTED_VERSIONS):
         raise ValueError(
-            f"{file}: cache format version {version!r} is not supported by this kdfast "
-            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); a newer kdfast wrote it"
+            f"{file}: cache format version (format_version) {version!r} is not supported by this "
+            f"kdfast (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
         )
     if version == 1 and manifest.get("encoding") == "compact":
         raise ValueError(f"{file}: invalid kdfast cache manifest: encoding 'compact' needs format version 2")
@@ -209,55 +272,99 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_manifest(manifest: dict, where: str) -> None:
-    """``ValueError`` unless the fields that decide what is read are of their types and ranges."""
-    def bad(what: str):
-        return ValueError(f"{where}: invalid kdfast cache manifest: {what}")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    method, encoding = manifest.get("method"), manifest.get("encoding")
-    if method not in METHODS:
-        raise bad(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if encoding not in ENCODINGS:
-        raise bad(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
-    vocab = manifest.get("vocab_size")
-    if not (_is_int(vocab) and 1 <= vocab <= MAX_VOCAB_SIZE):
-        raise bad(f"vocab_size {vocab!r} is not an integer in [1, {MAX_VOCAB_SIZE}]")
-    k = manifest.get("k")
-    if not (_is_int(k) and k >= 1):
-        raise bad(f"k {k!r} is not an integer ≥ 1")
-    n_s = manifest.get("num_samples")
-    if method == "sample" and not (_is_int(n_s) and 1 <= n_s <= MAX_NUM_SAMPLES and n_s == k):
-        raise bad(f"num_samples {n_s!r} is not an integer in [1, {MAX_NUM_SAMPLES}] equal to k")
-    temperature = manifest.get("temperature")
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-            and math.isfinite(temperature) and temperature > 0):
-        raise bad(f"temperature {temperature!r} is not a finite number > 0")
-    if not isinstance(manifest.get("has_tail"), bool) or (method == "sample" and manifest["has_tail"]):
-        raise bad(f"has_tail {manifest.get('has_tail')!r} is not a boolean (False for sampled targets)")
-    for key in ("num_sequences", "num_tokens"):
-        if not (_is_int(manifest.get(key)) and manifest[key] >= 0):
-            raise bad(f"{key} {manifest.get(key)!r} is not an integer ≥ 0")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise bad("shards is not a list")
-    for n, entry in enumerate(shards):
-        check_shard_entry(entry, f"{where}: shard entry {n}")
+
+# Every field of a manifest (a merged one also has "ranks"): the check of its value, and what it
+# must be. The fields that depend on others (num_samples, has_tail, rank) are checked below.
+_FIELDS = {
+    "format": (lambda v: v == FORMAT, f"{FORMAT!r}"),
+    "format_version": (lambda v: _is_int(v) and v in SUPPORTED_VERSIONS, f"one of {SUPPORTED_VERSIONS}"),
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "encoding": (lambda v: v in ENCODINGS, f"one of {', '.join(ENCODINGS)}"),
+    "vocab_size": (lambda v: _is_int(v) and 1 <= v <= MAX_VOCAB_SIZE, f"an integer in [1, {MAX_VOCAB_SIZE}]"),
+    "k": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1"),
+    "num_samples": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_NUM_SAMPLES),
+                    f"null (top-k) or an integer in [1, {MAX_NUM_SAMPLES}] equal to k (sampling)"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "has_tail": (lambda v: isinstance(v, bool), "a boolean (false for sampled targets)"),
+    "teacher_name": (lambda v: isinstance(v, str), "a string"),
+    "id_bits": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1 (informative: ceil(log2(vocab_size)))"),
+    "logprob_quantum": (lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
+    "dtypes": (lambda v: isinstance(v, dict) and all(isinstance(t, str) for t in v.values()),
+               "an object of column name → Arrow type"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1"),
+    "rank": (lambda v: v is None or _is_int(v), "null (merged) or an integer in [0, world_size)"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "info": (lambda v: isinstance(v, dict), "an object"),
+    "complete": (lambda v: isinstance(v, bool), "a boolean"),
+    "num_sequences": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (the sum of the shards' rows)"),
+    "num_tokens": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (the sum of the shards' tokens)"),
+    "shards": (lambda v: isinstance(v, list), "a list of shard entries"),
+}
+_ENTRY_FIELDS = ("rank", "index", "rows", "tokens", "bytes", "min_seq_id", "max_seq_id")
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """``ValueError`` naming ``where`` and the field unless every field is present, of its type
+    and range, and the fields agree with each other (counts = sums, names = rank and index)."""
+    def bad(key: str, what: str):
+        return ValueError(f"{where}: invalid kdfast cache manifest: {key} {what}")
+
+    for key, (ok, want) in _FIELDS.items():
+        if key not in manifest:
+            raise bad(key, f"is missing (expected {want})")
+        if not ok(manifest[key]):
+            raise bad(key, f"{manifest[key]!r} is not {want}")
+    m = manifest
+    sample = m["method"] == "sample"
+    if (m["num_samples"] != m["k"]) if sample else (m["num_samples"] is not None):
+        raise bad("num_samples", f"{m['num_samples']!r} is not {_FIELDS['num_samples'][1]}")
+    if sample and m["has_tail"]:
+        raise bad("has_tail", "is true; sampled targets have no tail_logprob")
+    if m["rank"] is not None and not 0 <= m["rank"] < m["world_size"]:
+        raise bad("rank", f"{m['rank']!r} is not in [0, world_size = {m['world_size']})")
+    if "ranks" in m and not isinstance(m["ranks"], list):
+        raise bad("ranks", f"{m['ranks']!r} is not a list")
+    next_index: Dict[int, int] = {}
+    for n, entry in enumerate(m["shards"]):
+        at = f"{where}: shard entry {n}"
+        check_shard_entry(entry, at)
+        rank, index = entry["rank"], entry["index"]
+        expected = shard_name(rank, m["world_size"], index) if rank < m["world_size"] else None
+        if entry["file"] != expected or (m["rank"] is not None and rank != m["rank"]):
+            raise ValueError(f"{at} ({entry['file']}): file, rank {rank} and index {index} do not agree "
+                             f"with each other and with the manifest's rank {m['rank']!r} / world_size "
+                             f"{m['world_size']} (expected the file {expected!r})")
+        if index != next_index.get(rank, 0):
+            raise ValueError(f"{at} ({entry['file']}): index {index} out of order: the shards of rank "
+                             f"{rank} are listed 0, 1, 2, ... (expected index {next_index.get(rank, 0)})")
+        next_index[rank] = index + 1
+    for key, field in (("num_sequences", "rows"), ("num_tokens", "tokens")):
+        total = sum(entry[field] for entry in m["shards"])
+        if m[key] != total:
+            raise bad(key, f"{m[key]} is not the sum of the shards' {field} ({total})")
 
 
 def check_shard_entry(entry, where: str) -> None:
     """``ValueError`` unless ``entry`` names a shard file in the cache directory itself and
     records non-negative integer counts and a sha256 digest."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        raise ValueError(f"{where}: expected an object in shards, got {type(entry).__name__}")
     file = entry.get("file")
     if not isinstance(file, str) or not SHARD_NAME_RE.match(file):
         raise ValueError(
             f"{where}: file {file!r} is not a shard name of this cache (shard-NNNNN.arrow or "
             f"shard-rNNN-NNNNN.arrow, no directory part)"
         )
-    for key in ("rows", "tokens", "bytes"):
-        if not (_is_int(entry.get(key)) and entry[key] >= 0):
-            raise ValueError(f"{where} ({file}): {key} {entry.get(key)!r} is not an integer ≥ 0")
+    for key in _ENTRY_FIELDS:
+        least = 1 if key == "rows" else 0
+        if not (_is_int(entry.get(key)) and entry[key] >= least):
+            what = "is missing, expected" if key not in entry else f"{entry[key]!r} is not"
+            raise ValueError(f"{where} ({file}): {key} {what} an integer ≥ {least}")
+    if entry["min_seq_id"] > entry["max_seq_id"]:
+        raise ValueError(f"{where} ({file}): min_seq_id {entry['min_seq_id']} > max_seq_id {entry['max_seq_id']}")
     digest = entry.get("sha256")
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
         raise ValueError(f"{where} ({file}): sha256 {digest!r} is not a hex SHA-256 digest")

@@ -2,8 +2,18 @@
 
 On open, the manifest is read and checked (:func:`kdfast.cache.read_manifest`), every listed
 shard is mapped (a regular file inside the cache directory, of the recorded size), verified
-against its sha256 and parsed with its offsets checked (:mod:`kdfast.cache.shard`); an item
-then decodes only its own bytes (:mod:`kdfast.cache.records`).
+against its sha256 and parsed with its offsets checked and its schema metadata and counts
+compared with the manifest (:mod:`kdfast.cache.shard`); an item then decodes only its own bytes
+(:mod:`kdfast.cache.records`).
+
+**What an open cache guarantees.** The manifest and the shards agree (every decoding parameter,
+every count, every ``seq_id`` once), or the open fails with a ``ValueError`` naming the file and
+the field; nothing outside the cache directory is read. The identity of each shard file (device,
+inode, size, modification time) is recorded at open: a DataLoader worker that maps the shards
+again refuses a file that was replaced since (a cache rewritten in place, e.g. by a capture with
+``--overwrite``) instead of reading other targets under the old manifest. The checksums detect
+corruption, not a malicious writer that rewrites shards and manifest consistently (see
+:mod:`kdfast.cache.format`).
 
 **Hugging Face datasets.** Shards are Arrow IPC *stream* files, the format of ``datasets``' own
 cache files, so ``datasets.Dataset.from_file(shard)`` memory-maps one and
@@ -23,7 +33,7 @@ import numpy as np
 import torch
 
 from .durable import sha256_hex
-from .format import MANIFEST, rank_manifests, read_manifest, target_columns
+from .format import MANIFEST, SHARD_NAME_RE, rank_manifests, read_manifest, target_columns
 from .records import decode_row
 from .shard import Shard, map_shard
 
@@ -39,9 +49,11 @@ class TeacherCache(torch.utils.data.Dataset):
 
     On open, every shard listed in ``manifest.json`` is checked: present, a regular file in the
     cache directory, of the recorded size (else "truncated"), well-formed, and, with ``verify=True`` (the default), of the recorded sha256 (else
-    "checksum mismatch"); each error names the shard file. A multi-rank cache whose ranks were
-    never merged is refused with an explanation. Pickles without its memory maps (DataLoader
-    workers reopen the shards lazily, without re-verifying).
+    "checksum mismatch"), with the decoding parameters and counts of the manifest (see the
+    module docstring); each error names the shard file. A complete cache must list every shard
+    file of its directory. A multi-rank cache whose ranks were never merged is refused with an
+    explanation. Pickles without its memory maps (DataLoader workers reopen the shards lazily,
+    without re-verifying the checksums, but refusing a shard file replaced since the open).
     """
 
     def __init__(self, path, *, verify: bool = True):
@@ -57,7 +69,16 @@ class TeacherCache(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a kdfast teacher cache")
         self.manifest = read_manifest(self.path)
         entries = self.manifest["shards"]
-        maps = [map_shard(self.path, entry) for entry in entries]  # present, regular files, whole
+        if self.manifest["complete"]:
+            listed = {entry["file"] for entry in entries}
+            extra = sorted(n for n in os.listdir(self.path) if SHARD_NAME_RE.match(n) and n not in listed)
+            if extra:
+                raise ValueError(f"{os.path.join(self.path, MANIFEST)}: shards lists {len(entries)} shard files, "
+                                 f"the directory also holds {', '.join(extra)}; the manifest does not "
+                                 f"describe this cache")
+        mapped = [map_shard(self.path, entry) for entry in entries]  # present, regular files, whole
+        maps = [buffer for buffer, _ in mapped]
+        self._identity = [identity for _, identity in mapped]
         if verify:
             for entry, buffer in zip(entries, maps):
                 digest = sha256_hex(buffer)
@@ -67,7 +88,7 @@ class TeacherCache(torch.utils.data.Dataset):
                         f"{entry['sha256']}); the file is corrupt (file {os.path.join(self.path, entry['file'])})"
                     )
         self._files = [os.path.join(self.path, entry["file"]) for entry in entries]
-        self._shards = [Shard(buffer, file, self.manifest, entry["rows"])
+        self._shards = [Shard(buffer, file, self.manifest, entry)
                         for buffer, file, entry in zip(maps, self._files, entries)]
         self._pid = os.getpid()
         order = []
@@ -85,10 +106,20 @@ class TeacherCache(torch.utils.data.Dataset):
         self._index = table
 
     def _open(self) -> None:
-        """(Re)map the shards in a new process (a DataLoader worker), without re-verifying."""
+        """(Re)map the shards in a new process (a DataLoader worker), without re-verifying the
+        checksums but refusing a shard file that is not the one opened (rewritten since)."""
         if self._shards is None or self._pid != os.getpid():
-            self._shards = [Shard(map_shard(self.path, entry), file, self.manifest, entry["rows"])
-                            for file, entry in zip(self._files, self.manifest["shards"])]
+            shards = []
+            for file, entry, identity in zip(self._files, self.manifest["shards"], self._identity):
+                try:
+                    buffer, now = map_shard(self.path, entry)
+                except ValueError as exc:  # missing, replaced by a link, of another size: changed since
+                    raise ValueError(f"{file}: the cache was rewritten after it was opened ({exc}); "
+                                     f"reopen TeacherCache") from None
+                if now != identity:
+                    raise ValueError(f"{file}: the cache was rewritten after it was opened; reopen TeacherCache")
+                shards.append(Shard(buffer, file, self.manifest, entry))
+            self._shards = shards
             self._pid = os.getpid()
 
     def __getstate__(self):

@@ -6,12 +6,16 @@ inside the cache directory) and parsed once (:class:`Shard`); every column is th
 of the mapped file. Parsing checks what indexing will rely on — the columns and types of the
 manifest's schema, no nulls, the recorded number of rows, and list/binary offsets that are
 non-decreasing and end inside their values — so a damaged or hostile shard is a ``ValueError``
-naming the file, never a read past the end of a column.
+naming the file, never a read past the end of a column. It also checks the shard against its
+manifest: the decoding parameters of its schema metadata (:func:`kdfast.cache.format.bound_params`)
+must equal the manifest's exactly, and the entry's ``rows``, ``tokens``, ``min_seq_id`` and
+``max_seq_id`` must be what the shard holds — so a manifest edited to decode a shard otherwise, or
+to count it otherwise, is refused on open, naming the shard and the fields.
 """
 
 from __future__ import annotations
 
-import mmap
+import json
 import os
 from typing import Any, Dict
 
@@ -19,20 +23,23 @@ import numpy as np
 import pyarrow as pa
 
 from .durable import map_regular_file
-from .format import schema_for
+from .format import bound_params, schema_for, schema_params
 
 
-def map_shard(folder: str, entry: dict) -> mmap.mmap:
-    """The memory map of the shard ``entry`` (a checked manifest entry) of the cache ``folder``."""
+def map_shard(folder: str, entry: dict):
+    """``(map, identity)``: the memory map of the shard ``entry`` (a checked manifest entry) of the
+    cache ``folder`` and the identity of the file mapped (:func:`kdfast.cache.durable.file_identity`)."""
     return map_regular_file(os.path.join(folder, entry["file"]), "shard", entry["bytes"])
 
 
 class Shard:
     """A parsed shard: ``rows`` and ``cols`` (name → numpy array, or ``(offsets, values)`` for
-    list and binary columns), all views of ``buffer``."""
+    list and binary columns), all views of ``buffer``, checked against the manifest ``params``
+    and its ``entry`` for this shard."""
 
-    def __init__(self, buffer, file: str, params: dict, rows: int):
+    def __init__(self, buffer, file: str, params: dict, entry: dict):
         self.file = file
+        rows = entry["rows"]
         try:
             table = pa.ipc.open_stream(pa.py_buffer(buffer)).read_all()
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
@@ -65,8 +72,18 @@ class Shard:
                 self.cols[name] = self._checked(name, offsets, data)
             else:
                 self.cols[name] = arr.to_numpy(zero_copy_only=False)
+        self._check_entry(entry)
 
     def _check_schema(self, schema: pa.Schema, params: dict) -> None:
+        meta = schema_params(schema)
+        if meta is None:
+            raise ValueError(f"{self.file}: no kdfast parameters in the schema metadata; not a kdfast cache shard")
+        same = (lambda key: json.dumps(params[key]) == json.dumps(meta.get(key)))
+        diffs = [f"{key}: manifest {params[key]!r}, shard {meta.get(key)!r}" for key in bound_params(params["format_version"])
+                 if not same(key)]
+        if diffs:
+            raise ValueError(f"{self.file}: the manifest's parameters differ from the shard's schema metadata "
+                             f"({'; '.join(diffs)}); the manifest does not describe this shard")
         for field in schema_for(params):
             i = schema.get_field_index(field.name)
             if i < 0:
@@ -74,6 +91,19 @@ class Shard:
             if schema.field(i).type != field.type:
                 raise ValueError(f"{self.file}: column {field.name!r} is {schema.field(i).type}, the manifest "
                                  f"expects {field.type}; not a shard of this cache")
+
+    def _check_entry(self, entry: dict) -> None:
+        """``ValueError`` unless the entry's counts and seq_id range are those of the shard."""
+        offsets, _ = self.cols["input_ids"]
+        sid = self.cols["seq_id"]
+        actual = {"tokens": int(offsets[-1] - offsets[0]) if self.rows else 0,
+                  "min_seq_id": int(sid.min()) if self.rows else None,
+                  "max_seq_id": int(sid.max()) if self.rows else None}
+        diffs = [f"{key}: manifest {entry[key]!r}, shard {value!r}" for key, value in actual.items()
+                 if entry[key] != value]
+        if diffs:
+            raise ValueError(f"{self.file}: the manifest's shard entry does not match the shard "
+                             f"({'; '.join(diffs)})")
 
     def _checked(self, name: str, offsets: np.ndarray, values: np.ndarray):
         """``(offsets, values)`` if row ``r`` of column ``name`` is ``values[offsets[r]:offsets[r + 1]]``

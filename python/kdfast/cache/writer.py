@@ -4,8 +4,15 @@
 writes each full buffer as one shard, then the manifest, both atomically
 (:func:`kdfast.cache.durable.atomic_write`). A shard not listed in the manifest does not exist
 for readers, so a writer killed at any point leaves a valid cache holding every shard it
-completed; reopening it with the same parameters resumes. :func:`remove_cache_files` empties a
-directory of every rank's cache files (``kdfast capture --overwrite``).
+completed; reopening it with the same parameters resumes. :func:`clear_cache` empties a
+directory of every rank's cache files (``kdfast capture --overwrite`` of a multi-rank capture).
+
+**Locks.** Each writer holds its rank's lock (``.lock.rank{rank:03d}``) while it is open, taken
+under the directory lock (``.lock``). Clearing a cache — :func:`clear_cache`, or
+``CacheWriter(overwrite=True)``, which clears *after* taking its own lock — holds the directory
+lock and every rank's lock, so it never deletes the files of a writer that is still running: it
+raises ``RuntimeError`` ("another capture/CacheWriter is writing") instead. Lock files are never
+deleted (deleting a held lock file would let a second writer lock a new one).
 """
 
 from __future__ import annotations
@@ -21,21 +28,45 @@ import pyarrow as pa
 
 from ..targets import SparseTargets
 from .durable import WriterLock, atomic_write, fsync_dir, sha256_hex
-from .format import (CACHE_FILE_RE, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, ENCODINGS, FORMAT, FORMAT_VERSION,
-                     IDENTITY, LOGPROB_QUANTUM, MANIFEST, MAX_NUM_SAMPLES, MAX_SHARD_BYTES, MAX_VOCAB_SIZE, METHODS,
+from .format import (CACHE_FILE_RE, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, DIR_LOCK, ENCODINGS, FORMAT,
+                     FORMAT_VERSION, IDENTITY, LOCK_FILE_RE, LOGPROB_QUANTUM, MANIFEST, MAX_NUM_SAMPLES,
+                     MAX_SHARD_BYTES, MAX_VOCAB_SIZE, METHODS,
                      RANK_MANIFEST_RE, dtypes, id_bits, lock_name, manifest_name, read_manifest, schema_for,
                      shard_name)
 from .records import as_ids, build_table, check_targets, encode_row
 from .shard import Shard, map_shard
 
 
-def remove_cache_files(path: str) -> None:
-    """Delete every kdfast cache file (all ranks' manifests, shards, locks, temporary files) in
-    the directory ``path``; other files stay. Nothing happens if ``path`` is not a directory."""
+DIR_LOCK_TIMEOUT = 60.0  # seconds; the directory lock is held only to take a lock or clear a cache
+
+
+def clear_cache(path) -> None:
+    """Delete every kdfast cache file (all ranks' manifests, shards, temporary files) in the
+    directory ``path``; other files (and the lock files) stay. ``RuntimeError`` naming the
+    directory, with nothing deleted, while any writer holds the cache. Nothing happens if
+    ``path`` is not a directory."""
+    path = os.fspath(path)
     if os.path.isdir(path):
+        with WriterLock(os.path.join(path, DIR_LOCK), timeout=DIR_LOCK_TIMEOUT):
+            _clear_locked(path, held=None)
+
+
+def _clear_locked(path: str, held: Optional[int]) -> None:
+    """:func:`clear_cache` for a caller holding the directory lock and the lock of rank ``held``:
+    takes every other rank's lock (non-blocking), deletes, releases them."""
+    locks = []
+    try:
+        for name in sorted(os.listdir(path)):
+            m = LOCK_FILE_RE.match(name)
+            if m and m.group(1) is not None and int(m.group(1)) != held:
+                locks.append(WriterLock(os.path.join(path, name)).acquire())
         for name in os.listdir(path):
-            if CACHE_FILE_RE.match(name):
+            if CACHE_FILE_RE.match(name) and not LOCK_FILE_RE.match(name):
                 os.remove(os.path.join(path, name))
+        fsync_dir(path)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 class CacheWriter:
@@ -62,7 +93,9 @@ class CacheWriter:
         config: JSON-serialisable description of what produced the targets (data, model
             options...); part of the cache's identity, compared on resume.
         info: free-form JSON-serialisable metadata (not compared).
-        overwrite: delete an existing cache of this rank at ``path`` instead of resuming.
+        overwrite: delete an existing cache at ``path`` instead of resuming — after taking this
+            writer's lock; with ``world_size == 1`` every rank's files (holding every rank's lock:
+            ``RuntimeError`` while another writer is open), else this rank's files only.
 
     **Resume.** If ``path`` already holds this rank's manifest, the writer checks that every
     parameter above (and ``config``) matches — a mismatch is a ``ValueError`` listing the
@@ -141,7 +174,14 @@ class CacheWriter:
         self._num_tokens = 0
 
         os.makedirs(self.path, exist_ok=True)
-        self._lock = WriterLock(os.path.join(self.path, lock_name(rank))).acquire()
+        with WriterLock(os.path.join(self.path, DIR_LOCK), timeout=DIR_LOCK_TIMEOUT):
+            self._lock = WriterLock(os.path.join(self.path, lock_name(rank))).acquire()
+            try:
+                if overwrite and world_size == 1:
+                    _clear_locked(self.path, held=rank)  # lock first, then clear
+            except BaseException:
+                self._lock.release()
+                raise
         try:
             self._check_layout()
             if overwrite:
@@ -355,11 +395,14 @@ class CacheWriter:
             if s["file"] != expected:
                 raise ValueError(f"{self._manifest_file}: shard entry {index} is {s['file']!r}, this writer's "
                                  f"shard {index} is {expected!r}; the manifest is not this rank's")
-        maps = [map_shard(self.path, s) for s in shards]  # present, regular files, whole
+        if self._params["temperature"] != old["temperature"]:  # within 1e-12: keep the cache's exactly
+            self._params["temperature"] = old["temperature"]
+            self._schema = schema_for(self._params)
+        maps = [map_shard(self.path, s)[0] for s in shards]  # present, regular files, whole
         self._shards = [dict(s) for s in shards]
         self._remove_own_files(keep_listed=True)
         for s, buffer in zip(self._shards, maps):
-            shard = Shard(buffer, os.path.join(self.path, s["file"]), self._params, s["rows"])
+            shard = Shard(buffer, os.path.join(self.path, s["file"]), old, s)
             for sid in shard.cols["seq_id"].tolist():
                 if sid in self._done:
                     raise ValueError(f"{s['file']}: sequence {sid} is stored twice in {self.path}")

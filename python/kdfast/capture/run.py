@@ -89,7 +89,8 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
         encoding, shard_size: cache storage (:class:`kdfast.cache.CacheWriter`).
         teacher_name: recorded in the manifest (default: the model directory's name).
         limit: use only the first ``limit`` documents.
-        overwrite: delete an existing cache at ``output`` first instead of resuming.
+        overwrite: delete an existing cache at ``output`` first instead of resuming (refused with
+            a ``RuntimeError`` while another capture or CacheWriter is writing it).
         progress: a tqdm progress bar (rank 0) with tokens/s. verbose: print the summary.
 
     Returns:
@@ -98,7 +99,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
     import torch
 
     from ..cache import CacheWriter, merge_manifests
-    from ..cache.writer import remove_cache_files
+    from ..cache.writer import clear_cache
 
     t_start = time.perf_counter()
     if mode not in MODES:
@@ -160,9 +161,9 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
         }
         stride = total_len  # row_offset stride of compress_sample: one stream per position
 
-        if overwrite:
+        if overwrite and dist.world > 1:  # one rank clears every rank's files, holding their locks
             if dist.rank == 0:
-                remove_cache_files(output)
+                clear_cache(output)
             dist.barrier()
         writer = CacheWriter(
             output, method=method, temperature=temperature, vocab_size=vocab,
@@ -170,6 +171,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             teacher_name=teacher_name if teacher_name is not None else default_name,
             shard_size=shard_size, encoding=encoding, rank=dist.rank, world_size=dist.world,
             config=config, info={"data": data_name, "kdfast_capture": _capture_info()},
+            overwrite=overwrite and dist.world == 1,  # takes the writer's lock, then clears
         )
         with writer:
             mine = [i for i in range(dist.rank, len(docs), dist.world) if i not in writer.done]
