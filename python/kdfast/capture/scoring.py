@@ -64,20 +64,29 @@ class Scorer:
         del out
         weight, bias = self.head.weight[:self.vocab], self.head.bias
         bias = None if bias is None else bias[:self.vocab]
-        scale = self.head.scale
-        step = max(1, self.chunk_bytes // (self.vocab * weight.element_size()))
+        scale, wt = self.head.scale, weight.t()
+        step = max(1, min(max(lengths, default=1), self.chunk_bytes // (self.vocab * weight.element_size())))
         result = []
         with torch.inference_mode():
+            # One buffer for every chunk: no allocation per chunk (a fresh one each time
+            # fragments the heap around the small targets kept between chunks).
+            buffer = cap.hidden.new_empty((step, self.vocab))
             for r, n in enumerate(lengths):
                 hidden = cap.hidden[r, :n]
                 parts = []
                 for a in range(0, n, step):
-                    logits = torch.nn.functional.linear(hidden[a:a + step], weight, bias)
+                    h = hidden[a:a + step]
+                    logits = buffer[:h.shape[0]]
+                    # What F.linear (nn.Linear) runs on the CPU: addmm with a bias, else mm.
+                    if bias is None:
+                        torch.mm(h, wt, out=logits)
+                    else:
+                        torch.addmm(bias, h, wt, out=logits)
                     if scale != 1.0:
-                        logits = logits * scale
+                        logits.mul_(scale)
                     parts.append(compress(logits, r, a))
-                    del logits
                 result.append(cat_targets(parts))
+            del buffer
         return result
 
     def _from_logits(self, ids, mask, lengths, compress) -> List:
