@@ -248,3 +248,17 @@ def test_resume_after_an_interruption_between_chunks(tmp_path, llama, monkeypatc
     assert summary.new_sequences == len(tm.DOCS) - len(partial)
     capture(llama, tm.DOCS, tmp_path / "fresh", **kw)
     _same_caches(out, tmp_path / "fresh", "sample")
+
+
+def test_capture_benchmark_paths_agree_on_a_tiny_case():
+    """benchmarks.capture: both paths store the same targets; the table reports both."""
+    from kdfast.benchmarks import capture as bench
+
+    results = [{**spec, **bench.run_case(spec)}
+               for spec in ({"path": p, "method": "sample", "batch": 2, "seq": 30, "vocab": V, "hidden": 32, "k": 8}
+                            for p in bench.PATHS)]
+    assert [r["fallback"] for r in results] == ["chunked=False", None]
+    assert results[0]["targets_hash"] == results[1]["targets_hash"]
+    assert all(r["tokens"] == 60 and r["logits_bytes"] == 60 * V * 4 for r in results)
+    table = bench.format_table(results)
+    assert "| sample | 2×30 |" in table and table.rstrip().endswith("✓ |")
