@@ -5,11 +5,11 @@ A :class:`Scorer` runs the teacher with its head replaced by a capture of the he
 usual and returns the final hidden states ``[B, S, H]``; then, per sequence, it computes the
 logits of a chunk of its unpadded positions at a time, ``hidden[a:a+c] @ Wᵀ (+ b)`` (times the
 head's constant scale), and hands each chunk straight to the compressor with the chunk's row
-offset — at most one chunk of ``c × V`` logits exists at a time, with ``c`` from a byte budget
+offset — one buffer of ``c × V`` logits serves every chunk, with ``c`` from a byte budget
 (:data:`CHUNK_BYTES`).
 
-The chunk's logits are computed exactly as the model's head computes them: ``F.linear`` in the
-head's dtype (float32 for a float32 teacher; a bfloat16 teacher's logits are bfloat16, as the
+The chunk's logits are computed exactly as the model's head computes them: the matmul that
+``F.linear`` runs (``addmm`` with a bias, else ``mm``) in the head's dtype (float32 for a float32 teacher; a bfloat16 teacher's logits are bfloat16, as the
 materialised path's are), the scale applied after the matmul as the model applies it. So the
 targets are those of the materialised path: top-k picks from the same numbers (up to the last
 bit of the matmul, which may block differently for another number of rows), and sampled
