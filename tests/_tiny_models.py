@@ -62,3 +62,16 @@ def write_jsonl(path, docs=DOCS, field="text") -> str:
         for d in docs:
             f.write(json.dumps({field: d, "other": 1}) + "\n")
     return os.fspath(path)
+
+
+def dying(real, at: int):
+    """``real``, except that its ``at``-th call raises KeyboardInterrupt (a capture killed midway)."""
+    calls = {"n": 0}
+
+    def call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt(f"killed at call {at}")
+        return real(*args, **kwargs)
+
+    return call

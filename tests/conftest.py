@@ -67,7 +67,7 @@ settings.load_profile(os.environ.get("KDFAST_HYPOTHESIS_PROFILE", "kdfast"))
 SLOW_FILES = {"test_triton_dense.py", "test_triton_sparse.py", "test_triton_compress.py", "test_demo.py",
               "test_threads_and_fork.py", "test_compile.py", "test_trainer_fused.py",
               "test_trainer_gkd.py"}
-HF_FILES = {"test_trainer.py", "test_trainer_fused.py", "test_trainer_gkd.py", "test_trl.py", "test_capture.py", "test_demo.py", "test_training_smoke.py", "test_cache.py"}
+HF_FILES = {"test_trainer.py", "test_trainer_fused.py", "test_trainer_gkd.py", "test_trl.py", "test_capture.py", "test_capture_chunked.py", "test_demo.py", "test_training_smoke.py", "test_cache.py"}
 SLOW_TESTS = {"test_loss_falls_and_parts_are_logged", "test_fuzz_only_value_or_type_errors",
               "test_huge_outputs_under_an_8_gib_address_space_limit", "test_rust_buffers_are_allocated_fallibly",
               "test_sparse_loss_under_fullgraph_compile",

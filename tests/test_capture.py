@@ -183,16 +183,8 @@ def test_generate_with_sampling_is_seeded(tmp_path, teacher_dir, docs_txt):
 def test_capture_resumes_after_an_interruption(tmp_path, teacher_dir, docs_txt, monkeypatch):
     out = tmp_path / "cache"
     kw = dict(k=5, batch_size=2, max_length=MAXLEN, shard_size=2, progress=False, verbose=False)
-    calls = {"n": 0}
     real = kdfast.sparse.compress_topk
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed mid-batch")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kdfast.sparse, "compress_topk", dying)
+    monkeypatch.setattr(kdfast.sparse, "compress_topk", tm.dying(real, 6))  # killed mid-batch
     with pytest.raises(KeyboardInterrupt):
         capture(teacher_dir, docs_txt, out, **kw)
     monkeypatch.setattr(kdfast.sparse, "compress_topk", real)

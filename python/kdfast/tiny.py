@@ -6,13 +6,14 @@ the tests.
   :func:`split_text` cuts it into training and validation text at a paragraph boundary;
   :func:`byte_chunks` cuts text into pieces of at most ``size`` UTF-8 bytes, and
   :func:`byte_ids` turns text into byte-level token ids (vocabulary 256).
-* **Models**: :func:`gpt2`, a small ``transformers`` GPT-2 with dropout off.
+* **Models**: :func:`gpt2`, a small ``transformers`` GPT-2 with dropout off; :func:`llama`, a
+  random Llama-architecture model (the benchmarks' teacher and student at LLM vocabulary size).
 * **Training**: :func:`train_lm` trains a model as a next-token language model on random windows
   of a token stream (AdamW, :func:`lr_schedule`, gradient clipping at 1), for a number of
   steps or about a number of seconds; :func:`evaluate` is the mean next-token cross-entropy
   over padded validation sequences (:func:`pad_batch`).
 
-``transformers`` is imported only by :func:`gpt2`.
+``transformers`` is imported only by :func:`gpt2` and :func:`llama`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pydoc_text", "split_text", "byte_chunks", "byte_ids", "gpt2", "param_count", "optimizer",
+__all__ = ["pydoc_text", "split_text", "byte_chunks", "byte_ids", "gpt2", "llama", "param_count", "optimizer",
            "lr_schedule", "train_lm", "pad_batch", "evaluate"]
 
 BYTE_VOCAB = 256
@@ -84,6 +85,18 @@ def gpt2(vocab: int, context: int, layers: int, embd: int, heads: int, seed: int
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
                      activation_function="gelu")  # PyTorch's fused GELU: faster on the CPU than gelu_new
     return GPT2LMHeadModel(cfg)
+
+
+def llama(hidden: int, vocab: int, seed: int, *, layers: int = 2, context: int = 4096):
+    """A randomly initialised ``LlamaForCausalLM`` (seeded; 4 heads, MLP width 2 × ``hidden``, an
+    untied head): the LLM-vocabulary stand-in of the benchmarks."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=context, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg)
 
 
 def param_count(model: torch.nn.Module) -> int:

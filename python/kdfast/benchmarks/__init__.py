@@ -14,7 +14,9 @@ kdfast's public API: they import ``kdfast``, :mod:`kdfast.tiny` and each other, 
 - :mod:`kdfast.benchmarks.offline`: compression, ``sparse_kl``, storage and fidelity of sparse
   targets (a package: one module per part);
 - :mod:`kdfast.benchmarks.fused_linear`: ``fused_linear_distill_loss`` against materialised logits;
+- :mod:`kdfast.benchmarks.capture`: one ``kdfast capture`` batch through the chunked head against
+  materialised logits (extra peak memory, tokens/s);
 - :mod:`kdfast.benchmarks.gpu`: the Triton kernels against eager, ``torch.compile`` and Liger.
 """
 
-__all__ = ["harness", "references", "peers", "dense", "dense_report", "plot", "offline", "fused_linear", "gpu"]
+__all__ = ["harness", "references", "peers", "dense", "dense_report", "plot", "offline", "fused_linear", "capture", "gpu"]

@@ -29,22 +29,13 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import tiny
 from . import harness, tables
 
 MODULE = "kdfast.benchmarks.trainer"
 PATHS = ("bare", "trainer", "trainer-logits", "trl", "trl-kdfast")
 LOSSES = ("forward_kl", "jsd")
 SIZES = ((2, 1024), (4, 2048))
-
-
-def _llama(hidden: int, vocab: int, seed: int):
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                   max_position_embeddings=4096, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def _batch(b: int, s: int, vocab: int) -> dict:
@@ -95,7 +86,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """One (path, loss, B, S) case: extra peak memory and time of one training step."""
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     vocab, b, s, loss, path = spec["vocab"], spec["batch"], spec["seq"], spec["loss"], spec["path"]
-    student, teacher = _llama(256, vocab, 1), _llama(384, vocab, 2).eval()
+    student, teacher = tiny.llama(256, vocab, 1), tiny.llama(384, vocab, 2).eval()
     batch = _batch(b, s, vocab)
     out = tempfile.mkdtemp(prefix="kdfast-bench-")
     if path == "bare":

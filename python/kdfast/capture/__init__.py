@@ -2,9 +2,12 @@
 
 :func:`capture` (and the ``kdfast capture`` command, :func:`add_parser` / :func:`main`) loads a
 ``transformers`` causal LM from a **local** directory, reads documents, runs the teacher under
-``torch.inference_mode()`` batch by batch and streams each batch's logits through
+``torch.inference_mode()`` batch by batch and streams its logits through
 :func:`kdfast.compress_topk` / :func:`kdfast.compress_sample` into a :class:`kdfast.cache.CacheWriter`
-— at most one batch of logits exists at a time, padding positions are never compressed.
+— computed from the final hidden states a chunk of rows at a time through the teacher's head, so
+no ``[B, S, V]`` logits exist (a head that is not ``hidden @ Wᵀ (+ b)``, such as final-logit
+soft-capping, falls back to one batch of materialised logits); padding positions are never
+compressed.
 
 Modes:
 
@@ -45,7 +48,8 @@ which is what readers open. ``--device cuda`` means ``cuda:LOCAL_RANK`` under to
 
 One module per job: :mod:`~kdfast.capture.documents` (reading the data),
 :mod:`~kdfast.capture.tokenizer` (tokenizers), :mod:`~kdfast.capture.teacher` (loading the
-model, generation, compressing logits), :mod:`~kdfast.capture.distributed` (``torchrun``
+model, generation, compressing logits), :mod:`~kdfast.capture.scoring` (a batch's targets through
+the chunked head, or the materialised logits), :mod:`~kdfast.capture.distributed` (``torchrun``
 ranks), :mod:`~kdfast.capture.run` (the capture loop, :func:`capture`) and
 :mod:`~kdfast.capture.cli` (the ``kdfast capture`` command).
 """

@@ -56,6 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--teacher-name", default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     p.add_argument("--overwrite", action="store_true", help="delete an existing cache instead of resuming")
+    p.add_argument("--no-chunked-head", action="store_true",
+                   help="materialise each batch's [B, S, V] logits instead of computing them chunk by "
+                        "chunk through the teacher's head")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
     return p
@@ -72,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, text_field=args.text_field,
             split=args.split, txt_docs=args.txt_docs, encoding=args.encoding, shard_size=args.shard_size,
             teacher_name=args.teacher_name, limit=args.limit, overwrite=args.overwrite,
-            progress=not args.no_progress,
+            chunked_head=not args.no_chunked_head, progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"kdfast capture: error: {exc}", file=sys.stderr)

@@ -4,7 +4,10 @@
 runs the teacher (:mod:`.teacher`) under ``torch.inference_mode()`` batch by batch — generating
 responses first in generate mode — and streams each batch's logits through
 :func:`kdfast.compress_topk` / :func:`kdfast.compress_sample` into a
-:class:`kdfast.cache.CacheWriter`: at most one batch of logits exists at a time, padding
+:class:`kdfast.cache.CacheWriter`: the teacher's body gives the final hidden states and the
+logits are computed a chunk of rows at a time through its head into the compressor
+(:mod:`.scoring`), so no ``[B, S, V]`` logits exist; a head that cannot be computed that way
+(soft-capping, not an ``nn.Linear``) falls back to one batch of materialised logits. Padding
 positions are never compressed. A tqdm progress bar shows tokens/s on rank 0; under
 ``torchrun`` each rank writes its own shards (:mod:`.distributed`) and rank 0 merges the
 manifests at the end. :class:`CaptureSummary` is what a run reports.
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Optional
 
 from .distributed import Ranks
 from .documents import documents_sha256, read_documents
+from .scoring import Scorer
 from .teacher import compress_rows, context_length, eos_ids, generate, load_model, vocab_size
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -42,6 +47,7 @@ class CaptureSummary:
     rank: int = 0
     world_size: int = 1
     shards: int = 0
+    fallback: Optional[str] = None  # why the logits were materialised; None: chunked through the head
 
     @property
     def bytes_per_token(self) -> float:
@@ -62,7 +68,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             dtype: str = "auto", tokenizer=None, text_field: Optional[str] = None, split: str = "train",
             txt_docs: str = "line", encoding: str = "compact", shard_size: int = 1024,
             teacher_name: Optional[str] = None, limit: Optional[int] = None, overwrite: bool = False,
-            progress: bool = True, verbose: bool = True) -> CaptureSummary:
+            chunked_head: bool = True, progress: bool = True, verbose: bool = True) -> CaptureSummary:
     """Run the teacher ``model`` over ``data`` and store sparse targets in the cache ``output``.
 
     Args:
@@ -91,6 +97,8 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
         limit: use only the first ``limit`` documents.
         overwrite: delete an existing cache at ``output`` first instead of resuming (refused with
             a ``RuntimeError`` while another capture or CacheWriter is writing it).
+        chunked_head: compute the logits chunk by chunk through the teacher's head (default);
+            False materialises each batch's ``[B, S, V]`` logits (:mod:`kdfast.capture.scoring`).
         progress: a tqdm progress bar (rank 0) with tokens/s. verbose: print the summary.
 
     Returns:
@@ -129,6 +137,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
         if isinstance(tok, ByteTokenizer) and vocab < 256:
             raise ValueError(f"model: the byte-level tokenizer needs a vocabulary of ≥ 256 ids, "
                              f"the teacher has {vocab}")
+        scorer = Scorer(teacher, vocab, chunked=chunked_head)
         context = context_length(teacher)
         gen = mode == "generate"
         if max_length is None:
@@ -185,7 +194,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
             bar = _progress(progress and dist.rank == 0, gen, sum(len(s) for s in seqs.values()), len(order))
             eos = eos_ids(tok, teacher)
-            new_tokens = 0
+            new_tokens, noted = 0, False
             t_loop = time.perf_counter()
             try:
                 for batch in batches:
@@ -201,14 +210,19 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
                     for r, s in enumerate(fulls):
                         ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
                         mask[r, :len(s)] = 1
-                    with torch.inference_mode():
-                        logits = teacher(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-                        for r, i in enumerate(batch):
-                            n = lengths[r]
-                            t = compress_rows(logits[r, :n, :vocab], method, k, num_samples, temperature,
-                                               seed, i * stride)
-                            writer.append(ids[r, :n], t, seq_id=i, prompt_length=len(prompts[r]) if gen else 0)
-                        del logits
+                    def compress(rows, r, start, batch=batch):
+                        return compress_rows(rows, method, k, num_samples, temperature, seed,
+                                             batch[r] * stride + start)
+
+                    targets = scorer.targets(ids.to(dev), mask.to(dev), lengths, compress)
+                    if scorer.fallback is not None and not noted:
+                        noted = True  # once per run (a refused head is known before the first batch)
+                        if verbose and dist.rank == 0:
+                            _note(bar, f"kdfast capture: materialising each batch's logits: {scorer.fallback}")
+                    for r, i in enumerate(batch):
+                        writer.append(ids[r, :lengths[r]], targets[r], seq_id=i,
+                                      prompt_length=len(prompts[r]) if gen else 0)
+                    del targets
                     new_tokens += sum(lengths)
                     if bar is not None:
                         if gen:
@@ -232,7 +246,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             path=output, sequences=manifest["num_sequences"], tokens=manifest["num_tokens"],
             new_sequences=new_sequences, new_tokens=new_tokens,
             bytes=sum(s["bytes"] for s in manifest["shards"]), seconds=time.perf_counter() - t_start,
-            rank=dist.rank, world_size=dist.world, shards=len(manifest["shards"]),
+            rank=dist.rank, world_size=dist.world, shards=len(manifest["shards"]), fallback=scorer.fallback,
         )
         if verbose and dist.rank == 0:
             print(summary, flush=True)
@@ -249,6 +263,13 @@ def _capture_info() -> dict:
     except Exception:  # pragma: no cover
         v = "unknown"
     return {"kdfast_version": v, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _note(bar, message: str) -> None:
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _progress(enabled: bool, gen: bool, tokens: int, sequences: int):

@@ -3,7 +3,8 @@
 :func:`load_model` loads a ``transformers`` causal LM from a **local** directory (or takes a
 loaded one) in the requested dtype on the device; :func:`context_length`, :func:`vocab_size`
 and :func:`eos_ids` read what the capture needs from it; :func:`generate` writes the responses
-of sequence-level KD; :func:`compress_rows` turns one sequence's logits into sparse targets.
+of sequence-level KD; :func:`compress_rows` turns one sequence's logits into sparse targets and
+:func:`cat_targets` joins the targets of consecutive row chunks.
 ``torch`` and ``transformers`` are imported when called, so ``kdfast capture --help`` is fast.
 """
 
@@ -86,8 +87,6 @@ def compress_rows(rows, method, k, num_samples, temperature, seed, row_offset, c
     (the results do not depend on the chunking: top-k is per row and the sampler keys each
     row's draws by ``row_offset + row``).
     """
-    import torch
-
     from .. import sparse
 
     def one(x, offset):
@@ -100,7 +99,15 @@ def compress_rows(rows, method, k, num_samples, temperature, seed, row_offset, c
             return one(rows, row_offset)
         chunk_rows = max(1, (1 << 26) // rows.shape[-1])
     step = chunk_rows
-    parts = [one(rows[a:a + step], row_offset + a).to("cpu") for a in range(0, rows.shape[0], step)]
+    return cat_targets([one(rows[a:a + step], row_offset + a).to("cpu") for a in range(0, rows.shape[0], step)])
+
+
+def cat_targets(parts):
+    """The targets of consecutive rows, concatenated (the one part itself when there is one)."""
+    import torch
+
+    from .. import sparse
+
     if len(parts) == 1:
         return parts[0]
     cat = (lambda name: None if getattr(parts[0], name) is None
