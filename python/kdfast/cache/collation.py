@@ -55,14 +55,17 @@ class Collator:
         k = max(item["targets"].k for item in batch)
         sampled = method == "sample"
         has_tail = t0.tail_logprob is not None
-        input_ids = _full((b, s), self.pad_id, torch.int64)
-        attention = _full((b, s), 0, torch.int64)
-        labels = _full((b, s), self.ignore_index, torch.int64)
-        response = _full((b, s), False, torch.bool)
-        ids = _full((b, s, k), -1, torch.int64)
-        lps = _full((b, s, k), float("-inf"), torch.float32)
-        weights = _full((b, s, k), 0.0, torch.float32) if sampled else None
-        tails = _full((b, s), 0.0, torch.float32) if has_tail else None
+        full = _Arena([((b, s), torch.int64)] * 3 + [((b, s, k), torch.int64), ((b, s, k), torch.float32)]
+                      + [((b, s, k), torch.float32)] * sampled + [((b, s), torch.float32)] * has_tail
+                      + [((b, s), torch.bool)])
+        input_ids = full((b, s), self.pad_id, torch.int64)
+        attention = full((b, s), 0, torch.int64)
+        labels = full((b, s), self.ignore_index, torch.int64)
+        ids = full((b, s, k), -1, torch.int64)
+        lps = full((b, s, k), float("-inf"), torch.float32)
+        weights = full((b, s, k), 0.0, torch.float32) if sampled else None
+        tails = full((b, s), 0.0, torch.float32) if has_tail else None
+        response = full((b, s), False, torch.bool)
         for r, item in enumerate(batch):
             n = lengths[r]
             t = item["targets"]
@@ -99,13 +102,26 @@ class Collator:
         }
 
 
-def _full(shape, value, dtype) -> torch.Tensor:
-    """``torch.full``; in a DataLoader worker, in shared memory, where the batch must go anyway
-    to reach the main process (as ``default_collate`` does: it saves a copy of every tensor)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.full(shape, value, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape).fill_(value)
+class _Arena:
+    """The tensors of one batch, carved in order from one block of memory: in a DataLoader worker,
+    one block of shared memory, where the batch must go anyway to reach the main process (as
+    ``default_collate`` does, which saves a copy of every tensor); one block instead of one per
+    tensor, because each costs a file, a mapping and a descriptor passed between processes."""
+
+    def __init__(self, layout):
+        sizes = [-(-math.prod(shape) * dtype.itemsize // 8) * 8 for shape, dtype in layout]  # 8-byte aligned
+        total = max(8, sum(sizes))
+        if torch.utils.data.get_worker_info() is None:
+            self.storage = torch.empty(total, dtype=torch.uint8).untyped_storage()
+        else:
+            self.storage = torch.UntypedStorage._new_shared(total)
+        self.offset = 0
+
+    def __call__(self, shape, value, dtype) -> torch.Tensor:
+        """The next tensor of ``shape`` and ``dtype``, filled with ``value``."""
+        start = self.offset // dtype.itemsize
+        self.offset += -(-math.prod(shape) * dtype.itemsize // 8) * 8
+        return torch.empty(0, dtype=dtype).set_(self.storage, start, shape).fill_(value)
 
 
 def collate(batch: Sequence[dict], pad_id: int = 0, *, response_only: bool = False) -> dict:
