@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -321,3 +322,51 @@ def test_version_2_binds_the_teacher_and_the_ranks_into_the_shards(tmp_path, fie
     (path / "manifest.json").write_text(json.dumps(dict(manifest, **{field: value})))
     with pytest.raises(ValueError, match=field):
         TeacherCache(path)
+
+
+def _same_batches(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "targets":
+            for field in ("indices", "logprobs", "weights", "tail_logprob"):
+                x, y = getattr(a[key], field), getattr(b[key], field)
+                assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), field
+            assert (a[key].method, a[key].temperature) == (b[key].method, b[key].temperature)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("method", ["sample", "topk"])
+@pytest.mark.parametrize("response_only", [False, True])
+def test_one_call_batches_equal_item_by_item_batches(tmp_path, method, response_only):
+    v = 70000 if method == "topk" else 300  # int32 and uint16 input ids
+    seqs = []
+    for i in range(7):
+        x = logits_of(1 + 4 * i, v, seed=i, mask_half=i == 2)
+        t = kdfast.compress_sample(x, 20, seed=3, row_offset=100 * i) if method == "sample" else \
+            kdfast.compress_topk(x, 6)
+        seqs.append((torch.randint(0, v, (x.shape[0],)), t))
+    kw = {"num_samples": 20} if method == "sample" else {"k": 6}
+    with CacheWriter(tmp_path / "c", method=method, temperature=1.0, vocab_size=v, shard_size=3, **kw) as w:
+        for n, (ids, t) in enumerate(seqs):
+            w.append(ids, t, prompt_length=n % 3)
+    cache = TeacherCache(tmp_path / "c")
+    col = Collator(pad_id=5, response_only=response_only)
+    for idx in ([0], [6, 1, 3], [2, 5, 4, 0, 1]):
+        fast = cache.__getitems__(idx)
+        assert len(fast) == len(idx) and fast.compact_rows() is not None
+        _same_batches(col(fast), col([cache[i] for i in idx]))
+        assert fast[1 if len(idx) > 1 else 0]["seq_id"] == idx[1 if len(idx) > 1 else 0]
+
+
+def test_one_call_batch_names_a_damaged_record(tmp_path):
+    v = 300
+    seqs = sampled_seqs(3, v, 20)
+    cache = write(tmp_path / "c", "sample", [(i, t) for i, t, _ in seqs], v, num_samples=20)
+    batch = cache.__getitems__([0, 1, 2])
+    rows = batch.compact_rows()
+    rows.rows[1]["record"] = np.asarray(rows.rows[1]["record"])[:-2]
+    b, s, k = 3, max(len(r["input_ids"]) for r in rows.rows), max(r["k"] for r in rows.rows)
+    out = [torch.empty(b, s, k, dtype=torch.int64), torch.empty(b, s, k), torch.empty(b, s, k), None]
+    with pytest.raises(ValueError, match="sequence 1.*corrupt"):
+        rows.decode_into(s, k, *out)

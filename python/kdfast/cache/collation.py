@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..targets import SparseTargets
@@ -47,59 +48,75 @@ class Collator:
     def __call__(self, batch: Sequence[dict]) -> dict:
         if not batch:
             raise ValueError("collate: empty batch")
-        b = len(batch)
-        lengths = [int(item["input_ids"].shape[0]) for item in batch]
-        s = max(lengths)
-        t0 = batch[0]["targets"]
-        method, temperature = t0.method, t0.temperature
-        k = max(item["targets"].k for item in batch)
+        fast = getattr(batch, "compact_rows", None)  # a TeacherCache batch of compact records
+        rows = fast() if fast is not None else None
+        if rows is not None:
+            meta = [(r["seq_id"], r["input_ids"], r["prompt_length"], r["k"]) for r in rows.rows]
+            method, temperature, has_tail = rows.params["method"], float(rows.params["temperature"]), \
+                rows.params["has_tail"]
+        else:
+            meta = [(item.get("seq_id", -1), item["input_ids"], item.get("prompt_length", 0), item["targets"].k)
+                    for item in batch]
+            t0 = batch[0]["targets"]
+            method, temperature, has_tail = t0.method, t0.temperature, t0.tail_logprob is not None
+        b = len(meta)
+        lengths = [int(m[1].shape[0]) for m in meta]
+        s, k = max(lengths), max(m[3] for m in meta)
         sampled = method == "sample"
-        has_tail = t0.tail_logprob is not None
         full = _Arena([((b, s), torch.int64)] * 3 + [((b, s, k), torch.int64), ((b, s, k), torch.float32)]
                       + [((b, s, k), torch.float32)] * sampled + [((b, s), torch.float32)] * has_tail
                       + [((b, s), torch.bool)])
         input_ids = full((b, s), self.pad_id, torch.int64)
         attention = full((b, s), 0, torch.int64)
         labels = full((b, s), self.ignore_index, torch.int64)
-        ids = full((b, s, k), -1, torch.int64)
-        lps = full((b, s, k), float("-inf"), torch.float32)
-        weights = full((b, s, k), 0.0, torch.float32) if sampled else None
-        tails = full((b, s), 0.0, torch.float32) if has_tail else None
+        fill = rows is None  # the decoder writes every slot itself
+        ids = full((b, s, k), -1 if fill else None, torch.int64)
+        lps = full((b, s, k), float("-inf") if fill else None, torch.float32)
+        weights = full((b, s, k), 0.0 if fill else None, torch.float32) if sampled else None
+        tails = full((b, s), 0.0 if fill else None, torch.float32) if has_tail else None
         response = full((b, s), False, torch.bool)
-        for r, item in enumerate(batch):
+        for r, (_, x, pl, _) in enumerate(meta):
             n = lengths[r]
-            t = item["targets"]
-            if t.method != method or (t.tail_logprob is not None) != has_tail:
-                raise ValueError("collate: items mix target methods or tail layouts")
-            if not math.isclose(t.temperature, temperature, rel_tol=1e-9):
-                raise ValueError("collate: items have targets at different temperatures")
-            if tuple(t.shape) != (n,):
-                raise ValueError(f"collate: item {r} has {n} tokens but targets of leading shape {tuple(t.shape)}")
-            x = item["input_ids"]
-            input_ids[r, :n] = x
+            input_ids[r, :n] = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.int64))
             attention[r, :n] = 1
             if n > 1:
-                labels[r, :n - 1] = x[1:]
-                pl = int(item.get("prompt_length", 0))
-                first = max(0, pl - 1)  # first position whose next token is a response token
+                labels[r, :n - 1] = input_ids[r, 1:n]
+                first = max(0, int(pl) - 1)  # first position whose next token is a response token
                 response[r, first:n - 1] = True
                 if self.response_only:
                     labels[r, :first] = self.ignore_index
-            kr = t.k
-            ids[r, :n, :kr] = t.indices
-            lps[r, :n, :kr] = t.logprobs
-            if sampled:
-                weights[r, :n, :kr] = t.weights
-            if has_tail:
-                tails[r, :n] = t.tail_logprob
+        if rows is None:
+            _fill_targets(batch, lengths, method, temperature, has_tail, ids, lps, weights, tails)
+        else:
+            rows.decode_into(s, k, ids, lps, weights, tails)
         targets = SparseTargets(indices=ids, logprobs=lps, weights=weights, tail_logprob=tails,
                                 temperature=temperature, method=method)
         return {
             "input_ids": input_ids, "attention_mask": attention, "labels": labels, "targets": targets,
             "response_mask": response,
-            "prompt_length": torch.tensor([int(item.get("prompt_length", 0)) for item in batch]),
-            "seq_id": torch.tensor([int(item.get("seq_id", -1)) for item in batch]),
+            "prompt_length": torch.tensor([int(m[2]) for m in meta]),
+            "seq_id": torch.tensor([int(m[0]) for m in meta]),
         }
+
+
+def _fill_targets(batch, lengths, method, temperature, has_tail, ids, lps, weights, tails) -> None:
+    """Copy each item's targets into the padded batch tensors."""
+    for r, item in enumerate(batch):
+        n = lengths[r]
+        t = item["targets"]
+        if t.method != method or (t.tail_logprob is not None) != has_tail:
+            raise ValueError("collate: items mix target methods or tail layouts")
+        if not math.isclose(t.temperature, temperature, rel_tol=1e-9):
+            raise ValueError("collate: items have targets at different temperatures")
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"collate: item {r} has {n} tokens but targets of leading shape {tuple(t.shape)}")
+        kr = t.k
+        ids[r, :n, :kr] = t.indices
+        lps[r, :n, :kr] = t.logprobs
+        if weights is not None:
+            weights[r, :n, :kr] = t.weights
+        if tails is not None:
+            tails[r, :n] = t.tail_logprob
 
 
 class _Arena:
@@ -118,10 +135,11 @@ class _Arena:
         self.offset = 0
 
     def __call__(self, shape, value, dtype) -> torch.Tensor:
-        """The next tensor of ``shape`` and ``dtype``, filled with ``value``."""
+        """The next tensor of ``shape`` and ``dtype``, filled with ``value`` (None: not filled)."""
         start = self.offset // dtype.itemsize
         self.offset += -(-math.prod(shape) * dtype.itemsize // 8) * 8
-        return torch.empty(0, dtype=dtype).set_(self.storage, start, shape).fill_(value)
+        out = torch.empty(0, dtype=dtype).set_(self.storage, start, shape)
+        return out if value is None else out.fill_(value)
 
 
 def collate(batch: Sequence[dict], pad_id: int = 0, *, response_only: bool = False) -> dict:

@@ -27,6 +27,7 @@ column is a view of the mapped file — and indexes rows through the offsets.)
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Dict, List
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 
 from .durable import sha256_hex
 from .format import MANIFEST, SHARD_NAME_RE, rank_manifests, read_manifest, target_columns
-from .records import decode_row
+from .records import decode_many, decode_row
 from .shard import Shard, map_shard
 
 
@@ -137,6 +138,17 @@ class TeacherCache(torch.utils.data.Dataset):
         return int(self._index.shape[0])
 
     def __getitem__(self, i: int) -> dict:
+        r = self._row(i)
+        return decode_row(self.manifest, r["seq_id"], r["input_ids"], r["prompt_length"], r["k"], r["fields"],
+                          r["where"])
+
+    def __getitems__(self, indices) -> "CacheBatch":
+        """The items ``indices`` (a ``DataLoader`` batch): a sequence of items decoded on access,
+        which :class:`~kdfast.cache.Collator` decodes in one call instead (compact records)."""
+        return CacheBatch(self, [self._row(i) for i in indices])
+
+    def _row(self, i) -> dict:
+        """The columns of item ``i`` (views of the mapped shard)."""
         n = len(self)
         if isinstance(i, torch.Tensor):
             i = int(i)
@@ -151,10 +163,10 @@ class TeacherCache(torch.utils.data.Dataset):
         shard = self._shards[si]
         cols = shard.cols
         names = target_columns(self.manifest["encoding"])
-        fields = {name: shard.list_slice(name, row) for name in names if name in cols}
-        return decode_row(self.manifest, sid, shard.list_slice("input_ids", row),
-                               int(cols["prompt_length"][row]), int(cols["k"][row]), fields,
-                               self.manifest["shards"][si]["file"])
+        return {"seq_id": sid, "input_ids": shard.list_slice("input_ids", row),
+                "prompt_length": int(cols["prompt_length"][row]), "k": int(cols["k"][row]),
+                "fields": {name: shard.list_slice(name, row) for name in names if name in cols},
+                "where": self.manifest["shards"][si]["file"]}
 
     # -- conveniences
 
@@ -189,6 +201,40 @@ class TeacherCache(torch.utils.data.Dataset):
         return (f"TeacherCache({self.path!r}, sequences={len(self)}, tokens={m['num_tokens']}, "
                 f"method={m['method']!r}, k={m['k']}, temperature={m['temperature']}, "
                 f"teacher={m['teacher_name']!r})")
+
+
+class CacheBatch(Sequence):
+    """Items of a :class:`TeacherCache` fetched together (``DataLoader``'s ``__getitems__``): a
+    sequence of item dicts, each decoded when accessed; :class:`~kdfast.cache.Collator` instead
+    decodes every compact record of the batch in one call, straight into the padded batch."""
+
+    def __init__(self, cache: TeacherCache, rows: List[dict]):
+        self._cache, self._rows = cache, rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[x] for x in range(*j.indices(len(self)))]
+        r = self._rows[j]
+        return decode_row(self._cache.manifest, r["seq_id"], r["input_ids"], r["prompt_length"], r["k"],
+                          r["fields"], r["where"])
+
+    def compact_rows(self):
+        """The batch for :class:`~kdfast.cache.Collator`'s one-call decoding, or None (not compact)."""
+        if self._cache.manifest["encoding"] != "compact":
+            return None
+        return _CompactRows(self._cache.manifest, self._rows)
+
+
+class _CompactRows:
+    def __init__(self, params: dict, rows: List[dict]):
+        self.params = params
+        self.rows = [dict(r, record=r["fields"]["targets"]) for r in rows]
+
+    def decode_into(self, s: int, k: int, ids, lps, weights, tails) -> None:
+        decode_many(self.params, self.rows, s, k, ids, lps, weights, tails)
 
 
 def decode_record(record: Dict[str, Any], manifest: dict) -> dict:

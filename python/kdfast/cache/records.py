@@ -147,14 +147,10 @@ def build_table(schema: pa.Schema, rows: List[dict]) -> pa.Table:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: int, k_row: int,
-               fields: Dict[str, Any], where: str) -> dict:
-    """The item of one row (``seq_id``, ``input_ids``, ``targets``, ``prompt_length``) from its
-    columns (numpy arrays / bytes) and the manifest ``params``."""
-    ids = torch.from_numpy(np.array(input_ids, dtype=np.int64))
-    s = ids.shape[0]
-    method, temperature = params["method"], float(params["temperature"])
-    if s and (int(ids.min()) < 0 or int(ids.max()) >= params["vocab_size"]):
+def check_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: int, k_row: int, where: str) -> None:
+    """``ValueError`` unless a row's token ids, slot count and prompt length are in range."""
+    s = len(input_ids)
+    if s and (int(input_ids.min()) < 0 or int(input_ids.max()) >= params["vocab_size"]):
         raise ValueError(f"{where}: sequence {seq_id} has token ids outside [0, {params['vocab_size']}); "
                          f"the cache is corrupt")
     if not 1 <= k_row <= params["k"]:
@@ -163,6 +159,41 @@ def decode_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: 
     if not 0 <= prompt_length <= s:
         raise ValueError(f"{where}: sequence {seq_id} has prompt_length {prompt_length} outside [0, {s}]; "
                          f"the cache is corrupt")
+
+
+def decode_many(params: dict, rows: List[dict], width_rows: int, width: int, ids, lps, weights, tails) -> None:
+    """Decode the compact records of ``rows`` (dicts with ``seq_id``, ``input_ids``,
+    ``prompt_length``, ``k``, ``record``, ``where``) into padded batch tensors ``[B, S, K]`` (``S
+    = width_rows``, ``K = width``; tails ``[B, S]``) in one call, every slot written."""
+    for r in rows:
+        check_row(params, r["seq_id"], r["input_ids"], r["prompt_length"], r["k"], r["where"])
+    records = [np.asarray(r["record"], dtype=np.uint8) for r in rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in records], out=offsets[1:])
+    with warnings.catch_warnings():  # read-only views of the mapped shards: only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(np.concatenate(records) if records else np.zeros(0, np.uint8))
+    flat = (lambda x: None if x is None else x.view(-1, width))
+    counts = torch.tensor([[len(r["input_ids"]), r["k"]] for r in rows], dtype=torch.int64)
+    try:
+        codec(params).decode_many(data, torch.from_numpy(offsets), counts[:, 0].contiguous(),
+                                  counts[:, 1].contiguous(), width_rows, width,
+                                  (flat(ids), flat(lps), flat(weights), None if tails is None else tails.view(-1)))
+    except ValueError:
+        for r in rows:  # the damaged record, named as item by item
+            _decode_compact(params, r["record"], len(r["input_ids"]), r["k"], params["method"],
+                            float(params["temperature"]), f"{r['where']}: sequence {r['seq_id']}")
+        raise
+
+
+def decode_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: int, k_row: int,
+               fields: Dict[str, Any], where: str) -> dict:
+    """The item of one row (``seq_id``, ``input_ids``, ``targets``, ``prompt_length``) from its
+    columns (numpy arrays / bytes) and the manifest ``params``."""
+    ids = torch.from_numpy(np.array(input_ids, dtype=np.int64))
+    s = ids.shape[0]
+    method, temperature = params["method"], float(params["temperature"])
+    check_row(params, seq_id, input_ids, prompt_length, k_row, where)
     if params["encoding"] == "compact":
         targets = _decode_compact(params, fields["targets"], s, k_row, method, temperature, f"{where}: sequence {seq_id}")
     elif params["encoding"] == "packed":

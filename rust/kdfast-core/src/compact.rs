@@ -127,6 +127,7 @@ impl Compact {
         Ok((fields.write(self.scheme, id_bits(self.vocab)), k_row))
     }
 
+    #[allow(clippy::needless_range_loop)] // j indexes ids, weights and logprobs alike
     fn gather_sampled(&self, t: &Rows, n: u32, f: &mut Fields) -> Result<usize> {
         let w = t.weights.expect("checked");
         let mut slots: Vec<(i64, u64, f64)> = Vec::with_capacity(t.k);
@@ -239,12 +240,65 @@ impl Compact {
     /// Decode a record of `rows` positions and `k_row` slots into `out` (unused slots: id −1,
     /// log-prob −inf, weight 0).
     pub fn decode(&self, data: &[u8], rows: usize, k_row: usize, out: RowsMut) -> Result<()> {
+        self.decode_into(data, rows, k_row, k_row, out)
+    }
+
+    /// Decode many records into one padded batch: record `b` (`data[offsets[b]..offsets[b+1]]`,
+    /// `rows[b]` positions of `k_rows[b]` slots) fills rows `b·stride ..` of `out`, which has
+    /// `records · stride` rows of `width ≥ k_rows[b]` slots; every other slot is unused (id −1,
+    /// log-prob −inf, weight 0) and a padded position's tail log-prob is 0. Errors name the record.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_many(&self, data: &[u8], offsets: &[i64], rows: &[i64], k_rows: &[i64], stride: usize, width: usize, out: RowsMut) -> Result<()> {
+        let records = rows.len();
+        if offsets.len() != records + 1 || k_rows.len() != records {
+            return Err(KdError::ShapeMismatch { what: format!("offsets of {} records, rows and k_rows of {records}", offsets.len().saturating_sub(1)) });
+        }
         let RowsMut { ids, logprobs, mut weights, mut tail } = out;
-        let n = rows * k_row;
+        let n = records * stride * width;
+        if ids.len() != n || logprobs.len() != n || weights.as_ref().is_some_and(|w| w.len() != n) || tail.as_ref().is_some_and(|t| t.len() != records * stride) {
+            return Err(KdError::ShapeMismatch { what: format!("outputs of {records} records × {stride} positions × {width} slots") });
+        }
+        for b in 0..records {
+            let (start, end, r, k) = (offsets[b], offsets[b + 1], rows[b], k_rows[b]);
+            if start < 0 || end < start || end as usize > data.len() || r < 0 || r as usize > stride || k < 1 || k as usize > width {
+                return bad("records", "offsets inside the data, rows ≤ stride and 1 ≤ k_rows ≤ width", format!("record {b}: bytes {start}..{end} of {}, {r} rows, k_row {k}", data.len()));
+            }
+            let (r, k) = (r as usize, k as usize);
+            let span = b * stride * width..(b + 1) * stride * width;
+            let split = r * width;
+            let (ids_b, lps_b) = (&mut ids[span.clone()], &mut logprobs[span.clone()]);
+            let mut w_b = weights.as_deref_mut().map(|w| &mut w[span.clone()]);
+            let mut t_b = tail.as_deref_mut().map(|t| &mut t[b * stride..(b + 1) * stride]);
+            let outputs = RowsMut {
+                ids: &mut ids_b[..split],
+                logprobs: &mut lps_b[..split],
+                weights: w_b.as_deref_mut().map(|w| &mut w[..split]),
+                tail: t_b.as_deref_mut().map(|t| &mut t[..r]),
+            };
+            self.decode_into(&data[start as usize..end as usize], r, k, width, outputs).map_err(|e| match e {
+                KdError::InvalidArgument { got, .. } => KdError::InvalidArgument { name: "data", expected: "compact records of this cache".into(), got: format!("record {b}: {got}") },
+                other => other,
+            })?;
+            ids_b[split..].fill(-1); // padded positions
+            lps_b[split..].fill(f32::NEG_INFINITY);
+            if let Some(w) = w_b {
+                w[split..].fill(0.0);
+            }
+            if let Some(t) = t_b {
+                t[r..].fill(0.0);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::decode`] into rows of `width ≥ k_row` slots.
+    fn decode_into(&self, data: &[u8], rows: usize, k_row: usize, width: usize, out: RowsMut) -> Result<()> {
+        let RowsMut { ids, logprobs, mut weights, mut tail } = out;
+        let n = rows * width;
         let sampled = matches!(self.scheme, Scheme::Sample { .. });
         let has_tail = matches!(self.scheme, Scheme::TopK { has_tail: true });
         if ids.len() != n || logprobs.len() != n || weights.as_ref().map_or(sampled, |w| w.len() == n) != sampled
-            || tail.as_ref().map_or(has_tail, |t| t.len() == rows) != has_tail
+            || tail.as_ref().map_or(has_tail, |t| t.len() == rows) != has_tail || k_row > width
         {
             return Err(KdError::ShapeMismatch { what: format!("outputs of a record of {rows} positions × {k_row} slots") });
         }
@@ -261,7 +315,7 @@ impl Compact {
         let bits = id_bits(self.vocab);
         let inv = 1.0 / (1u64 << TOPK_QUANTUM_BITS) as f64;
         for r in 0..rows {
-            let slot = r * k_row..(r + 1) * k_row;
+            let slot = r * width..r * width + k_row;
             let (ids, lps) = (&mut ids[slot.clone()], &mut logprobs[slot.clone()]);
             let word = rd.rice(ks[0]).map_or_else(early, Ok)?;
             match self.scheme {
@@ -509,7 +563,17 @@ impl<'a> BitReader<'a> {
         BitReader { data, pos: 0, acc: 0, n: 0 }
     }
 
+    /// Top the buffer up to at least 57 bits (fewer only at the end of the data).
+    #[inline]
     fn refill(&mut self) {
+        if self.pos + 8 <= self.data.len() {
+            let word = u64::from_le_bytes(self.data[self.pos..self.pos + 8].try_into().expect("8 bytes"));
+            self.acc |= word << self.n; // the bits that do not fit are read again next time
+            let take = (63 - self.n) / 8;
+            self.pos += take as usize;
+            self.n += take * 8;
+            return;
+        }
         while self.n <= 56 && self.pos < self.data.len() {
             self.acc |= (self.data[self.pos] as u64) << self.n;
             self.pos += 1;
@@ -535,7 +599,23 @@ impl<'a> BitReader<'a> {
         self.n -= bits;
     }
 
+    #[inline]
     fn rice(&mut self, k: u32) -> Option<u64> {
+        if self.n < 57 {
+            self.refill();
+        }
+        // The common case: the quotient and its terminating zero are in the buffer.
+        let ones = self.acc.trailing_ones();
+        if (ones as u64) < ESCAPE && ones < self.n && ones + 1 + k <= self.n {
+            self.skip(ones + 1);
+            let r = if k == 0 { 0 } else { self.acc & (u64::MAX >> (64 - k)) };
+            self.skip(k);
+            return Some(((ones as u64) << k) | r);
+        }
+        self.rice_slow(k)
+    }
+
+    fn rice_slow(&mut self, k: u32) -> Option<u64> {
         let mut q = 0u64;
         loop {
             if self.n == 0 {

@@ -51,6 +51,23 @@ impl CompactCodec {
         Ok(())
     }
 
+    /// Decode `len(rows)` records (`data[offsets[b]:offsets[b+1]]`, `rows[b]` positions of
+    /// `k_rows[b]` slots; int64 vectors) into one padded batch `out` of `len(rows) · stride`
+    /// rows of `width` slots: record `b` fills rows `b·stride ..`, the rest is padding.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_many(&self, py: Python<'_>, data: Tensor, offsets: Tensor, rows: Tensor, k_rows: Tensor, stride: usize, width: usize, mut out: TargetTensors) -> Result<(), Error> {
+        let sampled = matches!(self.0.scheme, Scheme::Sample { .. });
+        let tail = matches!(self.0.scheme, Scheme::TopK { has_tail: true });
+        let records = rows.shape().1;
+        let o = out.outputs(records * stride, width, sampled, tail, &[Some(&data), Some(&offsets), Some(&rows), Some(&k_rows)])?;
+        let bytes = data.vector::<u8>("data", data.shape().1)?;
+        let offsets = offsets.vector::<i64>("offsets", records + 1)?;
+        let (rows, k_rows) = (rows.vector::<i64>("rows", records)?, k_rows.vector::<i64>("k_rows", records)?);
+        let outputs = RowsMut { ids: o.ids, logprobs: o.logprobs, weights: o.weights, tail: o.tail };
+        py.detach(|| self.0.decode_many(bytes, offsets, rows, k_rows, stride, width, outputs))?;
+        Ok(())
+    }
+
     fn __repr__(&self) -> String {
         format!("CompactCodec({:?}, vocab_size={})", self.0.scheme, self.0.vocab)
     }
