@@ -28,20 +28,24 @@ __all__ = ["dense_loss", *LOSSES]
 
 #: The keyword arguments every dense loss takes, with their defaults (api.md §1).
 COMMON_KWARGS = dict(temperature=1.0, t2_scale=False, labels=None, ignore_index=-100, reduction="mean",
-                     num_items_in_batch=None, vocab_size=None, backend="auto")
+                     num_items_in_batch=None, vocab_size=None, backend="auto", process_group=None)
 
 
 def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, temperature=1.0,
                t2_scale=False, labels=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-               vocab_size=None, backend="auto") -> torch.Tensor:
+               vocab_size=None, backend="auto", process_group=None) -> torch.Tensor:
     """The dense loss ``spec`` (with its parameter ``param``; None: the default) of the student
-    logits against the teacher's; the keywords are those of api.md §1."""
+    logits against the teacher's; the keywords are those of api.md §1 (``process_group``: §6)."""
     param = spec.check_param(spec.param.default if (param is None and spec.param) else param)
+    student_logits, teacher_logits, process_group = _local_slices(student_logits, teacher_logits, process_group)
     if isinstance(param, torch.Tensor) and param.device not in (torch.device("cpu"), _device_of(student_logits)):
         raise ValueError(f"{spec.param.name}: expected a tensor on the CPU or on the logits' device, got {param.device}")
     t = check_temperature(temperature)
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     t2_scale = check_flag(t2_scale, "t2_scale")
+    if process_group is not None:
+        return _vocab_parallel(spec, param, student_logits, teacher_logits, t, t2_scale, labels, red,
+                               vocab_size, backend, process_group)
     pair = check_pair(student_logits, teacher_logits, vocab_size=vocab_size, labels=labels)
     spec, param = spec.canonical(param)
     backend = _dispatch.resolve(backend, pair.s2.device, (pair.s2.dtype, pair.t2.dtype), op=spec.name,
@@ -63,6 +67,47 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
                         tensor_param, spec.name, 0.0 if tensor_param is not None else float(param), t, t2_scale,
                         red.ignore_index, pair.vocab, not red.per_row, need_grad, backend)
     return out.reshape(pair.lead_shape) if red.per_row else out
+
+
+def _local_slices(student, teacher, group):
+    """``DTensor`` logits sharded on the vocabulary → their local slices and their mesh's group."""
+    if group is None and not any(type(x).__name__ == "DTensor" for x in (student, teacher)):
+        return student, teacher, None
+    from .parallel.collectives import as_local
+
+    student, group = as_local(student, group)
+    teacher, group = as_local(teacher, group)
+    return student, teacher, group
+
+
+def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale: bool, labels, red: Reduction,
+                    vocab_size, backend: str, group) -> torch.Tensor:
+    """The loss over a vocabulary sharded across ``group`` (api.md §6; :mod:`kdfast.parallel`)."""
+    from .parallel.collectives import slice_bounds
+    from .parallel.dense import dense_rows
+
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend: vocabulary-parallel losses run PyTorch operations on the local slices; "
+                         f"expected 'auto' or 'torch', got {backend!r}")
+    pair = check_pair(student, teacher, vocab_size=None, labels=labels)
+    s2, t2 = pair.s2, pair.t2
+    if vocab_size is not None:  # global: cut each slice where the padded columns begin
+        offset, total = slice_bounds(group, s2.shape[1], s2.device)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= total:
+            raise ValueError(f"vocab_size: expected an integer in [1, {total}] (the vocabulary across the "
+                             f"group), got {vocab_size!r}")
+        keep = min(max(vocab_size - offset, 0), s2.shape[1])
+        s2, t2 = s2[:, :keep], t2[:, :keep]
+    spec, param = spec.canonical(param)
+    if pair.labels is None:
+        rows = dense_rows(spec.name, param, s2, t2, t, group)
+    else:
+        idx = red.keep(pair.labels).nonzero().squeeze(1)
+        vals = dense_rows(spec.name, param, s2[idx], t2[idx], t, group)
+        rows = vals.new_zeros(s2.shape[0]).index_put((idx,), vals)
+    if t2_scale:
+        rows = rows * (t * t)
+    return red.apply(rows, pair.lead_shape, pair.labels)
 
 
 def _device_of(x) -> torch.device:
@@ -97,6 +142,11 @@ _COMMON_DOC = """
         vocab_size: use only the first ``vocab_size`` columns of both (padded vocabularies).
         backend: ``"auto"`` (Rust for CPU and Triton for CUDA float32/bf16/fp16 tensors, else
             PyTorch), ``"rust"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: the
+            last dimension is this rank's contiguous slice (rank order, sizes may differ),
+            ``vocab_size`` is global; the result is the whole vocabulary's loss on every rank
+            and the gradient that of the local slice (api.md §6). A ``DTensor`` sharded on its
+            last dimension needs none. Computed with PyTorch operations on the slices.
 
     Returns:
         float32 loss (float64 for float64 input on the torch backend).

@@ -31,19 +31,26 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(x / temperature, dim=-1)
 
 
-def _plogratio(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """``Σ_i a_i (log a_i − log b_i)`` per row with ``0 · log 0 = 0``, NaN-free in backward;
-    ``+inf`` (gradient 0) for a row where some ``log a_i > -inf`` meets ``log b_i = -inf``."""
+def plogratio_terms(la: torch.Tensor, lb: torch.Tensor):
+    """``(terms, infinite)``: ``a_i (log a_i − log b_i)`` per entry with ``0 · log 0 = 0`` (and 0
+    where infinite), NaN-free in backward, and where ``log a_i > -inf`` meets ``log b_i = -inf``
+    (the entries that make the sum ``+inf``)."""
     dead = la == NEG_INF
     infinite = ~dead & (lb == NEG_INF)
     skip = dead | infinite
     la0 = la.masked_fill(skip, 0.0)
     lb0 = lb.masked_fill(skip, 0.0)
-    finite = torch.where(skip, 0.0, la0.exp() * (la0 - lb0)).sum(-1)
-    return torch.where(infinite.any(-1), math.inf, finite)
+    return torch.where(skip, 0.0, la0.exp() * (la0 - lb0)), infinite
 
 
-def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
+def _plogratio(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """``Σ_i a_i (log a_i − log b_i)`` per row with ``0 · log 0 = 0``, NaN-free in backward;
+    ``+inf`` (gradient 0) for a row where some ``log a_i > -inf`` meets ``log b_i = -inf``."""
+    terms, infinite = plogratio_terms(la, lb)
+    return torch.where(infinite.any(-1), math.inf, terms.sum(-1))
+
+
+def log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     """``log(w·a + (1−w)·b)``. Where both are zero the inputs are replaced by 0 first, so the
     (finite, unused) result there has a finite backward; those entries are masked out of
     every sum by :func:`_plogratio`."""
@@ -77,20 +84,20 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, 
     if beta == 1.0:
         return reverse_kl(student, teacher, temperature)
     lq, lp = log_probs(student, temperature), log_probs(teacher, temperature)
-    lm = _log_mix(lp, lq, beta)
+    lm = log_mix(lp, lq, beta)
     return beta * _plogratio(lp, lm) + (1 - beta) * _plogratio(lq, lm)
 
 
 def skew_forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, skew: float = 0.1) -> torch.Tensor:
     """``KL(p ‖ λp + (1−λ)q)``, λ = skew."""
     lq, lp = log_probs(student, temperature), log_probs(teacher, temperature)
-    return _plogratio(lp, _log_mix(lp, lq, skew))
+    return _plogratio(lp, log_mix(lp, lq, skew))
 
 
 def skew_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, skew: float = 0.1) -> torch.Tensor:
     """``KL(q ‖ λq + (1−λ)p)``, λ = skew."""
     lq, lp = log_probs(student, temperature), log_probs(teacher, temperature)
-    return _plogratio(lq, _log_mix(lq, lp, skew))
+    return _plogratio(lq, log_mix(lq, lp, skew))
 
 
 def tvd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -182,7 +189,7 @@ def divergence(name: str, lq: torch.Tensor, lp: torch.Tensor, beta: float = 0.5)
     if name == "reverse_kl":
         return _plogratio(lq, lp)
     if name == "jsd":
-        lm = _log_mix(lp, lq, beta)
+        lm = log_mix(lp, lq, beta)
         return beta * _plogratio(lp, lm) + (1 - beta) * _plogratio(lq, lm)
     if name == "tvd":
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)

@@ -1,0 +1,117 @@
+"""The collectives of vocabulary-parallel losses, as autograd functions.
+
+Every rank holds a contiguous slice of the vocabulary (rank order, sizes may differ) and computes
+the *same* loss of the whole vocabulary. Two primitives then give exact gradients with plain
+autograd:
+
+* :func:`sum_over_ranks` — ``Σ_r x_r``; backward is the identity, because the upstream gradient
+  is the same on every rank (everything after the sum is computed identically everywhere);
+* :func:`global_lse` — the log-sum-exp of each row over the whole vocabulary, in two
+  all-reduces of O(1) floats per row (the maxima, then the rescaled sums of exponentials); its
+  backward all-reduces the upstream gradient once (each rank holds only its slice's part of
+  ``∂L/∂lse``) and multiplies by the local ``softmax``.
+
+So a loss ``Σ_v f(log p_v, log q_v)`` costs three all-reduces in forward (maxima, sums, the
+row's partial sums) and one in backward, never a gather of ``[N, V]`` logits. The log-sum-exp
+must enter only per-slice computations that :func:`sum_over_ranks` then adds up (a replicated
+use would be counted once per rank in backward).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+NEG_INF = float("-inf")
+
+
+def world(group) -> Tuple[int, int]:
+    """``(rank, world size)`` of this process in ``group``."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
+    """``Σ_r x_r`` on every rank (differentiable; see the module docstring)."""
+    return _SumOverRanks.apply(x, group)
+
+
+def _local_max(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], NEG_INF)
+    return x.amax(-1)
+
+
+class _GlobalLSE(torch.autograd.Function):
+    """Row log-sum-exps of several ``[N, V_local]`` tensors over the whole vocabulary, in one
+    max and one sum all-reduce; only the first gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, group, *xs: torch.Tensor):
+        m = torch.stack([_local_max(x) for x in xs])
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        sums = torch.stack([torch.exp(x - c[:, None]).sum(-1) for x, c in zip(xs, shift)])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        lse = torch.where(torch.isfinite(m), shift + sums.log(), m)  # all -inf stays -inf; +inf, NaN stay
+        ctx.group = group
+        ctx.save_for_backward(xs[0], lse[0])
+        ctx.n_inputs = len(xs)
+        return tuple(lse)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        x, lse = ctx.saved_tensors
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        return (None, g[:, None] * torch.exp(x - safe[:, None])) + (None,) * (ctx.n_inputs - 1)
+
+
+def global_lse(group, differentiable: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``log Σ_v exp(x_v)`` over the whole vocabulary for each row of each ``[N, V_local]``
+    argument (the first differentiable), ``-inf`` for a row that is ``-inf`` everywhere."""
+    return _GlobalLSE.apply(group, differentiable, *[o.detach() for o in others])
+
+
+def slice_bounds(group, local: int, device) -> Tuple[int, int]:
+    """``(offset, total)``: where this rank's slice of ``local`` ids starts in the vocabulary,
+    and the vocabulary size (one all-reduce of one integer per rank)."""
+    rank, size = world(group)
+    sizes = torch.zeros(size, dtype=torch.int64, device=device)
+    sizes[rank] = local
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    return int(sizes[:rank].sum()), int(sizes.sum())
+
+
+def as_local(x, group) -> Tuple[torch.Tensor, Optional[object]]:
+    """``(local tensor, group)``: a ``DTensor`` sharded on its last dimension becomes its local
+    shard and its mesh's group (differentiably); anything else passes through with ``group``."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return x, group
+    if not isinstance(x, DTensor):
+        return x, group
+    mesh, placements = x.device_mesh, x.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) \
+            or placements[0].dim not in (-1, x.ndim - 1):
+        raise ValueError(f"logits: a DTensor must be sharded on its last dimension over a 1-D mesh "
+                         f"(placements (Shard(-1),)), got {placements} on a {mesh.ndim}-D mesh")
+    mesh_group = mesh.get_group()
+    if group is not None and group is not mesh_group:
+        raise ValueError("process_group: a DTensor's mesh is its group; pass process_group=None")
+    return x.to_local(), mesh_group
