@@ -170,3 +170,41 @@ def test_vocab_parallel_losses_equal_the_unsharded_reference(tmp_path, world):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
     assert reports == [""] * world, "\n".join(reports)
+
+
+def _check_sparse(rank, world, split, group):
+    s, t = _logits(11, n=7)
+    s[2, 10] = 0.0
+    labels = torch.tensor([3, 1, -100, 0, 2, 2, 5])
+    cases = [("topk", 8, "bucket", "forward_kl", None), ("topk", 8, "renorm", "forward_kl", None),
+             ("topk", 37, "bucket", "jsd", 0.3), ("topk", 5, "bucket", "reverse_kl", None),
+             ("topk", 5, "renorm", "tvd", None), ("topk", 6, "renorm", "jsd", 0.5), ("sample", 20, None, "forward_kl", None)]
+    for method, k, tail, loss, beta in cases:
+        targets = kdfast.compress_topk(t.float(), k, temperature=1.5) if method == "topk" else \
+            kdfast.compress_sample(t.float(), k, temperature=1.5, seed=5)
+        kw = dict(loss=loss, labels=labels, reduction="none")
+        if tail is not None:
+            kw["tail"] = tail
+        if beta is not None:
+            kw["beta"] = beta
+        s64 = s.clone().requires_grad_(True)
+        want = kdfast.sparse_loss(s64, targets, backend="torch", **kw)
+        want.sum().backward()
+        local = _slice(s, rank, split).float().contiguous().requires_grad_(True)
+        got = kdfast.sparse_loss(local, targets, process_group=group, **kw)
+        what = f"{method} k={k} {tail} {loss}"
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=2e-5, msg=what)
+        got.sum().backward()
+        torch.testing.assert_close(local.grad.double(), _slice(s64.grad, rank, split), rtol=1e-4, atol=2e-6,
+                                   msg=what)
+    # sparse_kl is sparse_loss(loss="forward_kl"), with a mean over unmasked rows
+    targets = kdfast.compress_topk(t.float(), 4)
+    got = kdfast.sparse_kl(_slice(s, rank, split).float(), targets, labels=labels, process_group=group)
+    want = kdfast.sparse_kl(s, targets, labels=labels, backend="torch")
+    assert math.isclose(float(got), float(want), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="targets.indices"):
+        bad = kdfast.SparseTargets(indices=torch.full((7, 1), 37), logprobs=torch.zeros(7, 1), tail_logprob=None)
+        kdfast.sparse_kl(_slice(s, rank, split).float(), bad, process_group=group)
+
+
+CHECKS.append(_check_sparse)

@@ -217,6 +217,36 @@ def _lse_where(a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, torch.full_like(out, NEG_INF), out)[:, 0]
 
 
+class DenseStudent:
+    """The scaled student logits ``a`` ``[N, V]`` of one process, as :func:`category_rows` reads
+    them: the row log-sum-exp, ``a`` at given ids, the log-sum-exp over the ids not listed and
+    whether every id is listed. (:class:`kdfast.parallel.sparse.ShardedStudent` answers the
+    same over a vocabulary sharded across ranks.)"""
+
+    def __init__(self, a: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor):
+        self.a, self.dtype = a, a.dtype
+        self._indices, self._valid, self._listed = indices, valid, None
+
+    def lse(self) -> torch.Tensor:
+        return torch.logsumexp(self.a, dim=-1)
+
+    def at(self, idx0: torch.Tensor) -> torch.Tensor:
+        return self.a.gather(1, idx0)
+
+    def listed(self) -> torch.Tensor:
+        if self._listed is None:  # unused slots scatter into a spare column (False at id 0 could undo a True)
+            a = self.a
+            self._listed = torch.zeros((a.shape[0], a.shape[1] + 1), dtype=torch.bool, device=a.device).scatter_(
+                1, torch.where(self._valid, self._indices, a.shape[1]), True)[:, :-1]
+        return self._listed
+
+    def unlisted_lse(self) -> torch.Tensor:
+        return _lse_where(self.a, ~self.listed())
+
+    def all_listed(self) -> torch.Tensor:
+        return self.listed().all(-1)
+
+
 def sparse_rows(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
                 weights: Optional[torch.Tensor], tail_logprob: Optional[torch.Tensor],
                 temperature: float, mode: str, loss: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
@@ -226,50 +256,57 @@ def sparse_rows(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Te
     top-k targets, ``"reverse_kl"``, ``"jsd"`` (with ``beta``) or ``"tvd"`` over the mode's
     categories (kdfast-core ``categories.rs``). Float32 (float64 for float64 students),
     differentiable by autograd; a ``+inf`` row has a zero gradient (the +inf rule)."""
-    a = scaled(student, temperature)
-    lse = torch.logsumexp(a, dim=-1)
+    valid = _valid(indices, weights, mode)
+    view = DenseStudent(scaled(student, temperature), indices, valid)
+    return category_rows(view, indices, logprobs, weights, tail_logprob, mode, loss, beta)
+
+
+def _valid(indices, weights, mode):
     valid = indices >= 0
-    if mode == "sampled":
-        valid = valid & (weights > 0)
+    return valid & (weights > 0) if mode == "sampled" else valid
+
+
+def category_rows(view, indices: torch.Tensor, logprobs: torch.Tensor, weights: Optional[torch.Tensor],
+                  tail_logprob: Optional[torch.Tensor], mode: str, loss: str = "forward_kl",
+                  beta: float = 0.5) -> torch.Tensor:
+    """:func:`sparse_rows` from a student ``view`` (:class:`DenseStudent` or a sharded one)."""
+    lse = view.lse()
+    valid = _valid(indices, weights, mode)
     idx0 = torch.where(valid, indices, torch.zeros_like(indices))
-    lp0 = torch.where(valid, logprobs.to(a.dtype), NEG_INF)
-    # Unused slots scatter into a spare column (scattering False at id 0 could undo a True).
-    listed = (lambda: torch.zeros((a.shape[0], a.shape[1] + 1), dtype=torch.bool, device=a.device)
-              .scatter_(1, torch.where(valid, indices, a.shape[1]), True)[:, :-1])
+    lp0 = torch.where(valid, logprobs.to(view.dtype), NEG_INF)
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0 and mode == "bucket"):
-        rows = _forward_rows(a, lse, idx0, lp0, valid, weights, tail_logprob, mode, listed)
+        rows = _forward_rows(view, lse, idx0, lp0, valid, weights, tail_logprob, mode)
     elif mode == "sampled":
         raise ValueError(f"loss: sampled targets support only 'forward_kl' (the one unbiased estimate), got {loss!r}")
     elif mode == "renorm":
-        rows = _renorm_category_rows(a.gather(1, idx0), lp0, valid, loss, beta)
+        rows = _renorm_category_rows(view.at(idx0), lp0, valid, loss, beta)
     else:
-        lp_tail = _bucket_tail(lp0, tail_logprob, listed())[1]
-        lq = torch.where(valid, a.gather(1, idx0) - lse[:, None], NEG_INF)
-        lq_tail = _lse_where(a, ~listed()) - lse
+        lp_tail = _bucket_tail(lp0, tail_logprob, view.all_listed())[1]
+        lq = torch.where(valid, view.at(idx0) - lse[:, None], NEG_INF)
+        lq_tail = view.unlisted_lse() - lse
         rows = _reference.divergence(loss, torch.cat([lq, lq_tail[:, None]], 1),
                                      torch.cat([lp0, lp_tail[:, None]], 1), beta)
     # The +inf rule: no finite descent direction, a zero gradient row.
     return torch.where(rows.detach() == float("inf"), rows.detach(), rows)
 
 
-def _bucket_tail(lp0: torch.Tensor, tail_logprob: Optional[torch.Tensor], listed: torch.Tensor):
+def _bucket_tail(lp0: torch.Tensor, tail_logprob: Optional[torch.Tensor], everything: torch.Tensor):
     """``(p_tail, log p_tail)``: ``exp(tail_logprob)`` (``max(0, 1 − Σp)`` without one, summed
-    in float64), 0 when every id is listed."""
+    in float64), 0 where every id is listed (``everything``)."""
     if tail_logprob is not None:
         lp_tail = tail_logprob.to(lp0.dtype)
         p_tail = lp_tail.exp()
     else:  # in float64, as Rust: a tail below float32 resolution still has its log (reverse KL)
         p64 = (1.0 - lp0.double().exp().sum(-1)).clamp(min=0.0)
         p_tail, lp_tail = p64.to(lp0.dtype), torch.log(p64).to(lp0.dtype)
-    everything = listed.all(-1)
     return torch.where(everything, 0.0, p_tail), torch.where(everything, NEG_INF, lp_tail)
 
 
-def _forward_rows(a, lse, idx0, lp0, valid, weights, tail_logprob, mode, listed):
+def _forward_rows(view, lse, idx0, lp0, valid, weights, tail_logprob, mode):
     """:func:`kdfast.sparse_kl`'s forward KL against the full-vocabulary ``log q``."""
-    lq_sel = a.gather(1, idx0) - lse[:, None]
+    lq_sel = view.at(idx0) - lse[:, None]
     if mode == "sampled":
-        w = torch.where(valid, weights.to(a.dtype), 0.0)
+        w = torch.where(valid, weights.to(view.dtype), 0.0)
         lp_s = torch.where(valid, lp0, 0.0)
         return (w * (lp_s - torch.where(valid, lq_sel, torch.zeros_like(lq_sel)))).sum(-1)
     p = lp0.exp()
@@ -285,10 +322,9 @@ def _forward_rows(a, lse, idx0, lp0, valid, weights, tail_logprob, mode, listed)
         return torch.where(has, rows, torch.zeros_like(rows))
 
     # Bucket: the listed ids against one tail bucket.
-    lst = listed()
-    p_tail, lp_tail = _bucket_tail(lp0, tail_logprob, lst)
+    p_tail, lp_tail = _bucket_tail(lp0, tail_logprob, view.all_listed())
     has_tail = p_tail > 0
-    lq_tail = _lse_where(a, ~lst) - lse
+    lq_tail = view.unlisted_lse() - lse
     lq_tail = torch.where(has_tail, lq_tail, torch.zeros_like(lq_tail))
     lp_tail = torch.where(has_tail, lp_tail, torch.zeros_like(lp_tail))
     rows = torch.where(live, p * (lp_live - lq_live), torch.zeros_like(p)).sum(-1)

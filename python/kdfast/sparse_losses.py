@@ -156,7 +156,8 @@ def check_values(prep: SparseInputs, s2: torch.Tensor, ignore_index: int, loss: 
 def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: str = "forward_kl",
                 beta: float = _BETA, tail: str = "bucket", temperature: Optional[float] = None,
                 labels: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                num_items_in_batch=None, t2_scale: bool = False, backend: str = "auto") -> torch.Tensor:
+                num_items_in_batch=None, t2_scale: bool = False, backend: str = "auto",
+                process_group=None) -> torch.Tensor:
     """A distillation loss of ``student_logits`` against sparse teacher ``targets``.
 
     For top-k targets, the dense loss ``loss`` (api.md §1) between the category distributions of
@@ -222,21 +223,43 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
             PyTorch), ``"rust"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or
             ``"torch"``. Usable inside ``torch.compile(fullgraph=True)`` on every backend (the
             kernels are the custom op ``kdfast::sparse``).
+        process_group: the ``torch.distributed`` group over which the student's vocabulary is
+            sharded (api.md §6): ``student_logits`` is this rank's contiguous slice, the target
+            ids are global; every rank gets the whole vocabulary's loss and its slice's gradient.
+            A ``DTensor`` student sharded on its last dimension needs none. Computed with PyTorch
+            operations (``backend`` "auto" or "torch").
 
     Returns:
         float32 loss (float64 for float64 students on the torch backend); the gradient w.r.t.
         ``student_logits`` has its dtype. The targets never receive a gradient.
     """
     loss, param = check_sparse_loss(loss, None if beta is _BETA else beta)
+    if process_group is not None or type(student_logits).__name__ == "DTensor":
+        from .parallel.collectives import as_local
+
+        student_logits, process_group = as_local(student_logits, process_group)
     student_logits = check_logits(student_logits, "student_logits")
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     t2_scale = check_flag(t2_scale, "t2_scale")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     dtype = student_logits.dtype
     float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    prep = prepare_sparse(targets, lead, v, student_logits.device, tail=tail, temperature=temperature,
-                          labels=labels, float_dtype=float_dtype, loss=loss)
+    offset = 0
+    if process_group is not None:
+        from .parallel.collectives import slice_bounds
+
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend: vocabulary-parallel losses run PyTorch operations on the local slices; "
+                             f"expected 'auto' or 'torch', got {backend!r}")
+        offset, v_total = slice_bounds(process_group, v, student_logits.device)
+    prep = prepare_sparse(targets, lead, v if process_group is None else v_total, student_logits.device, tail=tail,
+                          temperature=temperature, labels=labels, float_dtype=float_dtype, loss=loss)
     s = student_logits.reshape(-1, v)
+    if process_group is not None:
+        rows = _sharded_rows(s, prep, red, loss, param, offset, v_total, process_group)
+        if t2_scale:
+            rows = rows * (prep.temperature ** 2)
+        return red.apply(rows, lead, prep.labels)
     backend = _dispatch.resolve(backend, s.device, (dtype,), op="sparse_loss")
     n = s.shape[0]
     if n == 0:
@@ -259,7 +282,7 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
 def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str = "bucket",
               temperature: Optional[float] = None, labels: Optional[torch.Tensor] = None,
               ignore_index: int = -100, reduction: str = "mean", num_items_in_batch=None,
-              t2_scale: bool = False, backend: str = "auto") -> torch.Tensor:
+              t2_scale: bool = False, backend: str = "auto", process_group=None) -> torch.Tensor:
     """Forward KL of ``student_logits`` against sparse teacher ``targets``: exactly
     :func:`sparse_loss` with ``loss="forward_kl"`` (see it for the keywords).
 
@@ -281,7 +304,24 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str
     """
     return sparse_loss(student_logits, targets, loss="forward_kl", tail=tail, temperature=temperature,
                        labels=labels, ignore_index=ignore_index, reduction=reduction,
-                       num_items_in_batch=num_items_in_batch, t2_scale=t2_scale, backend=backend)
+                       num_items_in_batch=num_items_in_batch, t2_scale=t2_scale, backend=backend,
+                       process_group=process_group)
+
+
+def _sharded_rows(s2: torch.Tensor, prep: SparseInputs, red: Reduction, loss: str, param: float, offset: int,
+                  total: int, group) -> torch.Tensor:
+    """Per-row ℓ over a vocabulary sharded across ``group`` (:mod:`kdfast.parallel.sparse`)."""
+    from .parallel.sparse import sparse_rows as sharded
+
+    _ref.check_target_values(prep.ids, prep.lp, prep.w, prep.tail, prep.mode)
+    a = _ref.scaled(s2, prep.temperature)
+    if prep.labels is None:
+        return sharded(a, offset, total, group, prep.ids, prep.lp, prep.w, prep.tail, prep.mode, loss, param)
+    keep = red.keep(prep.labels).nonzero().squeeze(1)
+    sel = (lambda x: None if x is None else x[keep])
+    vals = sharded(a[keep], offset, total, group, prep.ids[keep], prep.lp[keep], sel(prep.w), sel(prep.tail),
+                   prep.mode, loss, param)
+    return vals.new_zeros(s2.shape[0]).index_put((keep,), vals)
 
 
 def _reference_rows(s2: torch.Tensor, prep: SparseInputs, red: Reduction, loss: str, param: float) -> torch.Tensor:

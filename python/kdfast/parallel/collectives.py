@@ -57,34 +57,50 @@ def _local_max(x: torch.Tensor) -> torch.Tensor:
 
 class _GlobalLSE(torch.autograd.Function):
     """Row log-sum-exps of several ``[N, V_local]`` tensors over the whole vocabulary, in one
-    max and one sum all-reduce; only the first gets a gradient."""
+    max and one sum all-reduce. ``replicated``: the upstream gradient is already the whole
+    ``∂L/∂lse`` (the log-sum-exp was used after the ranks' sums, identically everywhere), so
+    backward does not add it up over the ranks."""
 
     @staticmethod
-    def forward(ctx, group, *xs: torch.Tensor):
+    def forward(ctx, group, replicated, *xs: torch.Tensor):
         m = torch.stack([_local_max(x) for x in xs])
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         sums = torch.stack([torch.exp(x - c[:, None]).sum(-1) for x, c in zip(xs, shift)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         lse = torch.where(torch.isfinite(m), shift + sums.log(), m)  # all -inf stays -inf; +inf, NaN stay
-        ctx.group = group
-        ctx.save_for_backward(xs[0], lse[0])
-        ctx.n_inputs = len(xs)
+        ctx.group, ctx.replicated = group, replicated
+        ctx.save_for_backward(*xs, lse)
         return tuple(lse)
 
     @staticmethod
-    def backward(ctx, grad, *_):
-        x, lse = ctx.saved_tensors
-        g = grad.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        return (None, g[:, None] * torch.exp(x - safe[:, None])) + (None,) * (ctx.n_inputs - 1)
+    def backward(ctx, *grads):
+        *xs, lse = ctx.saved_tensors
+        needed = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[2 + i]]
+        if not needed:
+            return (None, None) + (None,) * len(xs)
+        g = torch.stack([grads[i] for i in needed])
+        if not ctx.replicated:
+            g = g.contiguous()
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        out = [None] * len(xs)
+        for row, i in enumerate(needed):
+            safe = torch.where(torch.isfinite(lse[i]), lse[i], torch.zeros_like(lse[i]))
+            out[i] = g[row][:, None] * torch.exp(xs[i] - safe[:, None])
+        return (None, None, *out)
 
 
 def global_lse(group, differentiable: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """``log Σ_v exp(x_v)`` over the whole vocabulary for each row of each ``[N, V_local]``
-    argument (the first differentiable), ``-inf`` for a row that is ``-inf`` everywhere."""
-    return _GlobalLSE.apply(group, differentiable, *[o.detach() for o in others])
+    argument (the first differentiable; use it only in per-slice terms), ``-inf`` for a row
+    that is ``-inf`` everywhere."""
+    return _GlobalLSE.apply(group, False, differentiable, *[o.detach() for o in others])
+
+
+def replicated_lse(group, *xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """:func:`global_lse` of every argument, differentiably, for use after the ranks' sums (in
+    computations every rank repeats identically)."""
+    return _GlobalLSE.apply(group, True, *xs)
 
 
 def slice_bounds(group, local: int, device) -> Tuple[int, int]:
