@@ -49,7 +49,7 @@ def _teacher_rows(teacher_logits, backend, op: str):
 
 
 def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
-                  backend: str = "auto") -> SparseTargets:
+                  backend: str = "auto", process_group=None) -> SparseTargets:
     """The top-k of ``softmax(teacher_logits / T)`` per row, as :class:`SparseTargets`.
 
     Returns ``indices`` (int64 ``[..., k]``, most probable first, ties → lower id first),
@@ -67,7 +67,14 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
             streaming pass per row, O(k) memory — else PyTorch), ``"rust"``, ``"triton"``
             (CUDA, or CPU under ``TRITON_INTERPRET=1``; k above 1024 falls back to the PyTorch
             sort on the same device) or ``"torch"``. Every backend lists the same ids.
+        process_group: the ``torch.distributed`` group over which the vocabulary is sharded
+            (api.md §6): ``teacher_logits`` is this rank's contiguous slice; every rank gets the
+            whole row's targets (global ids, the same ids as one pass over the row) after one
+            all-gather of k candidates per rank. A ``DTensor`` sharded on its last dimension
+            needs none. Computed with PyTorch operations (``backend`` "auto" or "torch").
     """
+    if process_group is not None or type(teacher_logits).__name__ == "DTensor":
+        return _compress_topk_sharded(teacher_logits, k, temperature, backend, process_group)
     x2, backend = _teacher_rows(teacher_logits, backend, "compress_topk")
     k = check_count(k, "k")
     t = check_temperature(temperature)
@@ -78,6 +85,22 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
         ids, lp, tail = _triton.kernels("compress").compress_topk(x2, k, t)
     else:
         ids, lp, tail = _native.compress_topk(x2, k, t)
+    return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
+                         tail_logprob=tail.reshape(lead), temperature=t, method="topk")
+
+
+def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> SparseTargets:
+    from .parallel.collectives import as_local
+    from .parallel.compress import compress_topk_rows
+
+    teacher_logits, group = as_local(teacher_logits, group)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend: vocabulary-parallel compression runs PyTorch operations on the local slices; "
+                         f"expected 'auto' or 'torch', got {backend!r}")
+    x2 = check_logits(teacher_logits, "teacher_logits").detach()
+    k, t = check_count(k, "k"), check_temperature(temperature)
+    lead = x2.shape[:-1]
+    ids, lp, tail = compress_topk_rows(x2.reshape(-1, x2.shape[-1]), k, t, group)
     return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
                          tail_logprob=tail.reshape(lead), temperature=t, method="topk")
 
