@@ -231,3 +231,12 @@ def _check_compress(rank, world, split, group):
 
 
 CHECKS.append(_check_compress)
+
+
+def test_benchmark_counts_the_collectives(capsys):
+    from kdfast.benchmarks import parallel
+
+    assert parallel.main(["--n", "16", "--v", "300", "--ranks", "2", "--dtypes", "fp32", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    # forward_kl: maxima, sums, the rows' partial sums, the gradient's scalar: 28 bytes per row
+    assert "| forward_kl | fp32 | 2 |" in table and "| 4 | 28 | 1200 |" in table
