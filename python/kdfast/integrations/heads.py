@@ -7,7 +7,8 @@ constant logit scale into the hidden states (``s·(h Wᵀ) = (s·h) Wᵀ``), and
 the reason it cannot fuse — final-logit soft-capping (Gemma 2/3) is not linear, a scale with a
 bias does not fold. :func:`head_inputs` runs the model with the head replaced by a capture of
 its input: the body runs as usual (wrappers such as DDP, gradient checkpointing, autocast
-included), the head's matmul does not, and the model returns empty ``[..., 0]`` logits.
+included), the head's matmul does not, and the model returns empty ``[..., 0]`` logits (in the
+autograd graph of the body and the head, so that DDP's search for unused parameters finds them).
 """
 
 from __future__ import annotations
@@ -87,6 +88,23 @@ class _Capture:
     hidden: Optional[torch.Tensor] = None
 
 
+class _EmptyLogits(torch.autograd.Function):
+    """Empty ``[..., 0]`` logits whose autograd node points at ``hidden`` and the head's
+    parameters. DistributedDataParallel with ``find_unused_parameters=True`` (the Trainer's
+    default) walks the graph from the model's outputs and marks every parameter it does not
+    reach as ready at once; disconnected logits made the whole body look unused and the fused
+    loss's backward then failed ("marked ready twice"). Its backward never runs (the logits are
+    not used), and would pass no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, *params):
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * len(ctx.needs_input_grad)
+
+
 @contextlib.contextmanager
 def head_inputs(model: torch.nn.Module, head: Head):
     """Within the block, ``head.module`` records its input (times ``head.scale``) in the yielded
@@ -96,7 +114,8 @@ def head_inputs(model: torch.nn.Module, head: Head):
 
     def capture(x: torch.Tensor) -> torch.Tensor:
         cap.hidden = x if head.scale == 1.0 else x * head.scale
-        return x.new_empty((*x.shape[:-1], 0))
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        return _EmptyLogits.apply(x, *params)
 
     module.forward = capture
     try:
