@@ -40,7 +40,7 @@ impl SampleStream {
             seed,
             row,
             err_row: row as usize,
-            blocks: Blocker::new(temperature)?,
+            blocks: Blocker::new(temperature, isa)?,
             state: SampleState {
                 lse: Vec::new(),
                 draws: Vec::new(),
@@ -54,7 +54,7 @@ impl SampleStream {
     /// Append the logits of ids `offset .. offset + logits.len()` (as [`TopKStream::push`]).
     pub fn push<E: Elem>(&mut self, offset: usize, logits: &[E]) -> Result<()> {
         let SampleStream { n, isa, seed, row, err_row, blocks, state } = self;
-        blocks.push(offset, logits, |start, x, len| state.block(*n, *isa, *seed, *row, *err_row, start, x, len))
+        blocks.push(offset, logits, |start, x, len, _| state.block(*n, *isa, *seed, *row, *err_row, start, x, len))
     }
 
     /// Logits pushed so far.
@@ -74,7 +74,7 @@ impl SampleStream {
         check_slots("logprobs", logprobs.len(), n)?;
         check_slots("weights", weights.len(), n)?;
         let SampleStream { isa, seed, row, err_row, blocks, state, .. } = &mut self;
-        blocks.flush(&mut |start, x, len| state.block(n, *isa, *seed, *row, *err_row, start, x, len))?;
+        blocks.flush(&mut |start, x, len, _| state.block(n, *isa, *seed, *row, *err_row, start, x, len))?;
         if blocks.seen == 0 {
             return Err(empty_row());
         }
@@ -146,7 +146,7 @@ fn walk(cum: &[f64], total: f64, last: usize, key: u64, n: usize, order: &mut Ve
 impl SampleState {
     #[allow(clippy::too_many_arguments)]
     fn block(&mut self, n: usize, isa: Isa, seed: u64, row: u64, err_row: usize, start: usize, padded: &[f32], len: usize) -> Result<()> {
-        let BlockScan { max, nan, .. } = isa.run(ScanJob { x: padded, thr: NEG_INF });
+        let (max, nan) = isa.run(MaxJob(padded));
         check_block(max, nan, err_row)?;
         let x = &padded[..len];
         let b = start / VOCAB_BLOCK;
