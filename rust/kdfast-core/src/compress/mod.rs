@@ -53,6 +53,13 @@
 //! contributes its first `n_b` draws. Each of the N draws is thus "block ∝ mass, then id ∝ p
 //! inside the block", i.e. exactly a draw from `p`, and the draws are independent.
 //!
+//! The batch driver ([`compress_sample`]) returns exactly these draws, organised for speed
+//! (`sample_row`): whole rows let it keep, per block, only the total and a checkpoint of the
+//! running sum every 16 ids, accumulate the running sums of 8 blocks as independent chains
+//! (the same additions in the same order), and locate only the `n_b` draws each block
+//! contributes — a binary search of the checkpoints and the re-summation of one segment. Its
+//! floor is the f64 `exp` of every logit, which the bit-exact draws require.
+//!
 //! # Streaming
 //! A row can be fed as several contiguous vocabulary slices (`push(offset, slice)` with
 //! `offset` equal to the number of logits already pushed; e.g. a tensor-parallel teacher's
@@ -78,11 +85,13 @@ const NEG_INF: f32 = f32::NEG_INFINITY;
 mod f64math;
 mod rng;
 mod sample;
+mod sample_row;
 mod topk;
 
 use f64math::{exp64, ExpJob, Lse64};
 pub use rng::{mix64, stream_key, uniform};
 pub use sample::SampleStream;
+use sample_row::RowSampler;
 pub use topk::TopKStream;
 
 // ----------------------------------------------------------------------- block buffering
@@ -98,8 +107,9 @@ struct Ahead {
 impl Ahead {
     const NONE: Ahead = Ahead { ptr: std::ptr::null(), bytes: 0 };
 
-    fn of<E>(next: &[E]) -> Ahead {
-        let next = &next[..next.len().min(VOCAB_BLOCK)];
+    /// The first `len` entries of `next` (or all of them).
+    fn of<E>(next: &[E], len: usize) -> Ahead {
+        let next = &next[..next.len().min(len)];
         Ahead { ptr: next.as_ptr().cast(), bytes: std::mem::size_of_val(next) }
     }
 
@@ -109,7 +119,7 @@ impl Ahead {
         #[cfg(target_arch = "x86_64")]
         if i * 64 < self.bytes {
             // SAFETY: a prefetch is a hint that never faults; the address is inside `next`.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(self.ptr.add(i * 64).cast()) };
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.ptr.add(i * 64).cast()) };
         }
     }
 }
@@ -117,7 +127,6 @@ impl Ahead {
 /// Re-blocks a row arriving in contiguous slices into absolute [`VOCAB_BLOCK`] blocks of
 /// scaled f32 values.
 struct Blocker {
-    isa: Isa,
     inv_t: f32,
     buf: Vec<f32>,
     fill: usize,
@@ -125,9 +134,9 @@ struct Blocker {
 }
 
 impl Blocker {
-    fn new(temperature: f32, isa: Isa) -> Result<Blocker> {
+    fn new(temperature: f32) -> Result<Blocker> {
         check_temperature(temperature)?;
-        Ok(Blocker { isa, inv_t: 1.0 / temperature, buf: vec![0.0; VOCAB_BLOCK], fill: 0, seen: 0 })
+        Ok(Blocker { inv_t: 1.0 / temperature, buf: vec![0.0; VOCAB_BLOCK], fill: 0, seen: 0 })
     }
 
     /// Forget the row (keeping the buffer).
@@ -156,13 +165,13 @@ impl Blocker {
         while !src.is_empty() {
             let take = (VOCAB_BLOCK - self.fill).min(src.len());
             let dst = &mut self.buf[self.fill..self.fill + take];
-            self.isa.run(LoadJob { src: &src[..take], dst, scale: self.inv_t });
+            E::load_scaled(&src[..take], dst, self.inv_t);
             self.fill += take;
             self.seen += take;
             src = &src[take..];
             if self.fill == VOCAB_BLOCK {
                 self.fill = 0;
-                full(self.seen - VOCAB_BLOCK, &mut self.buf, VOCAB_BLOCK, Ahead::of(src))?;
+                full(self.seen - VOCAB_BLOCK, &mut self.buf, VOCAB_BLOCK, Ahead::of(src, VOCAB_BLOCK))?;
             }
         }
         Ok(())
@@ -178,21 +187,6 @@ impl Blocker {
         self.buf[n..padded].fill(NEG_INF);
         self.fill = 0;
         full(self.seen - n, &mut self.buf[..padded], n, Ahead::NONE)
-    }
-}
-
-/// `dst = src · scale` in f32, compiled per instruction set.
-struct LoadJob<'a, E> {
-    src: &'a [E],
-    dst: &'a mut [f32],
-    scale: f32,
-}
-
-impl<E: Elem> Kernel for LoadJob<'_, E> {
-    type Output = ();
-    #[inline(always)]
-    fn run<M: Math>(self) {
-        E::load_scaled(self.src, self.dst, self.scale);
     }
 }
 
@@ -348,13 +342,17 @@ pub fn compress_sample<E: Elem>(
     let batch = BATCH_ROWS.saturating_mul(n);
     let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(weights_out.chunks_mut(batch));
     for (b, ((ids, lp), w)) in batches.enumerate() {
-        let mut items: Vec<_> = ids.chunks_mut(n).zip(lp.chunks_mut(n)).zip(w.chunks_mut(n)).collect();
+        let run = RUN_ROWS.saturating_mul(n);
+        let mut items: Vec<_> = ids.chunks_mut(run).zip(lp.chunks_mut(run)).zip(w.chunks_mut(run)).collect();
         threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), w)| {
-            let r = b * BATCH_ROWS + i;
-            let mut s = SampleStream::new(n, temperature, seed, row_offset.wrapping_add(r as u64), isa)?;
-            s.err_row = r;
-            s.push(0, logits.row(r))?;
-            s.finish(ids, lp, w)
+            let r0 = b * BATCH_ROWS + i * RUN_ROWS;
+            let mut s = RowSampler::new(n, temperature, seed, isa)?;
+            for (j, ((ids, lp), w)) in ids.chunks_mut(n).zip(lp.chunks_mut(n)).zip(w.chunks_mut(n)).enumerate() {
+                let r = r0 + j;
+                let next = if r + 1 < rows { logits.row(r + 1) } else { &[] };
+                s.row(logits.row(r), row_offset.wrapping_add(r as u64), r, next, ids, lp, w)?;
+            }
+            Ok(())
         })?;
     }
     Ok(())

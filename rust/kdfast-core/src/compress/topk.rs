@@ -38,7 +38,7 @@ impl TopKStream {
             k,
             isa,
             row,
-            blocks: Blocker::new(temperature, isa)?,
+            blocks: Blocker::new(temperature)?,
             // Grown block by block in `topk_block`: at most `2 min(k, V) + 16 + VOCAB_BLOCK` entries.
             cand: Vec::new(),
             thr: NEG_INF,
