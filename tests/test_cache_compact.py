@@ -285,8 +285,11 @@ def test_version_1_caches_still_open(tmp_path, name):
         assert torch.equal(item["input_ids"], ids)
         assert torch.equal(got.indices, t.indices[:, :got.k])
         fin = torch.isfinite(t.logprobs[:, :got.k])
+        # Raw records hold float32 log-probs exactly; a recomputation may differ from the one
+        # they were written from by float32 rounding (1 ulp: the tail's summation order).
         err = 0.0 if name.endswith("raw") else 2.0 ** -12
-        assert (got.logprobs[fin] - t.logprobs[:, :got.k][fin]).abs().max().item() <= err + 1e-7
+        want = t.logprobs[:, :got.k][fin]
+        assert ((got.logprobs[fin] - want).abs() <= err + 1e-7 + 2.0 ** -23 * want.abs()).all()
     with pytest.raises(ValueError, match="format_version"):
         CacheWriter(path, method=cache.manifest["method"], temperature=2.0, vocab_size=300,
                     encoding=cache.manifest["encoding"],

@@ -8,6 +8,10 @@
 pub trait Math: Copy + Send + Sync + 'static {
     /// `e^x`; exactly 0 for `x = -inf` and for results below the smallest normal float.
     fn exp(x: f32) -> f32;
+    /// `e^x` of `x` clamped to `[−87, 88.3]`, without the special cases of [`Math::exp`]: below
+    /// −87 (and for −inf) it is e^-87 = 1.6e-38 instead of 0, and NaN is not propagated. For
+    /// sums of exponentials whose largest term is 1, where a few instructions per element count.
+    fn exp_clamped(x: f32) -> f32;
     /// `e^x − 1`, accurate to a few ulp of the result for every `x` (also where `e^x ≈ 1`);
     /// exactly −1 for `x = -inf`.
     fn expm1(x: f32) -> f32;
@@ -78,7 +82,7 @@ fn reduce_ln2<const FMA: bool>(x: f32) -> (f32, f32) {
 
 impl<const FMA: bool> Math for Polynomial<FMA> {
     #[inline(always)]
-    fn exp(x: f32) -> f32 {
+    fn exp_clamped(x: f32) -> f32 {
         let (r, pow2n) = reduce_ln2::<FMA>(x);
         let mut p = 1.987_569_2e-4_f32;
         p = mad::<FMA>(p, r, 1.398_199_9e-3);
@@ -87,7 +91,12 @@ impl<const FMA: bool> Math for Polynomial<FMA> {
         p = mad::<FMA>(p, r, 1.666_666_5e-1);
         p = mad::<FMA>(p, r, 5.000_000_1e-1);
         let e = mad::<FMA>(p, r * r, r) + 1.0;
-        let y = e * pow2n;
+        e * pow2n
+    }
+
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        let y = Self::exp_clamped(x);
         let y = if x < EXP_LO { 0.0 } else { y };
         let y = if x > EXP_HI { f32::INFINITY } else { y };
         if x.is_nan() {
@@ -166,6 +175,11 @@ impl Math for Libm {
     }
 
     #[inline(always)]
+    fn exp_clamped(x: f32) -> f32 {
+        x.max(EXP_LO).min(EXP_HI).exp()
+    }
+
+    #[inline(always)]
     fn expm1(x: f32) -> f32 {
         x.exp_m1()
     }
@@ -204,6 +218,17 @@ mod tests {
             let worst = worst_on_grid(-86.99, f, f64::exp);
             assert!(worst < 4e-7, "worst relative error {worst}");
         }
+    }
+
+    #[test]
+    fn exp_clamped_is_exp_inside_the_range() {
+        for f in [Poly::exp_clamped, PolyFma::exp_clamped, Libm::exp_clamped] {
+            let worst = worst_on_grid(-86.99, f, f64::exp);
+            assert!(worst < 4e-7, "worst relative error {worst}");
+            assert_eq!(f(f32::NEG_INFINITY), f(EXP_LO));
+            assert!(f(-1e4) > 0.0 && f(-1e4) < 2e-38 && f(1e4).is_finite());
+        }
+        assert_eq!(PolyFma::exp_clamped(-3.0), PolyFma::exp(-3.0));
     }
 
     #[test]

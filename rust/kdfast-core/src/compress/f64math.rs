@@ -89,7 +89,7 @@ impl Lse64 {
             return Lse64::EMPTY;
         }
         let m = max as f64;
-        Lse64 { max: m, sum: xs.map(|x| (x as f64 - m).exp()).sum() }
+        Lse64 { max: m, sum: xs.map(|x| exp64(x as f64 - m)).sum() }
     }
 
     pub(super) fn ln(self) -> f64 {

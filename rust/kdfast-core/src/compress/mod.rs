@@ -4,17 +4,21 @@
 //! [`VOCAB_BLOCK`] ids (block `b` holds ids `[4096 b, 4096 (b + 1))`), with O(k) or
 //! O(blocks · N) memory per row, never a softmax of the row or a sort of it. Buffers sized by
 //! the caller's `k` or `N` are allocated fallibly ([`KdError::Alloc`]): top-k keeps at most
-//! `min(k, V) + VOCAB_BLOCK` candidates, however large `k` is, and the batch drivers write
+//! `2 min(k, V) + 16 + VOCAB_BLOCK` candidates, however large `k` is, and the batch drivers write
 //! straight into the output rows. Let `x = z / T`
 //! (each logit converted to f32 and multiplied by the f32 `1 / T`).
 //!
 //! # Top-k ([`TopKStream`], [`compress_topk`])
-//! A candidate buffer with a running threshold `θ` (the k-th best value so far, `-inf` until k
-//! candidates exist). Per block, every `x > θ` (with `θ` as it was when the block started)
-//! joins the buffer; when the buffer holds more than k entries a linear-time selection keeps the
-//! best k and raises `θ`. Everything that is not kept — the block's `x ≤ θ`, found with a
-//! SIMD-dispatched sweep, and the entries evicted from the buffer — is accumulated into an
-//! online log-sum-exp of the *tail*. At the end
+//! A candidate buffer with a running threshold `θ`, a lower bound of the k-th best value so far
+//! (`-inf` until k candidates exist). Per block, every `x > θ` (with `θ` as it was when the
+//! block started) joins the buffer; once it holds more than `max(2k, k + 16)` entries (or
+//! reaches k for the first time) a linear-time selection keeps the best k and raises `θ` to the
+//! k-th of them. The first block of a row starts from a cheap bound instead of `-inf` (the k-th
+//! largest of the maxima of 4k strided groups, for k ≤ 256), so that ~2k rather than 4096
+//! entries enter the buffer. Everything that is not kept — the block's `x ≤ θ`, found in the
+//! same SIMD-dispatched sweep that collects the candidates, and the entries evicted from the
+//! buffer — is accumulated into an online log-sum-exp of the *tail*. The sweep of a block
+//! prefetches the next block's logits, so that their read overlaps the computation. At the end
 //!
 //! ```text
 //!     lse_all = logaddexp(lse_topk, lse_tail),   logprob_i = x_i − lse_all,
@@ -49,6 +53,13 @@
 //! contributes its first `n_b` draws. Each of the N draws is thus "block ∝ mass, then id ∝ p
 //! inside the block", i.e. exactly a draw from `p`, and the draws are independent.
 //!
+//! The batch driver ([`compress_sample`]) returns exactly these draws, organised for speed
+//! (`sample_row`): whole rows let it keep, per block, only the total and a checkpoint of the
+//! running sum every 16 ids, accumulate the running sums of 8 blocks as independent chains
+//! (the same additions in the same order), and locate only the `n_b` draws each block
+//! contributes — a binary search of the checkpoints and the re-summation of one segment. Its
+//! floor is the f64 `exp` of every logit, which the bit-exact draws require.
+//!
 //! # Streaming
 //! A row can be fed as several contiguous vocabulary slices (`push(offset, slice)` with
 //! `offset` equal to the number of logits already pushed; e.g. a tensor-parallel teacher's
@@ -74,14 +85,44 @@ const NEG_INF: f32 = f32::NEG_INFINITY;
 mod f64math;
 mod rng;
 mod sample;
+mod sample_row;
 mod topk;
 
 use f64math::{exp64, ExpJob, Lse64};
 pub use rng::{mix64, stream_key, uniform};
 pub use sample::SampleStream;
+use sample_row::RowSampler;
 pub use topk::TopKStream;
 
 // ----------------------------------------------------------------------- block buffering
+
+/// The memory of the logits of the next block, prefetched while this block is computed (the
+/// kernels are compute-bound; this lets the next block's read overlap them).
+#[derive(Clone, Copy)]
+struct Ahead {
+    ptr: *const u8,
+    bytes: usize,
+}
+
+impl Ahead {
+    const NONE: Ahead = Ahead { ptr: std::ptr::null(), bytes: 0 };
+
+    /// The first `len` entries of `next` (or all of them).
+    fn of<E>(next: &[E], len: usize) -> Ahead {
+        let next = &next[..next.len().min(len)];
+        Ahead { ptr: next.as_ptr().cast(), bytes: std::mem::size_of_val(next) }
+    }
+
+    /// Prefetch the `i`-th 64-byte line, if the next block has one.
+    #[inline(always)]
+    fn line(self, i: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if i * 64 < self.bytes {
+            // SAFETY: a prefetch is a hint that never faults; the address is inside `next`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.ptr.add(i * 64).cast()) };
+        }
+    }
+}
 
 /// Re-blocks a row arriving in contiguous slices into absolute [`VOCAB_BLOCK`] blocks of
 /// scaled f32 values.
@@ -98,8 +139,15 @@ impl Blocker {
         Ok(Blocker { inv_t: 1.0 / temperature, buf: vec![0.0; VOCAB_BLOCK], fill: 0, seen: 0 })
     }
 
-    /// Append `src`, calling `full(block_start, block)` for every completed block.
-    fn push<E: Elem>(&mut self, offset: usize, mut src: &[E], mut full: impl FnMut(usize, &mut [f32], usize) -> Result<()>) -> Result<()> {
+    /// Forget the row (keeping the buffer).
+    fn restart(&mut self) {
+        self.fill = 0;
+        self.seen = 0;
+    }
+
+    /// Append `src`, calling `full(block_start, padded block, entries, ahead)` for every
+    /// completed block.
+    fn push<E: Elem>(&mut self, offset: usize, mut src: &[E], mut full: impl FnMut(usize, &mut [f32], usize, Ahead) -> Result<()>) -> Result<()> {
         if offset != self.seen {
             return Err(KdError::InvalidArgument {
                 name: "offset",
@@ -117,22 +165,20 @@ impl Blocker {
         while !src.is_empty() {
             let take = (VOCAB_BLOCK - self.fill).min(src.len());
             let dst = &mut self.buf[self.fill..self.fill + take];
-            E::load(&src[..take], dst);
-            for x in dst.iter_mut() {
-                *x *= self.inv_t;
-            }
+            E::load_scaled(&src[..take], dst, self.inv_t);
             self.fill += take;
             self.seen += take;
             src = &src[take..];
             if self.fill == VOCAB_BLOCK {
-                self.flush(&mut full)?;
+                self.fill = 0;
+                full(self.seen - VOCAB_BLOCK, &mut self.buf, VOCAB_BLOCK, Ahead::of(src, VOCAB_BLOCK))?;
             }
         }
         Ok(())
     }
 
     /// Process the partial block, if any.
-    fn flush(&mut self, full: &mut impl FnMut(usize, &mut [f32], usize) -> Result<()>) -> Result<()> {
+    fn flush(&mut self, full: &mut impl FnMut(usize, &mut [f32], usize, Ahead) -> Result<()>) -> Result<()> {
         if self.fill == 0 {
             return Ok(());
         }
@@ -140,7 +186,7 @@ impl Blocker {
         let padded = n.div_ceil(LANES) * LANES;
         self.buf[n..padded].fill(NEG_INF);
         self.fill = 0;
-        full(self.seen - n, &mut self.buf[..padded], n)
+        full(self.seen - n, &mut self.buf[..padded], n, Ahead::NONE)
     }
 }
 
@@ -166,21 +212,9 @@ struct BlockScan {
     tail: Lse64,
 }
 
-struct ScanJob<'a> {
-    x: &'a [f32],
-    thr: f32,
-}
-
-impl Kernel for ScanJob<'_> {
-    type Output = BlockScan;
-    #[inline(always)]
-    fn run<M: Math>(self) -> BlockScan {
-        scan::<M>(self.x, self.thr)
-    }
-}
-
+/// `(max, max of the entries ≤ thr, any NaN)` of a padded block, in [`LANES`] lanes.
 #[inline(always)]
-fn scan<M: Math>(x: &[f32], thr: f32) -> BlockScan {
+fn lane_stats(x: &[f32], thr: f32) -> (f32, f32, bool) {
     let mut mx = [NEG_INF; LANES];
     let mut tmx = [NEG_INF; LANES];
     let mut nan = [false; LANES];
@@ -193,21 +227,19 @@ fn scan<M: Math>(x: &[f32], thr: f32) -> BlockScan {
             nan[l] |= v.is_nan();
         }
     }
-    let max = mx.iter().copied().fold(NEG_INF, f32::max);
-    let tmax = tmx.iter().copied().fold(NEG_INF, f32::max);
-    let nan = nan.iter().any(|&b| b);
-    let mut tail = Lse64::EMPTY;
-    if tmax > NEG_INF && !nan {
-        let mut acc = [0.0f32; LANES];
-        for c in x.chunks_exact(LANES) {
-            for l in 0..LANES {
-                let e = M::exp(c[l] - tmax);
-                acc[l] += if c[l] <= thr { e } else { 0.0 };
-            }
-        }
-        tail = Lse64 { max: tmax as f64, sum: acc.iter().map(|&a| a as f64).sum() };
+    (mx.iter().copied().fold(NEG_INF, f32::max), tmx.iter().copied().fold(NEG_INF, f32::max), nan.iter().any(|&b| b))
+}
+
+/// Max and NaN flag of a padded block, compiled per instruction set.
+struct MaxJob<'a>(&'a [f32]);
+
+impl Kernel for MaxJob<'_> {
+    type Output = (f32, bool);
+    #[inline(always)]
+    fn run<M: Math>(self) -> (f32, bool) {
+        let (max, _, nan) = lane_stats(self.0, NEG_INF);
+        (max, nan)
     }
-    BlockScan { max, nan, tail }
 }
 
 fn check_block(max: f32, nan: bool, row: usize) -> Result<()> {
@@ -247,6 +279,10 @@ fn by_rank(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 /// Rows handed to the thread pool at a time (bounds the per-batch list of row outputs).
 const BATCH_ROWS: usize = 1024;
 
+/// Rows of one work item, which share one stream's buffers (a multiple-of-it divides
+/// [`BATCH_ROWS`]).
+const RUN_ROWS: usize = 16;
+
 /// Top-k of every row of `logits` at temperature `T`: `ids_out`/`logprobs_out` are contiguous
 /// `[rows, k]`, `tail_out` `[rows]` (see [`TopKStream::finish`]). Each row is written in place;
 /// the only other memory is O(min(k, V)) per worker thread.
@@ -267,12 +303,16 @@ pub fn compress_topk<E: Elem>(
     let batch = BATCH_ROWS.saturating_mul(k);
     let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(tail_out.chunks_mut(BATCH_ROWS));
     for (b, ((ids, lp), tail)) in batches.enumerate() {
-        let mut items: Vec<_> = ids.chunks_mut(k).zip(lp.chunks_mut(k)).zip(tail.iter_mut()).collect();
+        let run = RUN_ROWS.saturating_mul(k);
+        let mut items: Vec<_> = ids.chunks_mut(run).zip(lp.chunks_mut(run)).zip(tail.chunks_mut(RUN_ROWS)).collect();
         threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), tail)| {
-            let r = b * BATCH_ROWS + i;
-            let mut s = TopKStream::new(k, temperature, isa, r)?;
-            s.push(0, logits.row(r))?;
-            **tail = s.finish(ids, lp)?;
+            let r0 = b * BATCH_ROWS + i * RUN_ROWS;
+            let mut s = TopKStream::new(k, temperature, isa, r0)?;
+            for (j, ((ids, lp), tail)) in ids.chunks_mut(k).zip(lp.chunks_mut(k)).zip(tail.iter_mut()).enumerate() {
+                s.restart(r0 + j);
+                s.push(0, logits.row(r0 + j))?;
+                *tail = s.finish_row(ids, lp)?;
+            }
             Ok(())
         })?;
     }
@@ -302,13 +342,17 @@ pub fn compress_sample<E: Elem>(
     let batch = BATCH_ROWS.saturating_mul(n);
     let batches = ids_out.chunks_mut(batch).zip(logprobs_out.chunks_mut(batch)).zip(weights_out.chunks_mut(batch));
     for (b, ((ids, lp), w)) in batches.enumerate() {
-        let mut items: Vec<_> = ids.chunks_mut(n).zip(lp.chunks_mut(n)).zip(w.chunks_mut(n)).collect();
+        let run = RUN_ROWS.saturating_mul(n);
+        let mut items: Vec<_> = ids.chunks_mut(run).zip(lp.chunks_mut(run)).zip(w.chunks_mut(run)).collect();
         threads::for_each_item(&mut items, num_threads, |i, ((ids, lp), w)| {
-            let r = b * BATCH_ROWS + i;
-            let mut s = SampleStream::new(n, temperature, seed, row_offset.wrapping_add(r as u64), isa)?;
-            s.err_row = r;
-            s.push(0, logits.row(r))?;
-            s.finish(ids, lp, w)
+            let r0 = b * BATCH_ROWS + i * RUN_ROWS;
+            let mut s = RowSampler::new(n, temperature, seed, isa)?;
+            for (j, ((ids, lp), w)) in ids.chunks_mut(n).zip(lp.chunks_mut(n)).zip(w.chunks_mut(n)).enumerate() {
+                let r = r0 + j;
+                let next = if r + 1 < rows { logits.row(r + 1) } else { &[] };
+                s.row(logits.row(r), row_offset.wrapping_add(r as u64), r, next, ids, lp, w)?;
+            }
+            Ok(())
         })?;
     }
     Ok(())

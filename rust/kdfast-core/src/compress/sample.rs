@@ -54,7 +54,7 @@ impl SampleStream {
     /// Append the logits of ids `offset .. offset + logits.len()` (as [`TopKStream::push`]).
     pub fn push<E: Elem>(&mut self, offset: usize, logits: &[E]) -> Result<()> {
         let SampleStream { n, isa, seed, row, err_row, blocks, state } = self;
-        blocks.push(offset, logits, |start, x, len| state.block(*n, *isa, *seed, *row, *err_row, start, x, len))
+        blocks.push(offset, logits, |start, x, len, _| state.block(*n, *isa, *seed, *row, *err_row, start, x, len))
     }
 
     /// Logits pushed so far.
@@ -74,57 +74,70 @@ impl SampleStream {
         check_slots("logprobs", logprobs.len(), n)?;
         check_slots("weights", weights.len(), n)?;
         let SampleStream { isa, seed, row, err_row, blocks, state, .. } = &mut self;
-        blocks.flush(&mut |start, x, len| state.block(n, *isa, *seed, *row, *err_row, start, x, len))?;
+        blocks.flush(&mut |start, x, len, _| state.block(n, *isa, *seed, *row, *err_row, start, x, len))?;
         if blocks.seen == 0 {
             return Err(empty_row());
         }
-        let lse = &state.lse;
-        let top = lse.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if top == f64::NEG_INFINITY {
-            return Err(all_neg_inf(*err_row));
-        }
-        // Running sum of the block masses and the N over-the-blocks draws.
-        let mut c = 0.0f64;
-        let mut last = 0usize;
-        state.cum.clear();
-        for (b, &l) in lse.iter().enumerate() {
-            let w = exp64(l - top);
-            c += w;
-            if w > 0.0 {
-                last = b;
-            }
-            state.cum.push(c);
-        }
-        let lse_all = top + c.ln();
-        let mut counts = vec![0usize; lse.len()];
-        let key = stream_key(*seed, *row, BLOCK_SELECT_STREAM);
-        walk(&state.cum, c, last, key, n, &mut state.order, |_, b| counts[b] += 1);
+        let mut counts = Vec::new();
+        let lse_all = block_counts(&state.lse, n, stream_key(*seed, *row, BLOCK_SELECT_STREAM), &mut state.cum, &mut state.order, &mut counts)
+            .ok_or_else(|| all_neg_inf(*err_row))?;
         let mut picked: Vec<(f32, u32)> = Vec::new();
         try_reserve(&mut picked, n, "num_samples")?;
         for (b, &m) in counts.iter().enumerate() {
-            picked.extend_from_slice(&state.draws[b * n..b * n + m]);
+            picked.extend_from_slice(&state.draws[b * n..b * n + m as usize]);
         }
-        picked.sort_unstable_by(by_rank);
-        let n_f = n as f32;
-        let mut slot = 0;
-        let mut i = 0;
-        while i < picked.len() {
-            let (x, id) = picked[i];
-            let mut j = i + 1;
-            while j < picked.len() && picked[j].1 == id {
-                j += 1;
-            }
-            ids[slot] = id as i64;
-            logprobs[slot] = (x as f64 - lse_all) as f32;
-            weights[slot] = (j - i) as f32 / n_f;
-            slot += 1;
-            i = j;
-        }
-        ids[slot..].fill(-1);
-        logprobs[slot..].fill(NEG_INF);
-        weights[slot..].fill(0.0);
+        write_picked(&mut picked, lse_all, n, ids, logprobs, weights);
         Ok(())
     }
+}
+
+/// The over-the-blocks draws of a row from its block log-masses `lse`: `counts[b]` = the draws
+/// block `b` contributes, and the row's log-sum-exp (`None` when every block is empty).
+pub(super) fn block_counts(lse: &[f64], n: usize, key: u64, cum: &mut Vec<f64>, order: &mut Vec<(f64, u32)>, counts: &mut Vec<u32>) -> Option<f64> {
+    let top = lse.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if top == f64::NEG_INFINITY {
+        return None;
+    }
+    // Running sum of the block masses and the N over-the-blocks draws.
+    let mut c = 0.0f64;
+    let mut last = 0usize;
+    cum.clear();
+    for (b, &l) in lse.iter().enumerate() {
+        let w = exp64(l - top);
+        c += w;
+        if w > 0.0 {
+            last = b;
+        }
+        cum.push(c);
+    }
+    counts.clear();
+    counts.resize(lse.len(), 0);
+    walk(cum, c, last, key, n, order, |_, b| counts[b] += 1);
+    Some(top + c.ln())
+}
+
+/// Sort the `picked` draws (scaled logit, id) best first and write the distinct ids with their
+/// log-probabilities and weights `count / n`, padding the `n` slots.
+pub(super) fn write_picked(picked: &mut [(f32, u32)], lse_all: f64, n: usize, ids: &mut [i64], logprobs: &mut [f32], weights: &mut [f32]) {
+    picked.sort_unstable_by(by_rank);
+    let n_f = n as f32;
+    let mut slot = 0;
+    let mut i = 0;
+    while i < picked.len() {
+        let (x, id) = picked[i];
+        let mut j = i + 1;
+        while j < picked.len() && picked[j].1 == id {
+            j += 1;
+        }
+        ids[slot] = id as i64;
+        logprobs[slot] = (x as f64 - lse_all) as f32;
+        weights[slot] = (j - i) as f32 / n_f;
+        slot += 1;
+        i = j;
+    }
+    ids[slot..].fill(-1);
+    logprobs[slot..].fill(NEG_INF);
+    weights[slot..].fill(0.0);
 }
 
 /// Draw `n` times from the distribution whose running sum is `cum` (total `total`, last
@@ -146,7 +159,7 @@ fn walk(cum: &[f64], total: f64, last: usize, key: u64, n: usize, order: &mut Ve
 impl SampleState {
     #[allow(clippy::too_many_arguments)]
     fn block(&mut self, n: usize, isa: Isa, seed: u64, row: u64, err_row: usize, start: usize, padded: &[f32], len: usize) -> Result<()> {
-        let BlockScan { max, nan, .. } = isa.run(ScanJob { x: padded, thr: NEG_INF });
+        let (max, nan) = isa.run(MaxJob(padded));
         check_block(max, nan, err_row)?;
         let x = &padded[..len];
         let b = start / VOCAB_BLOCK;
