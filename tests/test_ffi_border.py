@@ -73,13 +73,14 @@ def test_huge_outputs_under_an_8_gib_address_space_limit():
 
 
 def test_rust_buffers_are_allocated_fallibly():
-    """Outputs that fit, but sampler buffers (blocks × num_samples draws) that do not: the Rust
-    side reports the failed allocation as a ValueError naming num_samples."""
+    """Outputs that fit (256 MiB), but the sampler's buffers of num_samples draws (≥ 256 MiB
+    more) that do not: the Rust side reports the failed allocation as a ValueError naming
+    num_samples."""
     out = assert_survived(run_isolated("""
         import resource, torch, kdfast
         x = torch.randn(1, 8 * 4096)  # 8 vocabulary blocks
         vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
-        limit = vm + (768 << 20)  # room for the 256 MiB of outputs, not for 1 GiB of draws
+        limit = vm + (384 << 20)  # room for the 256 MiB of outputs, not for the draws' buffers
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         try:
             kdfast.compress_sample(x, 2**24)
