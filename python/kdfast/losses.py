@@ -23,6 +23,7 @@ from . import _dispatch, _ops
 from ._reduction import Reduction
 from ._registry import LOSSES, LossSpec
 from ._validate import Pair, check_flag, check_pair, check_temperature, reject_unknown
+from .parallel.collectives import as_local, check_backend, is_sharded, slice_bounds
 
 __all__ = ["dense_loss", *LOSSES]
 
@@ -71,10 +72,8 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
 
 def _local_slices(student, teacher, group):
     """``DTensor`` logits sharded on the vocabulary → their local slices and their mesh's group."""
-    if group is None and not any(type(x).__name__ == "DTensor" for x in (student, teacher)):
+    if not is_sharded(group, student, teacher):
         return student, teacher, None
-    from .parallel.collectives import as_local
-
     student, group = as_local(student, group)
     teacher, group = as_local(teacher, group)
     return student, teacher, group
@@ -83,12 +82,9 @@ def _local_slices(student, teacher, group):
 def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale: bool, labels, red: Reduction,
                     vocab_size, backend: str, group) -> torch.Tensor:
     """The loss over a vocabulary sharded across ``group`` (api.md §6; :mod:`kdfast.parallel`)."""
-    from .parallel.collectives import slice_bounds
     from .parallel.dense import dense_rows
 
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: vocabulary-parallel losses run PyTorch operations on the local slices; "
-                         f"expected 'auto' or 'torch', got {backend!r}")
+    check_backend(backend)
     pair = check_pair(student, teacher, vocab_size=None, labels=labels)
     s2, t2 = pair.s2, pair.t2
     if vocab_size is not None:  # global: cut each slice where the padded columns begin

@@ -29,6 +29,7 @@ import torch
 from . import _dispatch, _native, _triton
 from . import reference_sparse as _ref
 from ._validate import check_count, check_int, check_logits, check_temperature
+from .parallel.collectives import as_local, check_backend, is_sharded
 from .sparse_losses import SPARSE_LOSSES, TAILS, SparseInputs, prepare_sparse, sparse_kl, sparse_loss
 from .targets import SparseTargets
 
@@ -73,7 +74,7 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
             all-gather of k candidates per rank. A ``DTensor`` sharded on its last dimension
             needs none. Computed with PyTorch operations (``backend`` "auto" or "torch").
     """
-    if process_group is not None or type(teacher_logits).__name__ == "DTensor":
+    if is_sharded(process_group, teacher_logits):
         return _compress_topk_sharded(teacher_logits, k, temperature, backend, process_group)
     x2, backend = _teacher_rows(teacher_logits, backend, "compress_topk")
     k = check_count(k, "k")
@@ -90,13 +91,10 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
 
 
 def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> SparseTargets:
-    from .parallel.collectives import as_local
     from .parallel.compress import compress_topk_rows
 
     teacher_logits, group = as_local(teacher_logits, group)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: vocabulary-parallel compression runs PyTorch operations on the local slices; "
-                         f"expected 'auto' or 'torch', got {backend!r}")
+    check_backend(backend)
     x2 = check_logits(teacher_logits, "teacher_logits").detach()
     k, t = check_count(k, "k"), check_temperature(temperature)
     lead = x2.shape[:-1]

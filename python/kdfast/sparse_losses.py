@@ -34,6 +34,7 @@ from . import reference_sparse as _ref
 from ._reduction import Reduction
 from ._registry import get as _get_spec
 from ._validate import check_flag, check_labels, check_logits, check_temperature
+from .parallel.collectives import as_local, check_backend, is_sharded, slice_bounds
 from .targets import SparseTargets
 
 __all__ = ["sparse_loss", "sparse_kl", "prepare_sparse", "check_sparse_loss", "SparseInputs", "TAILS",
@@ -234,9 +235,7 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
         ``student_logits`` has its dtype. The targets never receive a gradient.
     """
     loss, param = check_sparse_loss(loss, None if beta is _BETA else beta)
-    if process_group is not None or type(student_logits).__name__ == "DTensor":
-        from .parallel.collectives import as_local
-
+    if is_sharded(process_group, student_logits):
         student_logits, process_group = as_local(student_logits, process_group)
     student_logits = check_logits(student_logits, "student_logits")
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
@@ -246,11 +245,7 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
     float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     offset = 0
     if process_group is not None:
-        from .parallel.collectives import slice_bounds
-
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"backend: vocabulary-parallel losses run PyTorch operations on the local slices; "
-                             f"expected 'auto' or 'torch', got {backend!r}")
+        check_backend(backend)
         offset, v_total = slice_bounds(process_group, v, student_logits.device)
     prep = prepare_sparse(targets, lead, v if process_group is None else v_total, student_logits.device, tail=tail,
                           temperature=temperature, labels=labels, float_dtype=float_dtype, loss=loss)

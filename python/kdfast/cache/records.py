@@ -170,9 +170,7 @@ def decode_many(params: dict, rows: List[dict], width_rows: int, width: int, ids
     records = [np.asarray(r["record"], dtype=np.uint8) for r in rows]
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in records], out=offsets[1:])
-    with warnings.catch_warnings():  # read-only views of the mapped shards: only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(np.concatenate(records) if records else np.zeros(0, np.uint8))
+    data = _byte_tensor(np.concatenate(records) if records else np.zeros(0, np.uint8))
     flat = (lambda x: None if x is None else x.view(-1, width))
     counts = torch.tensor([[len(r["input_ids"]), r["k"]] for r in rows], dtype=torch.int64)
     try:
@@ -231,13 +229,16 @@ def decode_row(params: dict, seq_id: int, input_ids: np.ndarray, prompt_length: 
     return {"seq_id": int(seq_id), "input_ids": ids, "targets": targets, "prompt_length": int(prompt_length)}
 
 
+def _byte_tensor(record) -> torch.Tensor:
+    """``record`` (bytes of a mapped shard, read-only) as a uint8 tensor, without a copy: it is only read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(record, dtype=np.uint8))
+
+
 def _decode_compact(params: dict, record, s: int, k_row: int, method: str, temperature: float,
                     where: str) -> SparseTargets:
-    if isinstance(record, (bytes, bytearray)):
-        record = np.frombuffer(record, dtype=np.uint8)
-    with warnings.catch_warnings():  # a read-only view of the mapped shard: only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(np.asarray(record, dtype=np.uint8))
+    data = _byte_tensor(np.frombuffer(record, dtype=np.uint8) if isinstance(record, (bytes, bytearray)) else record)
     try:
         ids, lp, w, tail = _native.compact_decode(codec(params), data, s, k_row, method == "sample",
                                                   params["has_tail"])

@@ -113,6 +113,19 @@ def slice_bounds(group, local: int, device) -> Tuple[int, int]:
     return int(sizes[:rank].sum()), int(sizes.sum())
 
 
+def is_sharded(group, *xs) -> bool:
+    """Whether a call is vocabulary-parallel: a group is given or an argument is a ``DTensor``
+    (decided without importing ``torch.distributed.tensor``)."""
+    return group is not None or any(type(x).__name__ == "DTensor" for x in xs)
+
+
+def check_backend(backend: str) -> None:
+    """The vocabulary-parallel paths run PyTorch operations: ``backend`` "auto" or "torch"."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend: vocabulary-parallel paths run PyTorch operations on the local slices; "
+                         f"expected 'auto' or 'torch', got {backend!r}")
+
+
 def as_local(x, group) -> Tuple[torch.Tensor, Optional[object]]:
     """``(local tensor, group)``: a ``DTensor`` sharded on its last dimension becomes its local
     shard and its mesh's group (differentiably); anything else passes through with ``group``."""
