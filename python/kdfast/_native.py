@@ -192,3 +192,29 @@ def compact_decode(codec, data: torch.Tensor, rows: int, k_row: int, sampled: bo
     tail = torch.empty(rows, dtype=torch.float32) if has_tail else None
     codec.decode(data, rows, k_row, (ids, lp, w, tail))
     return ids, lp, w, tail
+
+
+# ------------------------------------------------------- sampling a vocabulary across ranks
+
+
+def sharded_sample(step: int, x2: torch.Tensor, num_samples: int, temperature: float, seed: int, row_offset: int,
+                   offset: int, vocab: int, maxima: torch.Tensor, carry_in=None, sums=None, out=None) -> None:
+    """One step of sampling compression on this rank's slice ``x2`` (ids ``offset ..`` of
+    ``vocab``); the tensors of each step are described at kdfast-py ``compress::sharded_sample``."""
+    options = _kdfast.Sampling(num_samples, temperature, seed, row_offset)
+    _kdfast.sharded_sample(step, options, x2, offset, vocab, maxima, carry_in, sums, out, _runtime())
+
+
+def draws_buffer(rows: int, num_samples: int) -> torch.Tensor:
+    """float64 ``[rows, 2 · num_samples]`` for a rank's draws (value, id)."""
+    num_samples = check_count(num_samples, "num_samples")
+    (picked,) = _empty("num_samples", num_samples, ((rows, 2 * num_samples), torch.float64))
+    return picked
+
+
+def merge_sample_draws(picked: torch.Tensor, lse: torch.Tensor, num_samples: int):
+    """``(ids, logprobs, weights)`` ``[N, num_samples]`` from every rank's draws side by side."""
+    shape = (lse.shape[0], num_samples)
+    ids, lp, w = _empty("num_samples", num_samples, (shape, torch.int64), (shape, torch.float32), (shape, torch.float32))
+    _kdfast.merge_sample_draws(num_samples, picked, lse, (ids, lp, w, None))
+    return ids, lp, w

@@ -28,6 +28,7 @@ import torch
 
 from . import _dispatch, _native, _triton
 from . import reference_sparse as _ref
+from ._errors import DtypeError
 from ._validate import check_count, check_int, check_logits, check_temperature
 from .parallel.collectives import as_local, check_backend, is_sharded
 from .sparse_losses import SPARSE_LOSSES, TAILS, SparseInputs, prepare_sparse, sparse_kl, sparse_loss
@@ -104,7 +105,8 @@ def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> Sp
 
 
 def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperature: float = 1.0,
-                    seed: int = 0, row_offset: int = 0, backend: str = "auto") -> SparseTargets:
+                    seed: int = 0, row_offset: int = 0, backend: str = "auto",
+                    process_group=None) -> SparseTargets:
     """``num_samples`` draws with replacement from ``softmax(teacher_logits / T)`` per row.
 
     The distinct ids drawn are returned with ``weights = count / num_samples`` and their
@@ -126,7 +128,17 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
         backend: as for :func:`compress_topk`; Rust, Triton and PyTorch draw the same ids
             (they could differ only if a uniform fell within ~1e-15 of a cumulative-sum
             boundary, where two float64 ``exp`` implementations may round differently).
+        process_group: the ``torch.distributed`` group over which the vocabulary is sharded
+            (api.md §6): ``teacher_logits`` is this rank's contiguous slice (float32, bfloat16
+            or float16); every rank gets the whole row's targets (global ids), bit for bit the
+            Rust one-pass result for the same seed, from the Rust sampler's steps on the slice
+            and four collectives of O(V / 4096 + N) floats per row (``kdfast.parallel.sample``).
+            CUDA slices are read on the CPU (the collectives stay on their device). A
+            ``DTensor`` sharded on its last dimension needs none. ``backend`` "auto" or "rust".
     """
+    if is_sharded(process_group, teacher_logits):
+        return _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row_offset, backend,
+                                        process_group)
     x2, backend = _teacher_rows(teacher_logits, backend, "compress_sample")
     n_s = check_count(num_samples, "num_samples")
     t = check_temperature(temperature)
@@ -139,5 +151,23 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
         ids, lp, w = _triton.kernels("compress").compress_sample(x2, n_s, t, seed, row_offset)
     else:
         ids, lp, w = _native.compress_sample(x2, n_s, t, seed, row_offset)
+    return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
+                         weights=w.reshape(*lead, n_s), temperature=t, method="sample")
+
+
+def _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row_offset, backend, group):
+    from .parallel.sample import compress_sample_rows
+
+    teacher_logits, group = as_local(teacher_logits, group)
+    check_backend(backend, allowed=("auto", "rust"))
+    x2 = check_logits(teacher_logits, "teacher_logits").detach()
+    if x2.dtype not in _native.NATIVE_DTYPES:
+        raise DtypeError(f"teacher_logits: vocabulary-parallel sampling runs the Rust sampler; expected dtype "
+                         f"float32, bfloat16 or float16, got {x2.dtype}")
+    n_s, t = check_count(num_samples, "num_samples"), check_temperature(temperature)
+    seed = check_int(seed, "seed", low=0, high=2**64 - 1)
+    row_offset = check_int(row_offset, "row_offset", low=0, high=2**64 - 1)
+    lead = x2.shape[:-1]
+    ids, lp, w = compress_sample_rows(x2.reshape(-1, x2.shape[-1]), n_s, t, seed, row_offset, group)
     return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
                          weights=w.reshape(*lead, n_s), temperature=t, method="sample")

@@ -119,11 +119,13 @@ def is_sharded(group, *xs) -> bool:
     return group is not None or any(type(x).__name__ == "DTensor" for x in xs)
 
 
-def check_backend(backend: str) -> None:
-    """The vocabulary-parallel paths run PyTorch operations: ``backend`` "auto" or "torch"."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: vocabulary-parallel paths run PyTorch operations on the local slices; "
-                         f"expected 'auto' or 'torch', got {backend!r}")
+def check_backend(backend: str, allowed=("auto", "torch")) -> None:
+    """The backends a vocabulary-parallel path runs: PyTorch operations on the local slices
+    unless ``allowed`` says otherwise."""
+    if backend not in allowed:
+        runs = "the Rust sampler" if "rust" in allowed else "PyTorch operations"
+        raise ValueError(f"backend: this vocabulary-parallel path runs {runs} on the local slices; "
+                         f"expected {' or '.join(map(repr, allowed))}, got {backend!r}")
 
 
 def as_local(x, group) -> Tuple[torch.Tensor, Optional[object]]:

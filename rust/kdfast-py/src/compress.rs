@@ -2,9 +2,9 @@
 
 use crate::error::Error;
 use crate::sparse::TargetTensors;
-use crate::tensor::{dispatch_float, Tensor};
+use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
-use kdfast_core::compress::{compress_sample as core_sample, compress_topk as core_topk};
+use kdfast_core::compress::{compress_sample as core_sample, compress_topk as core_topk, merge_draws, sharded_draws, sharded_maxima, sharded_sums, VocabSlice};
 use pyo3::prelude::*;
 
 /// Top-k compression options: `k ≥ 1` slots per row (k > V pads), temperature T > 0.
@@ -86,5 +86,84 @@ pub fn compress_sample(py: Python<'_>, options: Sampling, teacher_logits: Tensor
         let x = teacher_logits.rows::<E>("teacher_logits")?;
         py.detach(|| core_sample(x, n, temperature, seed, row_offset, ids, lp, w, runtime.isa, runtime.num_threads))?;
     });
+    Ok(())
+}
+
+// ------------------------------------------------------------- a vocabulary across ranks
+
+/// The steps of [`compress_sample`] over a vocabulary sharded across ranks (kdfast-core
+/// `compress::sharded`): `teacher_logits` is this rank's slice `[N, V_local]` of the ids
+/// `offset .. offset + V_local` of a vocabulary of `vocab` ids; the caller reduces the outputs of
+/// each step over the ranks (maximum) before the next. `B` = ⌈vocab / 4096⌉.
+///
+/// `step` 1 writes `maxima` (float32 `[N, B + 1]`); step 2 reads `maxima` and `carry_in`
+/// (float64 `[N]`) and writes `sums` (float64 `[N, 2B]`) and `carry_out` (float64 `[N]`); step 3
+/// reads `maxima`, `sums`, `carry_in` and writes `picked` (float64 `[N, 2 · num_samples]`) and
+/// `lse` (float64 `[N]`). Arguments a step does not use are `None`.
+#[pyfunction]
+#[pyo3(signature = (step, options, teacher_logits, offset, vocab, maxima, carry_in, sums, out, runtime))]
+#[allow(clippy::too_many_arguments)]
+pub fn sharded_sample(
+    py: Python<'_>,
+    step: u8,
+    options: Sampling,
+    teacher_logits: Tensor,
+    offset: usize,
+    vocab: usize,
+    mut maxima: Tensor,
+    carry_in: Option<Tensor>,
+    sums: Option<Tensor>,
+    out: Option<(Tensor, Tensor)>,
+    runtime: Runtime,
+) -> Result<(), Error> {
+    let (rows, len) = teacher_logits.shape();
+    let slice = VocabSlice::new(offset, len, vocab)?;
+    let nb = slice.blocks();
+    let Sampling { num_samples, temperature, seed, row_offset } = options;
+    let (isa, threads) = (runtime.isa, runtime.num_threads);
+    let missing = |name: &'static str| Error::arg(name, "a tensor for this step", "None");
+    dispatch_float!(E = (teacher_logits, "teacher_logits") => {
+        let x = teacher_logits.rows::<E>("teacher_logits")?;
+        match step {
+            1 => {
+                disjoint(&[("maxima", Some(&maxima))], &[Some(&teacher_logits)])?;
+                let m = maxima.matrix_mut::<f32>("maxima", rows, nb + 1)?;
+                py.detach(|| sharded_maxima(x, slice, temperature, m, isa, threads))?;
+            }
+            2 | 3 => {
+                let carry_in = carry_in.ok_or_else(|| missing("carry_in"))?;
+                let (mut a, mut b) = out.ok_or_else(|| missing("out"))?;
+                let inputs = [Some(&teacher_logits), Some(&maxima), Some(&carry_in), sums.as_ref()];
+                disjoint(&[("out", Some(&a)), ("out", Some(&b))], &inputs)?;
+                let m = maxima.matrix::<f32>("maxima", rows, nb + 1)?;
+                let c = carry_in.vector::<f64>("carry_in", rows)?;
+                if step == 2 {
+                    let (s, c_out) = (a.matrix_mut::<f64>("sums", rows, 2 * nb)?, b.vector_mut::<f64>("carry_out", rows)?);
+                    py.detach(|| sharded_sums(x, slice, temperature, m, c, s, c_out, isa, threads))?;
+                } else {
+                    let sums = sums.as_ref().ok_or_else(|| missing("sums"))?.matrix::<f64>("sums", rows, 2 * nb)?;
+                    let (picked, lse) = (a.matrix_mut::<f64>("picked", rows, 2 * num_samples)?, b.vector_mut::<f64>("lse", rows)?);
+                    py.detach(|| sharded_draws(x, slice, num_samples, temperature, seed, row_offset, m, sums, c, picked, lse, isa, threads))?;
+                }
+            }
+            _ => return Err(Error::arg("step", "1, 2 or 3", &step.to_string())),
+        }
+    });
+    Ok(())
+}
+
+/// The targets from the draws of every rank: `picked` (float64 `[N, 2m]`, the ranks' step-3
+/// outputs side by side) and `lse` (float64 `[N]`) into `out = (ids, logprobs, weights, None)`,
+/// each `[N, num_samples]`.
+#[pyfunction]
+#[pyo3(signature = (num_samples, picked, lse, out))]
+pub fn merge_sample_draws(py: Python<'_>, num_samples: usize, picked: Tensor, lse: Tensor, mut out: TargetTensors) -> Result<(), Error> {
+    let rows = lse.shape().1;
+    let (width, n) = (picked.shape().1, num_samples);
+    let o = out.outputs(rows, n, true, false, &[Some(&picked), Some(&lse)])?;
+    let (ids, lp, w) = (o.ids, o.logprobs, o.weights.expect("checked by `outputs`"));
+    let picked = picked.matrix::<f64>("picked", rows, width)?;
+    let lse = lse.vector::<f64>("lse", rows)?;
+    py.detach(|| merge_draws(picked, lse, n, ids, lp, w))?;
     Ok(())
 }

@@ -29,6 +29,7 @@ pub enum Dtype {
     F32,
     BF16,
     F16,
+    F64,
     I64,
     U8,
 }
@@ -40,6 +41,7 @@ impl Dtype {
             "float32" => Dtype::F32,
             "bfloat16" => Dtype::BF16,
             "float16" => Dtype::F16,
+            "float64" => Dtype::F64,
             "int64" => Dtype::I64,
             "uint8" => Dtype::U8,
             _ => return None,
@@ -51,6 +53,7 @@ impl Dtype {
             Dtype::F32 => "float32",
             Dtype::BF16 => "bfloat16",
             Dtype::F16 => "float16",
+            Dtype::F64 => "float64",
             Dtype::I64 => "int64",
             Dtype::U8 => "uint8",
         }
@@ -61,7 +64,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::BF16 | Dtype::F16 => 2,
-            Dtype::I64 => 8,
+            Dtype::F64 | Dtype::I64 => 8,
             Dtype::U8 => 1,
         }
     }
@@ -75,7 +78,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 macro_rules! element {
     ($($t:ty => $d:ident),*) => { $(impl Element for $t { const DTYPE: Dtype = Dtype::$d; })* };
 }
-element!(f32 => F32, bf16 => BF16, f16 => F16, i64 => I64, u8 => U8);
+element!(f32 => F32, bf16 => BF16, f16 => F16, f64 => F64, i64 => I64, u8 => U8);
 
 /// Run `$body` with each `$E` a type alias for the element type of the floating-point tensor
 /// `$t` (float32, bfloat16 or float16); any other dtype returns a dtype error naming `$name`.
@@ -139,7 +142,7 @@ impl<'py> FromPyObject<'_, 'py> for Tensor {
         }
         let dtype_name = ob.getattr(intern!(py, "dtype"))?.str()?.to_string();
         let dtype = Dtype::parse(&dtype_name).ok_or_else(|| {
-            PyErr::from(Error::dtype("tensor", "float32, bfloat16, float16, int64 or uint8", &dtype_name))
+            PyErr::from(Error::dtype("tensor", "float32, bfloat16, float16, float64, int64 or uint8", &dtype_name))
         })?;
         if ob.call_method0(intern!(py, "is_neg"))?.extract::<bool>()? {
             // A lazily negated view: its memory holds the un-negated values.

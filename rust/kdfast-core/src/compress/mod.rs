@@ -86,12 +86,14 @@ mod f64math;
 mod rng;
 mod sample;
 mod sample_row;
+mod sharded;
 mod topk;
 
 use f64math::{exp64, ExpJob, Lse64};
 pub use rng::{mix64, stream_key, uniform};
 pub use sample::SampleStream;
 use sample_row::RowSampler;
+pub use sharded::{merge_draws, sharded_draws, sharded_maxima, sharded_sums, VocabSlice};
 pub use topk::TopKStream;
 
 // ----------------------------------------------------------------------- block buffering
