@@ -22,7 +22,8 @@ With ``reduction="none"`` the row weights are only known in backward, which then
 each chunk's logits (one extra matmul per chunk) instead of keeping ``G``.
 
 The whole computation is the custom op ``kdfast::fused_linear`` (with a fake implementation
-and autograd formula), so it runs unchanged inside ``torch.compile(fullgraph=True)``.
+and autograd formula), so it runs unchanged inside ``torch.compile(fullgraph=True)``. With a
+``process_group`` (heads sharded by vocabulary rows) it is :mod:`kdfast.parallel.fused` instead.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ import torch
 from . import _dispatch, _ops
 from . import reference_sparse as _ref_sparse
 from ._buffers import gradient
+from ._head import HALF, float_copy, logits_f32
 from ._errors import DtypeError
 from ._reduction import Reduction
 from ._registry import LOSSES, param_names
 from ._registry import get as get_loss
 from ._validate import LOGIT_DTYPES, check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
 from .losses import COMMON_KWARGS
+from .parallel.collectives import check_backend, local_vocab, slice_bounds
+from .parallel.fused import Plan, fused_loss
 from .sparse_losses import check_sparse_loss, prepare_sparse
 
 __all__ = ["fused_linear_distill_loss"]
@@ -48,26 +52,6 @@ _CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 # ----------------------------------------------------------------------------- per-chunk math
-
-
-def _logits_f32(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], w32: Optional[torch.Tensor]) -> torch.Tensor:
-    """``h wᵀ + b`` as a float32 ``[C, V]`` tensor, accumulated in float32."""
-    if w32 is not None:  # CPU half precision: one float32 copy of the head per call
-        z = h.float() @ w32.t()
-    elif h.dtype == torch.float32 and w.dtype == torch.float32:
-        z = h @ w.t()
-    else:  # CUDA half precision: float32 output straight from the tensor cores
-        z = _mm_f32(h, w.t().to(h.dtype))
-    if b is not None:
-        z = z + b.to(z.dtype)
-    return z
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):  # a PyTorch without mm(..., out_dtype): upcast instead
-        return a.float() @ b.float()
 
 
 def _chunk_rows_and_grad(spec, backend, z, teacher, labels, weight, need_grad, buf=None):
@@ -142,13 +126,12 @@ def _fused_linear_op(
     dev = hidden.device
     w_used = weight[:vocab]
     # CPU matmuls in half precision round their output: multiply by a float32 copy instead.
-    half = weight.dtype in (torch.bfloat16, torch.float16)
-    w32 = w_used.float() if (dev.type == "cpu" and half) else None
+    half = weight.dtype in HALF
+    w32 = float_copy(w_used)
     tw32 = None
     if teacher_weight is not None:
         tw_used = teacher_weight[:vocab]
-        if dev.type == "cpu" and teacher_weight.dtype in (torch.bfloat16, torch.float16):
-            tw32 = tw_used.float()
+        tw32 = float_copy(tw_used)
 
     need_grad = need_hidden or need_weight or need_bias
     rows_all = torch.empty(n, dtype=torch.float32, device=dev)
@@ -163,7 +146,7 @@ def _fused_linear_op(
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         h_c = hidden[c0:c1]
-        z = _logits_f32(h_c, w_used, None if bias is None else bias[:vocab], w32)
+        z = logits_f32(h_c, w_used, None if bias is None else bias[:vocab], w32)
         if mode:
             sel = (lambda t: None if t is None else t[c0:c1])
             teacher = (ids[c0:c1], logprobs[c0:c1], sel(sample_weights), sel(tail))
@@ -171,7 +154,7 @@ def _fused_linear_op(
             teacher = teacher_logits[c0:c1, :vocab]
         else:
             tb = None if teacher_bias is None else teacher_bias[:vocab]
-            teacher = _logits_f32(teacher_hidden[c0:c1], tw_used, tb, tw32)
+            teacher = logits_f32(teacher_hidden[c0:c1], tw_used, tb, tw32)
         w_c = row_weight[c0:c1] if row_weight.dim() == 1 else row_weight
         lab = None if labels is None else labels[c0:c1]
         rows, g = _chunk_rows_and_grad(spec, backend, z, teacher, lab, w_c, need_grad, buf)
@@ -318,6 +301,22 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
         **loss_kwargs: those of the loss: ``temperature``, ``t2_scale``, ``labels``,
             ``ignore_index``, ``reduction``, ``num_items_in_batch``, ``vocab_size``, ``backend``,
             ``beta`` (jsd, dense or sparse), ``skew`` (skew KLs), ``tail`` (sparse).
+        process_group: a ``torch.distributed`` group over which the heads are sharded by
+            vocabulary (api.md §6; tensor parallelism of the LM head): ``student_weight``,
+            ``student_bias``, ``teacher_weight``, ``teacher_bias`` are this rank's contiguous
+            rows ``[V_local, H]`` (rank order, sizes may differ), ``teacher_logits`` this rank's
+            columns ``[..., V_local]``; ``targets`` ids and ``vocab_size`` are global; the hidden
+            states are replicated (the same on every rank). The result is the whole vocabulary's
+            loss, the same on every rank. ``student_weight`` and ``student_bias`` get the
+            gradient of their local rows; ``student_hidden`` gets its *complete* gradient
+            ``Σ_r G_r W_r`` (one all-reduce of ``[N, H]`` in backward), the same on every rank
+            — the exact gradient of this op w.r.t. each of its inputs. So do not pass the hidden
+            states through a region whose backward all-reduces them again (Megatron's
+            ``copy_to_tensor_model_parallel_region``): that would count the gradient once per
+            rank. Every rank must call with the same hidden states, labels and targets, and
+            give the loss the same upstream gradient. Chunked as without a group (peak memory
+            O(chunk_size · V_local)); computed with PyTorch operations (``backend`` "auto" or
+            "torch"), eagerly: not inside ``torch.compile``.
 
     Returns:
         float32 loss (float64 for float64 inputs), reduced as asked.
@@ -341,6 +340,10 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     t2_scale = check_flag(loss_kwargs.get("t2_scale", False), "t2_scale")
     labels = check_labels(loss_kwargs.get("labels"), lead, h.device)  # int64 [N] or None
     v_s = w.shape[0]
+    group = loss_kwargs.get("process_group")
+    if group is not None:  # the heads' rows are this rank's slice of the vocabulary
+        check_backend(loss_kwargs.get("backend", "auto"))
+        offset, v_global = slice_bounds(group, v_s, h.device)
 
     th = tw = tb = tlog = ids = lp = sw = tail_lp = None
     mode, param = "", 0.0
@@ -351,7 +354,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
                 raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to sparse targets")
         loss, param = check_sparse_loss("forward_kl" if loss == "sparse_kl" else loss, loss_kwargs.get("beta"),
                                         what="fused_linear_distill_loss")
-        prep = prepare_sparse(targets, lead, v_s, h.device, tail=loss_kwargs.get("tail", "bucket"),
+        prep = prepare_sparse(targets, lead, v_s if group is None else v_global, h.device, tail=loss_kwargs.get("tail", "bucket"),
                               temperature=loss_kwargs.get("temperature"), name="student_hidden", loss=loss)
         ids, lp, sw, tail_lp, mode, t = prep.ids, prep.lp, prep.w, prep.tail, prep.mode, prep.temperature
         vocab = v_s
@@ -387,19 +390,26 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
             th, tw = th.detach().reshape(-1, th.shape[-1]), tw.detach()
             tb = None if tb is None else tb.detach()
             v_t = tw.shape[0]
-        vocab = check_vocab(loss_kwargs.get("vocab_size"), v_s, v_t, what="the student head", other="the teacher")
+        if group is None:
+            vocab = check_vocab(loss_kwargs.get("vocab_size"), v_s, v_t, what="the student head", other="the teacher")
+        elif v_s != v_t:
+            raise ValueError(f"process_group: the student's and the teacher's slices of the vocabulary must match; "
+                             f"this rank holds {v_s} student head rows and {v_t} of the teacher")
+        else:
+            vocab = local_vocab(loss_kwargs.get("vocab_size"), offset, v_global, v_s)
 
     n = h.numel() // h_dim if h_dim else 0
     wide = torch.float64 in (h.dtype, w.dtype)
-    backend = _dispatch.resolve(loss_kwargs.get("backend", "auto"), h.device, (h.dtype, w.dtype),
-                                op="fused_linear_distill_loss", available=kernels)
+    backend = "torch" if group is not None else _dispatch.resolve(
+        loss_kwargs.get("backend", "auto"), h.device, (h.dtype, w.dtype), op="fused_linear_distill_loss",
+        available=kernels)
     out_dtype = torch.float64 if wide else torch.float32
     h2 = h.reshape(n, h_dim)
     if n == 0:
         zero = (h2.sum() * 0.0 + w.sum() * 0.0).to(out_dtype)
         return zero.expand(lead) if red.per_row else zero
     if chunk_size is None:
-        chunk = max(1, _CHUNK_ELEMS.get(h.device.type, 1 << 24) // vocab)
+        chunk = max(1, _CHUNK_ELEMS.get(h.device.type, 1 << 24) // max(1, vocab))
     else:
         chunk = check_int(chunk_size, "chunk_size")
         if chunk < 1:
@@ -412,6 +422,10 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     row_weight = _row_weight(red, n, labels, h.device, out_dtype)
     teacher = (th, tw, tb, tlog, ids, lp, sw, tail_lp)
     spec = (loss, mode, float(param), float(t), t2_scale, red.ignore_index)
+    if group is not None:
+        plan = Plan(teacher, labels, spec, vocab, chunk, offset, v_global, group)
+        out = fused_loss(h2, w, b, row_weight, plan, reduce)
+        return out if reduce else out.reshape(lead)
     if backend == "torch":
         rows = _torch_rows(h2, w, b, teacher, labels, spec, vocab, chunk)
         return (rows * row_weight).sum() if reduce else rows.reshape(lead)

@@ -23,7 +23,7 @@ from . import _dispatch, _ops
 from ._reduction import Reduction
 from ._registry import LOSSES, LossSpec
 from ._validate import Pair, check_flag, check_pair, check_temperature, reject_unknown
-from .parallel.collectives import as_local, check_backend, is_sharded, slice_bounds
+from .parallel.collectives import as_local, check_backend, is_sharded, local_vocab, slice_bounds
 
 __all__ = ["dense_loss", *LOSSES]
 
@@ -88,11 +88,7 @@ def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale:
     pair = check_pair(student, teacher, vocab_size=None, labels=labels)
     s2, t2 = pair.s2, pair.t2
     if vocab_size is not None:  # global: cut each slice where the padded columns begin
-        offset, total = slice_bounds(group, s2.shape[1], s2.device)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= total:
-            raise ValueError(f"vocab_size: expected an integer in [1, {total}] (the vocabulary across the "
-                             f"group), got {vocab_size!r}")
-        keep = min(max(vocab_size - offset, 0), s2.shape[1])
+        keep = local_vocab(vocab_size, *slice_bounds(group, s2.shape[1], s2.device), s2.shape[1])
         s2, t2 = s2[:, :keep], t2[:, :keep]
     spec, param = spec.canonical(param)
     if pair.labels is None:

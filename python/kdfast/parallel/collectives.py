@@ -113,6 +113,17 @@ def slice_bounds(group, local: int, device) -> Tuple[int, int]:
     return int(sizes[:rank].sum()), int(sizes.sum())
 
 
+def local_vocab(vocab_size, offset: int, total: int, local: int) -> int:
+    """How many of this rank's ``local`` ids (the slice starting at ``offset`` of ``total``) a
+    global ``vocab_size`` keeps (None: all): the padded ids past ``vocab_size`` are cut."""
+    if vocab_size is None:
+        return local
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= total:
+        raise ValueError(f"vocab_size: expected an integer in [1, {total}] (the vocabulary across the "
+                         f"group), got {vocab_size!r}")
+    return min(max(vocab_size - offset, 0), local)
+
+
 def is_sharded(group, *xs) -> bool:
     """Whether a call is vocabulary-parallel: a group is given or an argument is a ``DTensor``
     (decided without importing ``torch.distributed.tensor``)."""
