@@ -2,6 +2,7 @@
 input that can kill the interpreter (oversized k / num_samples, odd strides, aliasing)."""
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_wrong_dtype_is_a_dtype_error_naming_the_argument():
         _dense(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3))
     with pytest.raises(kdfast.DtypeError, match="grad_out: expected dtype float32, got bfloat16"):
         _dense(torch.zeros(2, 3), grad_out=torch.empty(2, 3, dtype=torch.bfloat16))
-    with pytest.raises(kdfast.DtypeError, match="got torch.float64"):
+    with pytest.raises(kdfast.DtypeError, match="^student_logits: expected dtype float32, bfloat16 or float16, got float64"):
         _dense(torch.zeros(2, 3, dtype=torch.float64))
     err = kdfast.DtypeError
     assert issubclass(err, TypeError) and issubclass(err, ValueError)
@@ -254,3 +255,42 @@ def test_hostile_layouts_never_crash():
         print("done", calls)
     """))
     assert out.startswith("done"), out
+
+
+def test_sharded_sampling_steps_check_their_arguments():
+    x = torch.randn(3, 10)
+    m = torch.empty(3, 2)
+    step = functools.partial(_native.sharded_sample, x2=x, num_samples=4, temperature=1.0, seed=0, row_offset=0,
+                             offset=5, vocab=15)
+    step(1, maxima=m)
+    with pytest.raises(ValueError, match="^step: expected 1, 2 or 3"):
+        step(4, maxima=m)
+    with pytest.raises(ValueError, match="teacher_logits: expected a slice inside a vocabulary of 12 ids"):
+        _native.sharded_sample(1, x, 4, 1.0, 0, 0, 5, 12, m)
+    with pytest.raises(ValueError, match="maxima"):
+        step(1, maxima=torch.empty(3, 3))
+    with pytest.raises(ValueError, match="^carry_in: expected a tensor for this step"):
+        step(2, maxima=m)
+    c, s = torch.zeros(3, dtype=torch.float64), torch.empty(3, 2, dtype=torch.float64)
+    cps = _native.checkpoints_buffer(x, 5, 15)
+    assert cps.shape == (3, 256)
+    with pytest.raises(ValueError, match="^checkpoints: expected a tensor for this step"):
+        step(2, maxima=m, carry_in=c, out=(s, torch.empty(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="out: expected an output tensor that shares no memory"):
+        step(2, maxima=m, carry_in=c, checkpoints=cps, out=(s, c))
+    with pytest.raises(ValueError, match="out: expected an output tensor that shares no memory"):
+        step(2, maxima=m, carry_in=c, checkpoints=cps, out=(s, cps[0, :3]))
+    with pytest.raises(kdfast.DtypeError, match="carry_in: expected dtype float64, got float32"):
+        step(2, maxima=m, carry_in=c.float(), checkpoints=cps, out=(s, torch.empty(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="checkpoints"):
+        step(2, maxima=m, carry_in=c, checkpoints=cps[:, :10], out=(s, torch.empty(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="^sums: expected a tensor for this step"):
+        step(3, maxima=m, carry_in=c, checkpoints=cps,
+             out=(_native.draws_buffer(3, 4), torch.empty(3, dtype=torch.float64)))
+    with pytest.raises(kdfast.DtypeError, match="^teacher_logits: expected dtype float32, bfloat16 or float16, got float64"):
+        _native.sharded_sample(1, x.double(), 4, 1.0, 0, 0, 5, 15, m)
+    picked = torch.tensor([[0.5, 3.0, -1.0, -1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="^picked: expected 2 draws in row 0 over the ranks, got 1"):
+        _native.merge_sample_draws(picked, torch.zeros(1, dtype=torch.float64), 2)
+    ids, lp, w = _native.merge_sample_draws(picked, torch.zeros(1, dtype=torch.float64), 1)
+    assert ids.tolist() == [[3]] and lp.tolist() == [[0.5]] and w.tolist() == [[1.0]]

@@ -198,11 +198,25 @@ def compact_decode(codec, data: torch.Tensor, rows: int, k_row: int, sampled: bo
 
 
 def sharded_sample(step: int, x2: torch.Tensor, num_samples: int, temperature: float, seed: int, row_offset: int,
-                   offset: int, vocab: int, maxima: torch.Tensor, carry_in=None, sums=None, out=None) -> None:
+                   offset: int, vocab: int, maxima: torch.Tensor, carry_in=None, sums=None, checkpoints=None,
+                   out=None) -> None:
     """One step of sampling compression on this rank's slice ``x2`` (ids ``offset ..`` of
     ``vocab``); the tensors of each step are described at kdfast-py ``compress::sharded_sample``."""
     options = _kdfast.Sampling(num_samples, temperature, seed, row_offset)
-    _kdfast.sharded_sample(step, options, x2, offset, vocab, maxima, carry_in, sums, out, _runtime())
+    _kdfast.sharded_sample(step, options, x2, offset, vocab, maxima, carry_in, sums, checkpoints, out, _runtime())
+
+
+def slice_plan(offset: int, cols: int, vocab: int):
+    """``(blocks, checkpoints per row, receives a carry, sends a carry)`` of this rank's slice."""
+    return _kdfast.sharded_slice_plan(offset, cols, vocab)
+
+
+def checkpoints_buffer(x2: torch.Tensor, offset: int, vocab: int) -> torch.Tensor:
+    """float64 ``[N, C]`` for step 2's running-sum checkpoints of this rank's slice ``x2``
+    (``C`` = 256 per 4096-id block the slice has a part of: an eighth of float32 logits)."""
+    rows, cols = x2.shape
+    (cps,) = _empty("teacher_logits", f"{rows} × {cols}", ((rows, slice_plan(offset, cols, vocab)[1]), torch.float64))
+    return cps
 
 
 def draws_buffer(rows: int, num_samples: int) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 For W ranks (forked, gloo on loopback, one thread each), each holding ``V / W`` columns of
 ``N × V`` logits: the median time of ``forward_kl`` (forward + backward), ``sparse_kl`` against
-top-64 targets (forward + backward) and ``compress_topk(k=64)`` with ``process_group`` (the
+top-64 targets (forward + backward), ``compress_topk(k=64)`` and ``compress_sample(N=50)`` with ``process_group`` (the
 slowest rank), beside the unsharded call in one process (kdfast's Rust kernels, all threads),
 and per row the bytes each rank sends into the collectives and their number (counted by
-wrapping ``torch.distributed``), beside what all-gathering the logits would move
+wrapping ``torch.distributed``; the sampler's point-to-point carry counts as one), beside what all-gathering the logits would move
 (``(W − 1) / W · V`` elements of each gathered tensor). Run ``python -m kdfast.benchmarks.parallel``.
 """
 
@@ -25,7 +25,7 @@ import torch
 from . import harness, tables
 
 MODULE = "kdfast.benchmarks.parallel"
-OPS = ("forward_kl", "sparse_kl", "compress_topk")
+OPS = ("forward_kl", "sparse_kl", "compress_topk", "compress_sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -41,12 +41,12 @@ class _Counter:
     def __init__(self, dist):
         self.calls, self.bytes = 0, 0
         self._dist, self._saved = dist, {}
-        for name in ("all_reduce", "all_gather", "all_gather_into_tensor"):
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "send"):
             real = getattr(dist, name)
             self._saved[name] = real
 
             def wrapped(*args, _real=real, _name=name, **kwargs):
-                tensor = args[1] if _name == "all_gather" else args[0] if _name == "all_reduce" else args[1]
+                tensor = args[0] if _name in ("all_reduce", "send") else args[1]
                 self.calls += 1
                 self.bytes += tensor.numel() * tensor.element_size()
                 return _real(*args, **kwargs)
@@ -62,6 +62,8 @@ def _op(name, s, t, group, targets):
 
     if name == "compress_topk":
         return lambda: kdfast.compress_topk(t, 64, process_group=group)
+    if name == "compress_sample":
+        return lambda: kdfast.compress_sample(t, 50, process_group=group)
     if name == "forward_kl":
         return lambda: kdfast.forward_kl(s, t, process_group=group).backward()
     return lambda: kdfast.sparse_kl(s, targets, process_group=group).backward()
@@ -131,7 +133,8 @@ def run_single(spec: dict) -> dict:
     targets = kdfast.compress_topk(t, 64)
     ops = {"forward_kl": lambda: kdfast.forward_kl(s, t).backward(),
            "sparse_kl": lambda: kdfast.sparse_kl(s, targets).backward(),
-           "compress_topk": lambda: kdfast.compress_topk(t, 64)}
+           "compress_topk": lambda: kdfast.compress_topk(t, 64),
+           "compress_sample": lambda: kdfast.compress_sample(t, 50)}
     out = {}
     for name in spec["ops"]:
         ops[name]()
@@ -146,7 +149,7 @@ def format_table(rows: list, v: int) -> str:
         gathered = None
         if r["ranks"] > 1:
             per = (r["ranks"] - 1) / r["ranks"] * v * (2 if r["dtype"] == "bf16" else 4)
-            gathered = per * (1 if r["op"] == "compress_topk" else 2)
+            gathered = per * (1 if r["op"].startswith("compress") else 2)
         lines.append(tables.markdown_row([
             r["op"], r["dtype"], str(r["ranks"]) if r["ranks"] > 1 else "1 (unsharded)", tables.fmt_s(r.get("time_s")),
             tables.fmt_x(r.get("ratio")), "—" if r["ranks"] == 1 else str(r.get("calls")),

@@ -11,9 +11,11 @@ these collectives between them:
    rank together;
 2. running sums from the *carry* the previous rank hands on (one point-to-point float64 per
    row, only where a block straddles the boundary) → all-reduce (max) of ``S_b`` and of each
-   block's last id of positive weight: the same additions in the same order as one pass;
+   block's last id of positive weight: the same additions in the same order as one pass. The
+   running sums every 16 ids stay on the rank (float64, an eighth of float32 logits);
 3. the over-the-blocks draws (repeated on every rank) and the within-block draws each rank's
-   part holds → all-gather of ``N`` (value, id) pairs per rank, merged as one pass would.
+   part holds, each located from those checkpoints and one re-summed segment → all-gather of
+   ``N`` (value, id) pairs per rank, merged as one pass would.
 
 Per row that is ``4 (B + 1) + 16 B + 8 + 16 N · ranks`` bytes in four collectives and the carry
 (``B = ⌈V / 4096⌉``, 32 at V = 128256), never the ``[N, V]`` logits.
@@ -26,9 +28,6 @@ import torch.distributed as dist
 
 from .. import _native
 from .collectives import slice_bounds, world
-
-VOCAB_BLOCK = 4096
-
 
 def _max_over_ranks(x: torch.Tensor, group, device) -> torch.Tensor:
     """Element-wise maximum over the ranks, communicated on the logits' device (NCCL needs CUDA
@@ -50,12 +49,12 @@ def _check_rows(maxima: torch.Tensor) -> None:
                          f"and no +inf or NaN")
 
 
-def _carry_in(rows: int, offset: int, vocab: int, group, device) -> torch.Tensor:
+def _carry_in(rows: int, receives: bool, group, device) -> torch.Tensor:
     """The previous rank's carry: the running sums where its part of this rank's first block
     ends (zeros when this slice starts a block)."""
     rank, _ = world(group)
     carry_in = torch.zeros(rows, dtype=torch.float64)
-    if offset % VOCAB_BLOCK and offset < vocab:  # a block straddles the boundary with rank − 1
+    if receives:
         buf = carry_in.to(device)
         dist.recv(buf, src=dist.get_global_rank(group, rank - 1), group=group)
         carry_in = buf.cpu()
@@ -67,24 +66,25 @@ def compress_sample_rows(z: torch.Tensor, num_samples: int, temperature: float, 
     local slice ``z`` ``[N, V_local]`` (global ids), the same on every rank."""
     device = z.device
     offset, vocab = slice_bounds(group, z.shape[1], device)
-    end = offset + z.shape[1]
     rank, size = world(group)
     x = _native.as_rows(z.detach().cpu())
-    rows, nb = x.shape[0], -(-vocab // VOCAB_BLOCK)
+    rows = x.shape[0]
+    nb, _, receives, sends = _native.slice_plan(offset, x.shape[1], vocab)
 
     def step(k, maxima, carry_in=None, sums=None, out=None):
         _native.sharded_sample(k, x, num_samples, temperature, seed, row_offset, offset, vocab, maxima,
-                               carry_in, sums, out)
+                               carry_in, sums, checkpoints, out)
 
+    checkpoints = _native.checkpoints_buffer(x, offset, vocab)
     maxima = torch.empty(rows, nb + 1, dtype=torch.float32)
     step(1, maxima)
     maxima = _max_over_ranks(maxima, group, device)
     _check_rows(maxima)
 
-    carry_in = _carry_in(rows, offset, vocab, group, device)
+    carry_in = _carry_in(rows, receives, group, device)
     sums, carry_out = torch.empty(rows, 2 * nb, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     step(2, maxima, carry_in, out=(sums, carry_out))
-    if end % VOCAB_BLOCK and end < vocab:  # the next rank continues this rank's last block
+    if sends:  # the next rank continues this rank's last block
         dist.send(carry_out.to(device), dst=dist.get_global_rank(group, rank + 1), group=group)
     sums = _max_over_ranks(sums, group, device)
 

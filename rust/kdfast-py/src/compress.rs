@@ -97,11 +97,12 @@ pub fn compress_sample(py: Python<'_>, options: Sampling, teacher_logits: Tensor
 /// each step over the ranks (maximum) before the next. `B` = ⌈vocab / 4096⌉.
 ///
 /// `step` 1 writes `maxima` (float32 `[N, B + 1]`); step 2 reads `maxima` and `carry_in`
-/// (float64 `[N]`) and writes `sums` (float64 `[N, 2B]`) and `carry_out` (float64 `[N]`); step 3
-/// reads `maxima`, `sums`, `carry_in` and writes `picked` (float64 `[N, 2 · num_samples]`) and
-/// `lse` (float64 `[N]`). Arguments a step does not use are `None`.
+/// (float64 `[N]`) and writes `out = (sums, carry_out)` (float64 `[N, 2B]`, `[N]`) and
+/// `checkpoints` (float64 `[N, C]`, `C` = `VocabSlice::checkpoint_len`: 256 per local block); step 3 reads `maxima`, `sums`, `carry_in`, `checkpoints` and writes
+/// `out = (picked, lse)` (float64 `[N, 2 · num_samples]`, `[N]`). Arguments a step does not use
+/// are `None`.
 #[pyfunction]
-#[pyo3(signature = (step, options, teacher_logits, offset, vocab, maxima, carry_in, sums, out, runtime))]
+#[pyo3(signature = (step, options, teacher_logits, offset, vocab, maxima, carry_in, sums, checkpoints, out, runtime))]
 #[allow(clippy::too_many_arguments)]
 pub fn sharded_sample(
     py: Python<'_>,
@@ -113,12 +114,13 @@ pub fn sharded_sample(
     mut maxima: Tensor,
     carry_in: Option<Tensor>,
     sums: Option<Tensor>,
+    checkpoints: Option<Tensor>,
     out: Option<(Tensor, Tensor)>,
     runtime: Runtime,
 ) -> Result<(), Error> {
     let (rows, len) = teacher_logits.shape();
     let slice = VocabSlice::new(offset, len, vocab)?;
-    let nb = slice.blocks();
+    let (nb, ncp) = (slice.blocks(), slice.checkpoint_len());
     let Sampling { num_samples, temperature, seed, row_offset } = options;
     let (isa, threads) = (runtime.isa, runtime.num_threads);
     let missing = |name: &'static str| Error::arg(name, "a tensor for this step", "None");
@@ -133,23 +135,39 @@ pub fn sharded_sample(
             2 | 3 => {
                 let carry_in = carry_in.ok_or_else(|| missing("carry_in"))?;
                 let (mut a, mut b) = out.ok_or_else(|| missing("out"))?;
+                let mut cps = checkpoints.ok_or_else(|| missing("checkpoints"))?;
                 let inputs = [Some(&teacher_logits), Some(&maxima), Some(&carry_in), sums.as_ref()];
-                disjoint(&[("out", Some(&a)), ("out", Some(&b))], &inputs)?;
+                if step == 2 {
+                    disjoint(&[("out", Some(&a)), ("out", Some(&b)), ("checkpoints", Some(&cps))], &inputs)?;
+                } else {
+                    disjoint(&[("out", Some(&a)), ("out", Some(&b))], &[inputs[0], inputs[1], inputs[2], inputs[3], Some(&cps)])?;
+                }
                 let m = maxima.matrix::<f32>("maxima", rows, nb + 1)?;
                 let c = carry_in.vector::<f64>("carry_in", rows)?;
                 if step == 2 {
                     let (s, c_out) = (a.matrix_mut::<f64>("sums", rows, 2 * nb)?, b.vector_mut::<f64>("carry_out", rows)?);
-                    py.detach(|| sharded_sums(x, slice, temperature, m, c, s, c_out, isa, threads))?;
+                    let cps = cps.matrix_mut::<f64>("checkpoints", rows, ncp)?;
+                    py.detach(|| sharded_sums(x, slice, temperature, m, c, s, c_out, cps, isa, threads))?;
                 } else {
                     let sums = sums.as_ref().ok_or_else(|| missing("sums"))?.matrix::<f64>("sums", rows, 2 * nb)?;
                     let (picked, lse) = (a.matrix_mut::<f64>("picked", rows, 2 * num_samples)?, b.vector_mut::<f64>("lse", rows)?);
-                    py.detach(|| sharded_draws(x, slice, num_samples, temperature, seed, row_offset, m, sums, c, picked, lse, isa, threads))?;
+                    let cps = cps.matrix::<f64>("checkpoints", rows, ncp)?;
+                    py.detach(|| sharded_draws(x, slice, num_samples, temperature, seed, row_offset, m, sums, c, cps, picked, lse, isa, threads))?;
                 }
             }
             _ => return Err(Error::arg("step", "1, 2 or 3", &step.to_string())),
         }
     });
     Ok(())
+}
+
+/// What this rank's slice needs of the sampling steps: `(blocks B of the vocabulary,
+/// checkpoints per row of step 2 — 256 per block it has a part of —, whether it receives a
+/// carry from the previous rank, whether it hands one to the next)`.
+#[pyfunction]
+pub fn sharded_slice_plan(offset: usize, len: usize, vocab: usize) -> Result<(usize, usize, bool, bool), Error> {
+    let slice = VocabSlice::new(offset, len, vocab)?;
+    Ok((slice.blocks(), slice.checkpoint_len(), slice.receives_carry(), slice.sends_carry()))
 }
 
 /// The targets from the draws of every rank: `picked` (float64 `[N, 2m]`, the ranks' step-3

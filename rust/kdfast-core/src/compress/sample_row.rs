@@ -17,11 +17,11 @@ use super::sample::{block_counts, write_picked};
 use super::*;
 
 /// Entries per checkpoint of the running sums.
-const SEG: usize = 16;
+pub(super) const SEG: usize = 16;
 /// Checkpoints per block.
-const SEGS: usize = VOCAB_BLOCK / SEG;
+pub(super) const SEGS: usize = VOCAB_BLOCK / SEG;
 /// Blocks whose running sums are accumulated together.
-const GROUP: usize = 8;
+pub(super) const GROUP: usize = 8;
 
 /// A sampler of whole rows, its buffers reused from row to row.
 pub(super) struct RowSampler {
@@ -107,10 +107,10 @@ impl RowSampler {
             let mut sums = [0.0f64; GROUP];
             let out = &mut sums;
             match g1 - g0 {
-                1 => self.isa.run(ChainJob::<1> { x: &self.buf[..used], m: [m[0]], cps, ahead, out }),
-                2 => self.isa.run(ChainJob::<2> { x: &self.buf[..used], m: [m[0], m[1]], cps, ahead, out }),
-                3 | 4 => self.isa.run(ChainJob::<4> { x: &self.buf[..4 * VOCAB_BLOCK], m: [m[0], m[1], m[2], m[3]], cps, ahead, out }),
-                _ => self.isa.run(ChainJob::<8> { x: &self.buf, m, cps, ahead, out }),
+                1 => self.isa.run(ChainJob::<1> { x: &self.buf[..used], m: [m[0]], start: [0.0], cps, ahead, out }),
+                2 => self.isa.run(ChainJob::<2> { x: &self.buf[..used], m: [m[0], m[1]], start: [0.0; 2], cps, ahead, out }),
+                3 | 4 => self.isa.run(ChainJob::<4> { x: &self.buf[..4 * VOCAB_BLOCK], m: [m[0], m[1], m[2], m[3]], start: [0.0; 4], cps, ahead, out }),
+                _ => self.isa.run(ChainJob::<8> { x: &self.buf, m, start: [0.0; 8], cps, ahead, out }),
             }
             for (b, &c) in (g0..g1).zip(&sums) {
                 let mb = m[b - g0];
@@ -148,21 +148,23 @@ impl RowSampler {
 /// The running sums of `G` blocks of `x` (each [`VOCAB_BLOCK`] long) with weights
 /// `exp64(x − m_g)`: writes the totals to `out` and the checkpoints (of the first
 /// `cps.len() / SEGS` blocks) to `cps`, compiled per instruction set.
-struct ChainJob<'a, const G: usize> {
-    x: &'a [f32],
-    m: [f64; G],
-    cps: &'a mut [f64],
-    ahead: Ahead,
-    out: &'a mut [f64; GROUP],
+pub(super) struct ChainJob<'a, const G: usize> {
+    pub(super) x: &'a [f32],
+    pub(super) m: [f64; G],
+    /// Where each running sum starts (0, or a carry from the vocabulary's previous slice).
+    pub(super) start: [f64; G],
+    pub(super) cps: &'a mut [f64],
+    pub(super) ahead: Ahead,
+    pub(super) out: &'a mut [f64; GROUP],
 }
 
 impl<const G: usize> Kernel for ChainJob<'_, G> {
     type Output = ();
     #[inline(always)]
     fn run<M: Math>(self) {
-        let ChainJob { x, m, cps, ahead, out } = self;
+        let ChainJob { x, m, start, cps, ahead, out } = self;
         let blocks = cps.len() / SEGS;
-        let mut c = [0.0f64; G];
+        let mut c = start;
         let mut w = [[0.0f64; SEG]; G];
         let lines = (G * VOCAB_BLOCK * 4).div_ceil(64 * SEGS);
         for s in 0..SEGS {
@@ -230,10 +232,10 @@ impl Segment {
 
 /// The running sums of one segment from its starting value, compiled per instruction set (the
 /// same flush-to-zero mode as [`ChainJob`]).
-struct SegJob<'a> {
-    x: &'a [f32; SEG],
-    m: f64,
-    start: f64,
+pub(super) struct SegJob<'a> {
+    pub(super) x: &'a [f32; SEG],
+    pub(super) m: f64,
+    pub(super) start: f64,
 }
 
 impl Kernel for SegJob<'_> {

@@ -24,6 +24,7 @@
 //! random-stream numbering `row_offset + r`.
 
 use super::sample::{block_counts, write_picked};
+use super::sample_row::{ChainJob, SegJob, GROUP, SEG, SEGS};
 use super::*;
 use std::ops::Range;
 
@@ -94,12 +95,12 @@ impl VocabSlice {
 
     /// Whether this rank receives a carry from the previous one.
     pub fn receives_carry(&self) -> bool {
-        self.offset % VOCAB_BLOCK != 0 && self.offset < self.vocab
+        !self.offset.is_multiple_of(VOCAB_BLOCK) && self.offset < self.vocab
     }
 
     /// Whether this rank hands a carry to the next one.
     pub fn sends_carry(&self) -> bool {
-        self.end() % VOCAB_BLOCK != 0 && self.end() < self.vocab
+        !self.end().is_multiple_of(VOCAB_BLOCK) && self.end() < self.vocab
     }
 }
 
@@ -118,6 +119,18 @@ fn check_slice<E>(logits: &Rows<E>, slice: &VocabSlice) -> Result<()> {
         return Err(KdError::ShapeMismatch { what: format!("teacher_logits has {} columns for a slice of {} ids", logits.cols, slice.len) });
     }
     Ok(())
+}
+
+/// `buf` (`[rows, per_row]`) cut into the work items' rows: one chunk per [`CHUNK`] rows, also
+/// when `per_row` is 0 (a rank without a part of the vocabulary).
+fn row_chunks<T>(mut buf: &mut [T], per_row: usize, rows: usize) -> Vec<&mut [T]> {
+    let mut out = Vec::with_capacity(rows.div_ceil(CHUNK));
+    for r0 in (0..rows).step_by(CHUNK) {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(CHUNK.min(rows - r0) * per_row);
+        out.push(head);
+        buf = rest;
+    }
+    out
 }
 
 /// Scaled logits of block `b`'s part of `row`, padded with −inf to a whole block.
@@ -174,40 +187,73 @@ fn shift(max: f32) -> f64 {
 /// Step 2. `maxima`: step 1's, reduced over the ranks; `carry_in` (`[rows]`): the running sum
 /// the previous rank handed on (ignored unless [`VocabSlice::receives_carry`]). Writes `sums`
 /// (`[rows, 2 · blocks]`): `S_b` of the blocks ending here (else 0), then the last local id of
-/// positive weight of each part as a global id (else −1); and `carry_out` (`[rows]`).
+/// positive weight of each part as a global id (else −1); `carry_out` (`[rows]`); and
+/// `checkpoints` (`[rows, checkpoint_len]`): the running sums every [`SEG`] entries of each part,
+/// for step 3.
 #[allow(clippy::too_many_arguments)]
-pub fn sharded_sums<E: Elem>(logits: Rows<E>, slice: VocabSlice, temperature: f32, maxima: &[f32], carry_in: &[f64], sums: &mut [f64], carry_out: &mut [f64], isa: Isa, num_threads: usize) -> Result<()> {
+pub fn sharded_sums<E: Elem>(
+    logits: Rows<E>,
+    slice: VocabSlice,
+    temperature: f32,
+    maxima: &[f32],
+    carry_in: &[f64],
+    sums: &mut [f64],
+    carry_out: &mut [f64],
+    checkpoints: &mut [f64],
+    isa: Isa,
+    num_threads: usize,
+) -> Result<()> {
     check_temperature(temperature)?;
     check_slice(&logits, &slice)?;
-    let (rows, nb) = (logits.rows, slice.blocks());
+    let (rows, nb, ncp) = (logits.rows, slice.blocks(), slice.checkpoint_len());
     check_len("maxima", maxima.len(), rows * (nb + 1))?;
     check_len("carry_in", carry_in.len(), rows)?;
     check_len("sums", sums.len(), rows * 2 * nb)?;
     check_len("carry_out", carry_out.len(), rows)?;
+    check_len("checkpoints", checkpoints.len(), rows * ncp)?;
     for r in 0..rows {
         check_maxima(&maxima[r * (nb + 1)..(r + 1) * (nb + 1)], r)?;
     }
     let inv_t = 1.0 / temperature;
-    let mut items: Vec<_> = sums.chunks_mut(CHUNK * 2 * nb).zip(carry_out.chunks_mut(CHUNK)).collect();
-    threads::for_each_item(&mut items, num_threads, |i, (sums, carry_out)| {
-        let mut buf = [NEG_INF; VOCAB_BLOCK];
+    let blocks: Vec<usize> = slice.local_blocks().collect();
+    let mut items: Vec<_> = row_chunks(sums, 2 * nb, rows).into_iter().zip(row_chunks(carry_out, 1, rows)).zip(row_chunks(checkpoints, ncp, rows)).collect();
+    threads::for_each_item(&mut items, num_threads, |i, ((sums, carry_out), cps)| {
+        let mut buf = vec![NEG_INF; GROUP * VOCAB_BLOCK];
         for (j, (s, out)) in sums.chunks_mut(2 * nb).zip(carry_out.iter_mut()).enumerate() {
             let r = i * CHUNK + j;
             let (row, m) = (logits.row(r), &maxima[r * (nb + 1)..]);
+            let cps = &mut cps[j * ncp..(j + 1) * ncp];
             s[..nb].fill(0.0);
             s[nb..].fill(-1.0);
             *out = carry_in[r];
-            for b in slice.local_blocks() {
-                let len = load_part(row, &slice, b, inv_t, &mut buf);
-                let start = if slice.continues(b) { carry_in[r] } else { 0.0 };
-                let (c, last) = isa.run(PartSum { x: &buf[..len], m: shift(m[b]), start });
-                if let Some(i) = last {
-                    s[nb + b] = (slice.offset + slice.part(b).start + i) as f64;
+            for (g0, group) in blocks.chunks(GROUP).enumerate().map(|(k, g)| (k * GROUP, g)) {
+                let mut ms = [f64::INFINITY; GROUP];
+                let mut starts = [0.0; GROUP];
+                for (g, &b) in group.iter().enumerate() {
+                    let part: &mut [f32; VOCAB_BLOCK] = (&mut buf[g * VOCAB_BLOCK..(g + 1) * VOCAB_BLOCK]).try_into().expect("one block");
+                    load_part(row, &slice, b, inv_t, part);
+                    ms[g] = shift(m[b]);
+                    starts[g] = if slice.continues(b) { carry_in[r] } else { 0.0 };
                 }
-                if slice.completes(b) {
-                    s[b] = c;
-                } else {
-                    *out = c;
+                let cps = &mut cps[g0 * SEGS..(g0 + group.len()) * SEGS];
+                let mut c = [0.0; GROUP];
+                let (totals, ahead) = (&mut c, Ahead::NONE);
+                match group.len() {
+                    1 => isa.run(ChainJob::<1> { x: &buf, m: [ms[0]], start: [starts[0]], cps, ahead, out: totals }),
+                    2 => isa.run(ChainJob::<2> { x: &buf, m: [ms[0], ms[1]], start: [starts[0], starts[1]], cps, ahead, out: totals }),
+                    3 | 4 => isa.run(ChainJob::<4> { x: &buf, m: first(&ms), start: first(&starts), cps, ahead, out: totals }),
+                    _ => isa.run(ChainJob::<GROUP> { x: &buf, m: ms, start: starts, cps, ahead, out: totals }),
+                }
+                for (g, &b) in group.iter().enumerate() {
+                    let part = &buf[g * VOCAB_BLOCK..g * VOCAB_BLOCK + slice.part(b).len()];
+                    if let Some(i) = last_positive(part, ms[g]) {
+                        s[nb + b] = (slice.offset + slice.part(b).start + i) as f64;
+                    }
+                    if slice.completes(b) {
+                        s[b] = c[g];
+                    } else {
+                        *out = c[g];
+                    }
                 }
             }
         }
@@ -215,60 +261,26 @@ pub fn sharded_sums<E: Elem>(logits: Rows<E>, slice: VocabSlice, temperature: f3
     })
 }
 
-/// The running sum of `exp64(x − m)` from `start`, and the last index of positive weight.
-struct PartSum<'a> {
-    x: &'a [f32],
-    m: f64,
-    start: f64,
-}
-
-impl Kernel for PartSum<'_> {
-    type Output = (f64, Option<usize>);
-    #[inline(always)]
-    fn run<M: Math>(self) -> (f64, Option<usize>) {
-        let mut c = self.start;
-        let mut last = None;
-        for (i, &v) in self.x.iter().enumerate() {
-            let w = exp64(v as f64 - self.m);
-            c += w;
-            if w > 0.0 {
-                last = Some(i);
-            }
-        }
-        (c, last)
+impl VocabSlice {
+    /// Checkpoints per row that step 2 writes and step 3 reads.
+    pub fn checkpoint_len(&self) -> usize {
+        self.local_blocks().len() * SEGS
     }
 }
 
-/// The indices of the first running sum (from `start`) `> t` for each of the sorted targets,
-/// or `None` for targets this part does not reach.
-struct PartLocate<'a> {
-    x: &'a [f32],
-    m: f64,
-    start: f64,
-    targets: &'a [f64],
-    out: &'a mut Vec<usize>,
+fn first<const G: usize>(a: &[f64; GROUP]) -> [f64; G] {
+    std::array::from_fn(|g| a[g])
 }
 
-impl Kernel for PartLocate<'_> {
-    type Output = ();
-    #[inline(always)]
-    fn run<M: Math>(self) {
-        let mut c = self.start;
-        let mut t = 0;
-        for (i, &v) in self.x.iter().enumerate() {
-            if t == self.targets.len() {
-                break;
-            }
-            c += exp64(v as f64 - self.m);
-            while t < self.targets.len() && c > self.targets[t] {
-                self.out.push(i);
-                t += 1;
-            }
-        }
-    }
+/// The last index of positive weight `exp64(x_i − m) > 0` of a part, i.e. `x_i − m ≥ −708`
+/// (where [`exp64`] stops flushing to 0; its results there are normal numbers).
+fn last_positive(x: &[f32], m: f64) -> Option<usize> {
+    x.iter().rposition(|&v| v as f64 - m >= -708.0)
 }
 
-/// Step 3. `maxima`, `sums`: steps 1 and 2's, reduced over the ranks; `carry_in` as for step 2.
+/// Step 3. `maxima`, `sums`: steps 1 and 2's, reduced over the ranks; `carry_in` as for step 2;
+/// `checkpoints`: step 2's. A target is located by a binary search of its part's checkpoints and
+/// the re-summation of one segment, which reproduces the running sums there bit for bit.
 /// Writes the draws this rank holds into `picked` (`[rows, n, 2]`: scaled logit and global id,
 /// id −1 in unused slots) and each row's log-sum-exp into `lse` (`[rows]`).
 #[allow(clippy::too_many_arguments)]
@@ -282,6 +294,7 @@ pub fn sharded_draws<E: Elem>(
     maxima: &[f32],
     sums: &[f64],
     carry_in: &[f64],
+    checkpoints: &[f64],
     picked: &mut [f64],
     lse: &mut [f64],
     isa: Isa,
@@ -294,19 +307,23 @@ pub fn sharded_draws<E: Elem>(
     check_len("maxima", maxima.len(), rows * (nb + 1))?;
     check_len("sums", sums.len(), rows * 2 * nb)?;
     check_len("carry_in", carry_in.len(), rows)?;
+    let ncp = slice.checkpoint_len();
+    check_len("checkpoints", checkpoints.len(), rows * ncp)?;
     check_len("picked", picked.len(), rows * n * 2)?;
     check_len("lse", lse.len(), rows)?;
     let inv_t = 1.0 / temperature;
     let mut items: Vec<_> = picked.chunks_mut(CHUNK * n * 2).zip(lse.chunks_mut(CHUNK)).collect();
     threads::for_each_item(&mut items, num_threads, |i, (picked, lse)| {
-        let mut buf = [NEG_INF; VOCAB_BLOCK];
+        let mut seg = [NEG_INF; SEG];
         let (mut block_lse, mut cum, mut order, mut counts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut targets, mut found) = (Vec::new(), Vec::new());
+        let mut targets = Vec::new();
         try_reserve(&mut block_lse, nb, "teacher_logits")?;
         try_reserve(&mut order, n, "num_samples")?;
+        try_reserve(&mut targets, n, "num_samples")?;
         for (j, (out, lse)) in picked.chunks_mut(n * 2).zip(lse.iter_mut()).enumerate() {
             let r = i * CHUNK + j;
             let (row, m, s) = (logits.row(r), &maxima[r * (nb + 1)..(r + 1) * (nb + 1)], &sums[r * 2 * nb..(r + 1) * 2 * nb]);
+            let cps_row = &checkpoints[r * ncp..(r + 1) * ncp];
             let stream_row = row_offset.wrapping_add(r as u64);
             block_lse.clear();
             block_lse.extend((0..nb).map(|b| if m[b] == NEG_INF { f64::NEG_INFINITY } else { m[b] as f64 + s[b].ln() }));
@@ -318,32 +335,42 @@ pub fn sharded_draws<E: Elem>(
                 out[2 * slot + 1] = id as f64;
                 slot += 1;
             };
-            for b in slice.local_blocks() {
+            for (jb, b) in slice.local_blocks().enumerate() {
                 let nb_draws = counts[b] as usize;
                 if nb_draws == 0 {
                     continue;
                 }
-                let (total, last) = (s[b], s[nb + b]);
+                let (total, last, mb) = (s[b], s[nb + b], shift(m[b]));
+                let part = slice.part(b);
+                let (part0, len) = (slice.offset + part.start, part.len());
+                let src = &row[part];
+                let cps = &cps_row[jb * SEGS..jb * SEGS + len.div_ceil(SEG)];
                 let start = if slice.continues(b) { carry_in[r] } else { 0.0 };
                 let key = stream_key(seed, stream_row, b as u64);
                 targets.clear();
                 targets.extend((0..nb_draws).map(|j| uniform(key, j as u64) * total));
-                targets.sort_unstable_by(f64::total_cmp);
-                let len = load_part(row, &slice, b, inv_t, &mut buf);
-                let part0 = slice.offset + slice.part(b).start;
-                // Rounding can put a target at S_b, past every running sum: the block's last
-                // positive-weight id takes it, on the rank that holds it.
-                let beyond = targets.iter().filter(|&&t| t >= total).count();
-                if last >= part0 as f64 && last < (part0 + len) as f64 {
-                    for _ in 0..beyond {
-                        put(buf[last as usize - part0], last as usize);
+                for &t in &targets {
+                    if t >= total {
+                        // Rounding put the target at S_b, past every running sum: the block's
+                        // last positive-weight id takes it, on the rank that holds it.
+                        if last >= part0 as f64 && last < (part0 + len) as f64 {
+                            let i = last as usize - part0;
+                            E::load_scaled(&src[i..i + 1], &mut seg[..1], inv_t);
+                            put(seg[0], last as usize);
+                        }
+                        continue;
                     }
-                }
-                let mine: Vec<f64> = targets.iter().copied().filter(|&t| t >= start && t < total).collect();
-                found.clear();
-                isa.run(PartLocate { x: &buf[..len], m: shift(m[b]), start, targets: &mine, out: &mut found });
-                for &i in &found {
-                    put(buf[i], part0 + i);
+                    let k = cps.partition_point(|&c| c <= t);
+                    if t < start || k == cps.len() {
+                        continue; // an earlier or a later rank's part holds it
+                    }
+                    let xs = &src[k * SEG..((k + 1) * SEG).min(len)];
+                    E::load_scaled(xs, &mut seg[..xs.len()], inv_t);
+                    seg[xs.len()..].fill(NEG_INF);
+                    let from = if k == 0 { start } else { cps[k - 1] };
+                    let c = isa.run(SegJob { x: &seg, m: mb, start: from });
+                    let i = c.iter().position(|&c| c > t).expect("the segment's last running sum is its checkpoint, > t");
+                    put(seg[i], part0 + k * SEG + i);
                 }
             }
             out[2 * slot..].chunks_mut(2).for_each(|p| {
@@ -366,7 +393,7 @@ pub fn merge_draws(picked: &[f64], lse: &[f64], num_samples: usize, ids_out: &mu
         return Ok(());
     }
     let width = picked.len() / rows;
-    if width * rows != picked.len() || width % 2 != 0 {
+    if width * rows != picked.len() || !width.is_multiple_of(2) {
         return Err(KdError::ShapeMismatch { what: format!("picked has {} elements for {rows} rows of (value, id) pairs", picked.len()) });
     }
     let mut draws: Vec<(f32, u32)> = Vec::new();
@@ -413,9 +440,11 @@ mod tests {
         }
         let mut sums = vec![f64::NEG_INFINITY; rows * 2 * nb];
         let mut carries = vec![vec![0.0; rows]];
+        let mut cps: Vec<Vec<f64>> = Vec::new();
         for k in 0..slices.len() {
             let (mut mine, mut out) = (vec![0.0; rows * 2 * nb], vec![0.0; rows]);
-            sharded_sums(rows_of(k), slices[k], t, &maxima, &carries[k], &mut mine, &mut out, isa, 2)?;
+            cps.push(vec![0.0; rows * slices[k].checkpoint_len()]);
+            sharded_sums(rows_of(k), slices[k], t, &maxima, &carries[k], &mut mine, &mut out, &mut cps[k], isa, 2)?;
             sums.iter_mut().zip(&mine).for_each(|(a, &b)| *a = a.max(b));
             carries.push(if slices.get(k + 1).is_some_and(|s| s.receives_carry()) { out } else { vec![0.0; rows] });
         }
@@ -423,7 +452,7 @@ mod tests {
         let mut lse = vec![0.0; rows];
         for k in 0..slices.len() {
             let mut mine = vec![0.0; rows * n * 2];
-            sharded_draws(rows_of(k), slices[k], n, t, seed, 7, &maxima, &sums, &carries[k], &mut mine, &mut lse, isa, 2)?;
+            sharded_draws(rows_of(k), slices[k], n, t, seed, 7, &maxima, &sums, &carries[k], &cps[k], &mut mine, &mut lse, isa, 2)?;
             for r in 0..rows {
                 let w = slices.len() * n * 2;
                 picked[r * w + k * n * 2..r * w + (k + 1) * n * 2].copy_from_slice(&mine[r * n * 2..(r + 1) * n * 2]);
@@ -456,6 +485,21 @@ mod tests {
                 assert_eq!(sharded(&x, v, 5, &cuts, n, t, 11).unwrap(), one_pass(&x, v, 5, n, t, 11).unwrap(), "v={v} cuts={cuts:?} n={n}");
             }
         }
+    }
+
+    #[test]
+    fn last_positive_is_the_last_positive_weight() {
+        for m in [0.0f64, 3.5, -20.25, 700.0] {
+            let mut d = -708.0f64 - 1e-9;
+            while d < -707.999_999 {
+                let v = (d + m) as f32;
+                let w = exp64(v as f64 - m);
+                assert_eq!(last_positive(&[v], m).is_some(), w > 0.0, "m={m} v={v}");
+                d += 1.3e-11;
+            }
+        }
+        assert_eq!(last_positive(&[1.0, NEG_INF, -800.0], 0.0), Some(0));
+        assert_eq!(last_positive(&[1.0], f64::INFINITY), None);
     }
 
     #[test]
