@@ -45,6 +45,9 @@ Multi-process (``torchrun``; ``RANK`` / ``WORLD_SIZE`` set): rank r takes the se
 into the same directory; after a barrier (``torch.distributed``, gloo unless a process group
 already exists) rank 0 merges them into ``manifest.json`` (:func:`kdfast.cache.merge_manifests`),
 which is what readers open. ``--device cuda`` means ``cuda:LOCAL_RANK`` under torchrun.
+With ``--tensor-parallel P`` groups of P ranks hold one teacher, each computing and compressing
+its slice of the vocabulary (``process_group``), and the group's first rank writes
+(:mod:`~kdfast.capture.distributed`, :mod:`~kdfast.capture.scoring`).
 
 One module per job: :mod:`~kdfast.capture.documents` (reading the data),
 :mod:`~kdfast.capture.tokenizer` (tokenizers), :mod:`~kdfast.capture.teacher` (loading the

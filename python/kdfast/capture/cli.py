@@ -59,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-chunked-head", action="store_true",
                    help="materialise each batch's [B, S, V] logits instead of computing them chunk by "
                         "chunk through the teacher's head")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="P",
+                   help="ranks per teacher under torchrun: each of P consecutive ranks computes and "
+                        "compresses its slice of the vocabulary (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
     return p
@@ -75,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, text_field=args.text_field,
             split=args.split, txt_docs=args.txt_docs, encoding=args.encoding, shard_size=args.shard_size,
             teacher_name=args.teacher_name, limit=args.limit, overwrite=args.overwrite,
-            chunked_head=not args.no_chunked_head, progress=not args.no_progress,
+            chunked_head=not args.no_chunked_head, tensor_parallel=args.tensor_parallel,
+            progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"kdfast capture: error: {exc}", file=sys.stderr)

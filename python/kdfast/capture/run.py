@@ -15,6 +15,7 @@ manifests at the end. :class:`CaptureSummary` is what a run reports.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -68,7 +69,8 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             dtype: str = "auto", tokenizer=None, text_field: Optional[str] = None, split: str = "train",
             txt_docs: str = "line", encoding: str = "compact", shard_size: int = 1024,
             teacher_name: Optional[str] = None, limit: Optional[int] = None, overwrite: bool = False,
-            chunked_head: bool = True, progress: bool = True, verbose: bool = True) -> CaptureSummary:
+            chunked_head: bool = True, tensor_parallel: int = 1, progress: bool = True,
+            verbose: bool = True) -> CaptureSummary:
     """Run the teacher ``model`` over ``data`` and store sparse targets in the cache ``output``.
 
     Args:
@@ -99,6 +101,11 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             a ``RuntimeError`` while another capture or CacheWriter is writing it).
         chunked_head: compute the logits chunk by chunk through the teacher's head (default);
             False materialises each batch's ``[B, S, V]`` logits (:mod:`kdfast.capture.scoring`).
+        tensor_parallel: ranks per teacher (torchrun): groups of this many consecutive ranks run
+            the same sequences, each rank computing the logits of its slice of the vocabulary
+            (an even split of a whole head, or its own head if that holds fewer rows) and
+            compressing with ``process_group``; the group's first rank writes (see
+            :mod:`.distributed`). The targets are those of one process.
         progress: a tqdm progress bar (rank 0) with tokens/s. verbose: print the summary.
 
     Returns:
@@ -106,7 +113,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
     """
     import torch
 
-    from ..cache import CacheWriter, merge_manifests
+    from ..cache import CacheWriter, merge_manifests, read_manifest
     from ..cache.writer import clear_cache
 
     t_start = time.perf_counter()
@@ -124,7 +131,7 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
         raise ValueError(f"limit: expected an integer ≥ 0 or None, got {limit!r}")
     output = os.fspath(output)
 
-    dist = Ranks()
+    dist = Ranks(tensor_parallel)
     try:
         # Devices and the model.
         dev = torch.device(device)
@@ -133,11 +140,15 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
         model_dir = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         teacher, default_name, model_dtype = load_model(model, dtype, dev)
         tok = load_tokenizer(model_dir, tokenizer)
-        vocab = vocab_size(teacher)
+        vocab = vocab_size(teacher, dist.tp_group, dev)
         if isinstance(tok, ByteTokenizer) and vocab < 256:
             raise ValueError(f"model: the byte-level tokenizer needs a vocabulary of ≥ 256 ids, "
                              f"the teacher has {vocab}")
-        scorer = Scorer(teacher, vocab, chunked=chunked_head)
+        scorer = Scorer(teacher, vocab, chunked=chunked_head, group=dist.tp_group)
+        if mode == "generate" and vocab_size(teacher) < vocab:
+            raise ValueError("mode: 'generate' needs the whole vocabulary's logits on every rank, but this "
+                             "tensor-parallel teacher's head holds a slice of it; capture its answers with "
+                             "mode='score' on generated text instead")
         context = context_length(teacher)
         gen = mode == "generate"
         if max_length is None:
@@ -174,16 +185,23 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
             if dist.rank == 0:
                 clear_cache(output)
             dist.barrier()
-        writer = CacheWriter(
-            output, method=method, temperature=temperature, vocab_size=vocab,
-            k=k if method == "topk" else None, num_samples=num_samples if method == "sample" else None,
-            teacher_name=teacher_name if teacher_name is not None else default_name,
-            shard_size=shard_size, encoding=encoding, rank=dist.rank, world_size=dist.world,
-            config=config, info={"data": data_name, "kdfast_capture": _capture_info()},
-            overwrite=overwrite and dist.world == 1,  # takes the writer's lock, then clears
-        )
-        with writer:
-            mine = [i for i in range(dist.rank, len(docs), dist.world) if i not in writer.done]
+        writer = None
+        if dist.writes:
+            try:
+                writer = CacheWriter(
+                    output, method=method, temperature=temperature, vocab_size=vocab,
+                    k=k if method == "topk" else None, num_samples=num_samples if method == "sample" else None,
+                    teacher_name=teacher_name if teacher_name is not None else default_name,
+                    shard_size=shard_size, encoding=encoding, rank=dist.dp_rank, world_size=dist.dp_world,
+                    config=config, info={"data": data_name, "kdfast_capture": _capture_info()},
+                    overwrite=overwrite and dist.world == 1,  # takes the writer's lock, then clears
+                )
+            except BaseException:
+                dist.share(None)  # the group's other ranks raise too
+                raise
+        with writer if writer is not None else contextlib.nullcontext():
+            done = writer.done if writer is not None else ()
+            mine = dist.share([i for i in range(dist.dp_rank, len(docs), dist.dp_world) if i not in done])
             seqs = {}
             for i in mine:
                 ids = tok.encode(docs[i])
@@ -212,14 +230,14 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
                         mask[r, :len(s)] = 1
                     def compress(rows, r, start, batch=batch):
                         return compress_rows(rows, method, k, num_samples, temperature, seed,
-                                             batch[r] * stride + start)
+                                             batch[r] * stride + start, process_group=dist.tp_group)
 
                     targets = scorer.targets(ids.to(dev), mask.to(dev), lengths, compress)
                     if scorer.fallback is not None and not noted:
                         noted = True  # once per run (a refused head is known before the first batch)
                         if verbose and dist.rank == 0:
                             _note(bar, f"kdfast capture: materialising each batch's logits: {scorer.fallback}")
-                    for r, i in enumerate(batch):
+                    for r, i in enumerate(batch if writer is not None else ()):
                         writer.append(ids[r, :lengths[r]], targets[r], seq_id=i,
                                       prompt_length=len(prompts[r]) if gen else 0)
                     del targets
@@ -234,14 +252,16 @@ def capture(model, data, output, *, mode: str = "score", method: str = "topk", k
                 if bar is not None:
                     bar.close()
             new_sequences = len(order)
-        # All ranks finished (writer closed); merge, then report.
-        new_sequences, new_tokens = dist.sum([new_sequences, new_tokens])
+        # All ranks finished (writers closed); merge, then report (each group's writer counts).
+        new_sequences, new_tokens = dist.sum([new_sequences, new_tokens] if dist.writes else [0, 0])
         dist.barrier()
-        if dist.world > 1 and dist.rank == 0:
-            manifest = merge_manifests(output, dist.world)
-        else:
+        if dist.dp_world > 1 and dist.rank == 0:
+            manifest = merge_manifests(output, dist.dp_world)
+        elif writer is not None:
             manifest = writer.manifest
         dist.barrier()
+        if writer is None:  # a tensor-parallel rank that did not write: the whole cache's counts
+            manifest = read_manifest(output)
         summary = CaptureSummary(
             path=output, sequences=manifest["num_sequences"], tokens=manifest["num_tokens"],
             new_sequences=new_sequences, new_tokens=new_tokens,

@@ -16,6 +16,13 @@ bit of the matmul, which may block differently for another number of rows), and 
 targets draw the same streams, since :func:`kdfast.compress_sample` keys the draws of row
 ``j`` of a chunk by ``row_offset + j``.
 
+**A tensor-parallel teacher** (``group``, the ranks that hold one teacher): each rank computes
+the logits of its slice of the vocabulary only and compresses with ``process_group`` (so the
+targets are those of one pass over the whole row). A head (or materialised logits) of the whole
+vocabulary on every rank is split evenly, in rank order; a head of fewer rows (a teacher whose
+head is already sharded, its logits arriving as slices) is this rank's slice, and the
+vocabulary is what the slices add up to (:func:`~kdfast.capture.teacher.vocab_size`).
+
 Heads that :func:`~kdfast.integrations.heads.find_head` refuses (final-logit soft-capping, a
 head that is not an ``nn.Linear``, an unknown logit transform) and ``chunked=False`` take the
 materialised path: ``model(...).logits``, sliced to the teacher's vocabulary, one sequence at
@@ -36,10 +43,10 @@ class Scorer:
     """The targets of a batch from ``model`` (a causal LM in eval mode): chunk by chunk
     through its head, or from its materialised logits (:attr:`fallback` says why)."""
 
-    def __init__(self, model, vocab: int, *, chunked: bool = True, chunk_bytes: Optional[int] = None):
+    def __init__(self, model, vocab: int, *, chunked: bool = True, chunk_bytes: Optional[int] = None, group=None):
         from ..integrations import heads
 
-        self.model, self.vocab = model, int(vocab)
+        self.model, self.vocab, self.group = model, int(vocab), group
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
         found = heads.find_head(model) if chunked else "chunked=False"
         self.head = found if isinstance(found, heads.Head) else None
@@ -63,14 +70,15 @@ class Scorer:
             return self._rows(out.logits, lengths, compress)
         del out
         weight, bias = self.head.weight[:self.vocab], self.head.bias
-        bias = None if bias is None else bias[:self.vocab]
+        lo, hi = self._columns(weight.shape[0])
+        weight, bias = weight[lo:hi], None if bias is None else bias[:self.vocab][lo:hi]
         scale, wt = self.head.scale, weight.t()
-        step = max(1, min(max(lengths, default=1), self.chunk_bytes // (self.vocab * weight.element_size())))
+        step = max(1, min(max(lengths, default=1), self.chunk_bytes // (max(1, hi - lo) * weight.element_size())))
         result = []
         with torch.inference_mode():
             # One buffer for every chunk: no allocation per chunk (a fresh one each time
             # fragments the heap around the small targets kept between chunks).
-            buffer = cap.hidden.new_empty((step, self.vocab))
+            buffer = cap.hidden.new_empty((step, hi - lo))
             for r, n in enumerate(lengths):
                 hidden = cap.hidden[r, :n]
                 parts = []
@@ -99,5 +107,18 @@ class Scorer:
     def _rows(self, logits, lengths, compress) -> List:
         import torch
 
+        lo, hi = self._columns(min(logits.shape[-1], self.vocab))
         with torch.inference_mode():
-            return [compress(logits[r, :n, :self.vocab], r, 0) for r, n in enumerate(lengths)]
+            return [compress(logits[r, :n, lo:hi], r, 0) for r, n in enumerate(lengths)]
+
+    def _columns(self, width: int):
+        """``(lo, hi)``: the columns of this rank's slice among the ``width`` columns of its head
+        rows or logits (all of them without a group, or when they are its slice already)."""
+        if self.group is None or width != self.vocab:
+            return 0, width
+        from ..parallel.collectives import world
+
+        rank, size = world(self.group)  # the whole vocabulary on every rank: an even split
+        base, extra = divmod(self.vocab, size)
+        lo = rank * base + min(rank, extra)
+        return lo, lo + base + (rank < extra)

@@ -60,12 +60,25 @@ def context_length(model) -> Optional[int]:
     return None
 
 
-def vocab_size(model) -> int:
-    """V of the teacher's logits (the output embedding's rows, else ``config.vocab_size``)."""
+def vocab_size(model, group=None, device="cpu") -> int:
+    """V of the teacher's logits (the output embedding's rows, else ``config.vocab_size``).
+
+    With a tensor-parallel ``group``, a head of fewer rows than ``config.vocab_size`` is this
+    rank's slice: V is then the rows of all the group's heads (one all-reduce)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is not None and getattr(out, "weight", None) is not None:
-        return int(out.weight.shape[0])
-    return int(model.config.vocab_size)
+    configured = getattr(getattr(model, "config", None), "vocab_size", None)
+    if out is None or getattr(out, "weight", None) is None:
+        return int(configured)
+    rows = int(out.weight.shape[0])
+    if group is None:
+        return rows
+    import torch
+
+    from ..parallel.collectives import slice_bounds
+
+    sliced = torch.tensor([int(configured is not None and rows < int(configured))], device=device)
+    torch.distributed.all_reduce(sliced, group=group)  # every rank decides the same
+    return slice_bounds(group, rows, device)[1] if int(sliced) else rows
 
 
 def eos_ids(tokenizer, model) -> List[int]:
@@ -79,8 +92,9 @@ def eos_ids(tokenizer, model) -> List[int]:
     return sorted({int(i) for i in ids})
 
 
-def compress_rows(rows, method, k, num_samples, temperature, seed, row_offset, chunk_rows=None):
-    """Targets of one sequence's ``[S, V]`` teacher logits, on the CPU.
+def compress_rows(rows, method, k, num_samples, temperature, seed, row_offset, chunk_rows=None, process_group=None):
+    """Targets of one sequence's ``[S, V]`` teacher logits, on the CPU (``process_group``: the
+    rows are this rank's vocabulary slice, api.md §6).
 
     On the CPU one Rust call streams over the rows. Elsewhere kdfast's PyTorch backend sorts
     whole rows, so the rows go in chunks of about 2**26 logits to bound its temporary memory
@@ -91,8 +105,9 @@ def compress_rows(rows, method, k, num_samples, temperature, seed, row_offset, c
 
     def one(x, offset):
         if method == "topk":
-            return sparse.compress_topk(x, k, temperature=temperature)
-        return sparse.compress_sample(x, num_samples, temperature=temperature, seed=seed, row_offset=offset)
+            return sparse.compress_topk(x, k, temperature=temperature, process_group=process_group)
+        return sparse.compress_sample(x, num_samples, temperature=temperature, seed=seed, row_offset=offset,
+                                      process_group=process_group)
 
     if chunk_rows is None:
         if rows.device.type == "cpu":
