@@ -213,21 +213,32 @@ CHECKS.append(_check_sparse)
 def _check_compress(rank, world, split, group):
     for seed, (k, ties, temperature) in enumerate([(4, False, 1.0), (8, True, 0.7), (30, False, 2.0),
                                                    (37, True, 1.0), (50, False, 1.0)]):
-        _, t = _logits(20 + seed, n=5, ties=ties)
-        t = t.float()
-        t[3, :] = float("-inf")
-        t[3, 33] = 2.0  # one finite logit, on the last slice
-        t[4, sum(split[:1]):] = float("-inf")  # every slice but the first is -inf
-        want = kdfast.compress_topk(t, k, temperature=temperature)
-        got = kdfast.compress_topk(_slice(t, rank, split).contiguous(), k, temperature=temperature,
-                                   process_group=group)
-        assert torch.equal(got.indices, want.indices), (k, ties)
-        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-6)
-        torch.testing.assert_close(got.tail_logprob, want.tail_logprob, rtol=1e-5, atol=2e-6)
-    with pytest.raises(ValueError, match="teacher_logits: row 1"):
-        bad = torch.zeros(2, 37)
-        bad[1] = float("-inf")
-        kdfast.compress_topk(_slice(bad, rank, split).contiguous(), 3, process_group=group)
+        # float32 and bf16: the Rust top-k of each slice; float64: PyTorch operations (as on CUDA)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            _, t = _logits(20 + seed, n=5, ties=ties)
+            t = t.to(dtype)
+            t[3, :] = float("-inf")
+            t[3, 33] = 2.0  # one finite logit, on the last slice
+            t[4, sum(split[:1]):] = float("-inf")  # every slice but the first is -inf
+            want = kdfast.compress_topk(t, k, temperature=temperature)
+            got = kdfast.compress_topk(_slice(t, rank, split).contiguous(), k, temperature=temperature,
+                                       process_group=group)
+            assert torch.equal(got.indices, want.indices), (k, ties, dtype)
+            torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-6)
+            torch.testing.assert_close(got.tail_logprob, want.tail_logprob, rtol=1e-5, atol=2e-6)
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(ValueError, match="teacher_logits: row 1 is entirely -inf"):
+            bad = torch.zeros(2, 37, dtype=dtype)
+            bad[1] = float("-inf")
+            kdfast.compress_topk(_slice(bad, rank, split).contiguous(), 3, process_group=group)
+        bad = torch.zeros(3, 37, dtype=dtype)
+        bad[2, 36] = float("nan")  # on the last slice only: every rank raises
+        bad[1, 0] = float("inf")
+        with pytest.raises(ValueError, match="teacher_logits: row 1 contains \\+inf"):
+            kdfast.compress_topk(_slice(bad, rank, split).contiguous(), 3, process_group=group)
+        bad[1, 0] = 0.0
+        with pytest.raises(ValueError, match="teacher_logits: row 2 contains NaN"):
+            kdfast.compress_topk(_slice(bad, rank, split).contiguous(), 3, process_group=group)
 
 
 CHECKS.append(_check_compress)

@@ -232,3 +232,14 @@ def merge_sample_draws(picked: torch.Tensor, lse: torch.Tensor, num_samples: int
     ids, lp, w = _empty("num_samples", num_samples, (shape, torch.int64), (shape, torch.float32), (shape, torch.float32))
     _kdfast.merge_sample_draws(num_samples, picked, lse, (ids, lp, w, None))
     return ids, lp, w
+
+
+def compress_topk_slice(x2: torch.Tensor, k: int, temperature: float, offset: int):
+    """This rank's part of a vocabulary-sharded top-k: ``(ids int64 [N, k] (global), values
+    float32 [N, k] (scaled logits), stats float64 [N, 3] (tail max, tail sum, status))``."""
+    k = check_count(k, "k")
+    x2 = as_rows(x2)
+    n = x2.shape[0]
+    out = _empty("k", k, ((n, k), torch.int64), ((n, k), torch.float32), ((n, 3), torch.float64))
+    _kdfast.compress_topk_slice(_kdfast.TopK(k, temperature), x2, offset, out, _runtime())
+    return out

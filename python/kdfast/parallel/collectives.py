@@ -124,6 +124,19 @@ def local_vocab(vocab_size, offset: int, total: int, local: int) -> int:
     return min(max(vocab_size - offset, 0), local)
 
 
+def raise_bad_rows(nan: torch.Tensor, inf: torch.Tensor, empty: Optional[torch.Tensor] = None,
+                   name: str = "teacher_logits") -> None:
+    """The kernels' rule for rows of logits, decided on data every rank holds (so that every
+    rank raises together): the first row holding a NaN or +inf, or entirely -inf (``empty``),
+    is a ``ValueError`` naming it."""
+    bad = nan | inf if empty is None else nan | inf | empty
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        detail = "contains NaN" if bool(nan[r]) else "contains +inf" if bool(inf[r]) else "is entirely -inf"
+        raise ValueError(f"{name}: row {r} {detail}; every unmasked row needs at least one finite logit "
+                         f"and no +inf or NaN")
+
+
 def is_sharded(group, *xs) -> bool:
     """Whether a call is vocabulary-parallel: a group is given or an argument is a ``DTensor``
     (decided without importing ``torch.distributed.tensor``)."""

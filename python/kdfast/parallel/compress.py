@@ -1,10 +1,11 @@
 """``compress_topk`` over a vocabulary sharded across ranks: the ids one pass over the row lists.
 
 Each rank finds its slice's best ``k`` of ``x = z · (1/T)`` (float32, as the kernels scale; ties
-→ lower id, exactly: all values above the k-th, then the equal ones in id order), all ranks
-gather the ``k`` candidates of every rank (one all-gather of ``k`` (value, id) pairs per row)
-and keep the best ``k`` by the same order — so the ids are those of the one-pass compressor.
-The tail's own log-sum-exp (every id not kept, in float64) takes one pair of all-reduces; then
+→ lower id: the Rust top-k on CPU tensors, PyTorch operations elsewhere) and the log-sum-exp
+statistics (max, sum, float64) of every other entry of its slice. One all-gather of those
+``k + 2`` pairs per row (the candidates, the tail's statistics, a NaN/+inf status) gives every
+rank the same data: the best ``k`` candidates by the same order are the one-pass ids, and the
+whole tail is the ranks' tails merged with the candidates not kept. Then
 ``log p_i = x_i − lse_all`` and ``tail_logprob = lse_tail − lse_all``, with
 ``lse_all = logaddexp(lse_topk, lse_tail)``, as in the kernels.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import global_lse, world
+from .. import _native
+from .collectives import raise_bad_rows, slice_bounds, world
 
 NEG_INF = float("-inf")
 
@@ -32,44 +34,61 @@ def _local_best(x: torch.Tensor, k: int):
     take = above | (tied & (tied.cumsum(-1) <= kk - above.sum(-1, keepdim=True)))
     ids = take.nonzero()[:, 1].reshape(n, kk)  # row-major: ascending ids
     vals = x.gather(1, ids)
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices  # best first, ties by id
+    vals, ids = vals.gather(1, order), ids.gather(1, order)
     return vals, torch.where(vals == NEG_INF, -1, ids)
+
+
+def _slice_part(z: torch.Tensor, k: int, temperature: float, offset: int) -> torch.Tensor:
+    """This rank's ``[N, k + 2, 2]`` float64 part: ``k`` (value, global id) candidates best first
+    (id -1 unused), the tail's (max, sum) and (status, 0) — status 1 for +inf, 2 for NaN."""
+    n = z.shape[0]
+    part = torch.zeros(n, k + 2, 2, dtype=torch.float64, device=z.device)
+    if z.device.type == "cpu" and z.dtype in _native.NATIVE_DTYPES:
+        ids, vals, stats = _native.compress_topk_slice(z, k, temperature, offset)
+        part[:, :k, 0], part[:, :k, 1] = vals.double(), ids.double()
+        part[:, k], part[:, k + 1, 0] = stats[:, :2], stats[:, 2]
+        return part
+    x = z.float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
+    nan, inf = torch.isnan(x).any(-1), (x == float("inf")).any(-1)
+    x = x.masked_fill((nan | inf)[:, None], NEG_INF)
+    vals, ids = _local_best(x, k)
+    kk = vals.shape[1]
+    part[:, :k, 0], part[:, :k, 1] = NEG_INF, -1.0
+    part[:, :kk, 0], part[:, :kk, 1] = vals.double(), torch.where(ids >= 0, ids + offset, -1).double()
+    rest = x.double().scatter(1, ids.clamp(min=0), NEG_INF) if kk else x.double()
+    top = rest.amax(-1) if rest.shape[1] else rest.new_full((n,), NEG_INF)
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    part[:, k, 0], part[:, k, 1] = top, torch.exp(rest - shift[:, None]).sum(-1)
+    part[:, k + 1, 0] = torch.where(nan, 2.0, torch.where(inf, 1.0, 0.0)).double()
+    return part
 
 
 def compress_topk_rows(z: torch.Tensor, k: int, temperature: float, group):
     """``(ids, logprobs, tail)`` of the whole vocabulary's top-k for the local slice ``z``
     ``[N, V_local]`` (global ids), the same on every rank."""
-    from .collectives import slice_bounds
-
-    offset, total = slice_bounds(group, z.shape[1], z.device)
-    x = z.float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
-    n = x.shape[0]
-    vals, ids = _local_best(x, k)
-    pad = k - vals.shape[1]
-    mine = torch.full((n, k, 2), NEG_INF, dtype=torch.float64, device=x.device)
-    mine[:, :, 1] = -1.0
-    mine[:, :k - pad, 0] = vals.double()
-    mine[:, :k - pad, 1] = torch.where(ids >= 0, ids + offset, -1).double()
+    offset, _ = slice_bounds(group, z.shape[1], z.device)
+    mine = _slice_part(z, k, temperature, offset)
     _, size = world(group)
     everyone = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(everyone, mine, group=group)
-    cand = torch.cat(everyone, 1)  # [N, size·k, 2], each rank's candidates in id order, ranks in id order
-    order = torch.sort(cand[:, :, 0], dim=1, descending=True, stable=True).indices[:, :k]
-    best = cand.gather(1, order[:, :, None].expand(-1, -1, 2))
-    top_x, top_id = best[:, :, 0], best[:, :, 1].long()
+    parts = torch.stack(everyone, 1)  # [N, ranks, k + 2, 2], ranks in id order
+    status = parts[:, :, k + 1, 0].amax(1)
+    raise_bad_rows(status == 2, status == 1)
+    cand = parts[:, :, :k].flatten(1, 2)  # each rank's candidates best first, ties in id order
+    order = torch.sort(cand[:, :, 0], dim=1, descending=True, stable=True).indices
+    ranked = cand.gather(1, order[:, :, None].expand(-1, -1, 2))
+    top_x, top_id = ranked[:, :k, 0], ranked[:, :k, 1].long()
     used = (top_id >= 0) & (top_x > NEG_INF)
     top_id = torch.where(used, top_id, -1)
-    # The tail: every id not kept, from the tail's own log-sum-exp (float64).
-    kept = torch.zeros(n, x.shape[1] + 1, dtype=torch.bool, device=x.device)
-    local = top_id - offset
-    mask = used & (local >= 0) & (local < x.shape[1])
-    kept.scatter_(1, torch.where(mask, local, x.shape[1]), True)
-    (lse_tail,) = global_lse(group, x.double().masked_fill(kept[:, :-1], NEG_INF))
+    # The tail: the ranks' tails and the candidates not kept (float64).
+    tmax, tsum = parts[:, :, k, 0], parts[:, :, k, 1]
+    tails = torch.where(tsum > 0, tmax + tsum.log(), NEG_INF)
+    lse_tail = torch.logsumexp(torch.cat([tails, ranked[:, k:, 0]], 1), dim=-1)
     lse_top = torch.logsumexp(torch.where(used, top_x, NEG_INF), dim=-1)
     lse_all = torch.logaddexp(lse_top, lse_tail)
-    bad = ~torch.isfinite(lse_all)
-    if bool(bad.any()):
-        raise ValueError(f"teacher_logits: row {int(bad.nonzero()[0])} is entirely -inf or holds +inf or NaN "
-                         f"(over the whole vocabulary); every row needs at least one finite logit")
+    none = torch.zeros_like(used[:, 0])
+    raise_bad_rows(none, none, empty=~torch.isfinite(lse_all))
     logprobs = torch.where(used, top_x - lse_all[:, None], NEG_INF).float()
-    tail = (lse_tail - lse_all).float()
+    tail = (lse_tail - lse_all).clamp(max=0.0).float()
     return top_id, logprobs, tail

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _native
-from .collectives import slice_bounds, world
+from .collectives import raise_bad_rows, slice_bounds, world
 
 def _max_over_ranks(x: torch.Tensor, group, device) -> torch.Tensor:
     """Element-wise maximum over the ranks, communicated on the logits' device (NCCL needs CUDA
@@ -35,18 +35,6 @@ def _max_over_ranks(x: torch.Tensor, group, device) -> torch.Tensor:
     y = x.to(device)
     dist.all_reduce(y, op=dist.ReduceOp.MAX, group=group)
     return y.cpu()
-
-
-def _check_rows(maxima: torch.Tensor) -> None:
-    """The kernels' rule, on the maxima of every rank (so every rank raises together)."""
-    nan = maxima[:, -1] != 0
-    inf = (maxima[:, :-1] == float("inf")).any(-1)
-    bad = nan | inf
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0])
-        detail = "contains NaN" if bool(nan[r]) else "contains +inf"
-        raise ValueError(f"teacher_logits: row {r} {detail}; every unmasked row needs at least one finite logit "
-                         f"and no +inf or NaN")
 
 
 def _carry_in(rows: int, receives: bool, group, device) -> torch.Tensor:
@@ -79,7 +67,7 @@ def compress_sample_rows(z: torch.Tensor, num_samples: int, temperature: float, 
     maxima = torch.empty(rows, nb + 1, dtype=torch.float32)
     step(1, maxima)
     maxima = _max_over_ranks(maxima, group, device)
-    _check_rows(maxima)
+    raise_bad_rows(maxima[:, -1] != 0, (maxima[:, :-1] == float("inf")).any(-1))
 
     carry_in = _carry_in(rows, receives, group, device)
     sums, carry_out = torch.empty(rows, 2 * nb, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)

@@ -4,7 +4,7 @@ use crate::error::Error;
 use crate::sparse::TargetTensors;
 use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
-use kdfast_core::compress::{compress_sample as core_sample, compress_topk as core_topk, merge_draws, sharded_draws, sharded_maxima, sharded_sums, VocabSlice};
+use kdfast_core::compress::{compress_sample as core_sample, compress_topk as core_topk, compress_topk_slice as core_topk_slice, merge_draws, sharded_draws, sharded_maxima, sharded_sums, VocabSlice};
 use pyo3::prelude::*;
 
 /// Top-k compression options: `k ≥ 1` slots per row (k > V pads), temperature T > 0.
@@ -183,5 +183,25 @@ pub fn merge_sample_draws(py: Python<'_>, num_samples: usize, picked: Tensor, ls
     let picked = picked.matrix::<f64>("picked", rows, width)?;
     let lse = lse.vector::<f64>("lse", rows)?;
     py.detach(|| merge_draws(picked, lse, n, ids, lp, w))?;
+    Ok(())
+}
+
+/// This rank's part of a top-k over a vocabulary sharded across ranks (kdfast-core
+/// `TopKStream::finish_slice`): `teacher_logits` holds the ids `offset ..`; `out = (ids int64
+/// [N, k] (global ids), values float32 [N, k] (scaled logits), stats float64 [N, 3] (the tail's
+/// max and sum, a status: 1 = +inf, 2 = NaN))`.
+#[pyfunction]
+#[pyo3(signature = (options, teacher_logits, offset, out, runtime))]
+pub fn compress_topk_slice(py: Python<'_>, options: TopK, teacher_logits: Tensor, offset: usize, mut out: (Tensor, Tensor, Tensor), runtime: Runtime) -> Result<(), Error> {
+    let (rows, k) = (teacher_logits.shape().0, options.k);
+    let (ids, xs, stats) = &mut out;
+    disjoint(&[("ids", Some(&*ids)), ("values", Some(&*xs)), ("stats", Some(&*stats))], &[Some(&teacher_logits)])?;
+    let ids = ids.matrix_mut::<i64>("ids", rows, k)?;
+    let xs = xs.matrix_mut::<f32>("values", rows, k)?;
+    let stats = stats.matrix_mut::<f64>("stats", rows, 3)?;
+    dispatch_float!(E = (teacher_logits, "teacher_logits") => {
+        let x = teacher_logits.rows::<E>("teacher_logits")?;
+        py.detach(|| core_topk_slice(x, k, options.temperature, offset, ids, xs, stats, runtime.isa, runtime.num_threads))?;
+    });
     Ok(())
 }

@@ -71,7 +71,7 @@ mod _kdfast {
     #[pymodule_export]
     use super::compact::CompactCodec;
     #[pymodule_export]
-    use super::compress::{compress_sample, compress_topk, merge_sample_draws, sharded_slice_plan, sharded_sample, Sampling, TopK};
+    use super::compress::{compress_sample, compress_topk, compress_topk_slice, merge_sample_draws, sharded_slice_plan, sharded_sample, Sampling, TopK};
     #[pymodule_export]
     use super::dense::{dense_loss, DenseConfig};
     #[pymodule_export]

@@ -94,7 +94,7 @@ pub use rng::{mix64, stream_key, uniform};
 pub use sample::SampleStream;
 use sample_row::RowSampler;
 pub use sharded::{merge_draws, sharded_draws, sharded_maxima, sharded_sums, VocabSlice};
-pub use topk::TopKStream;
+pub use topk::{compress_topk_slice, TopKStream};
 
 // ----------------------------------------------------------------------- block buffering
 

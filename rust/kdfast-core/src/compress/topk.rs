@@ -104,6 +104,71 @@ impl TopKStream {
     }
 }
 
+impl TopKStream {
+    /// For a slice of a vocabulary sharded across ranks: write this slice's best `k` ids (plus
+    /// `offset`; −1 in unused slots) with their scaled logits `x` (−inf), best first, and return
+    /// the log-sum-exp statistics `(max, sum)` of every other entry (`(−inf, 0)` if none). The
+    /// ranks' lists and statistics merge into the whole row's top-k and tail. A slice that is
+    /// empty or entirely −inf is not an error here (another slice may hold the row's mass).
+    pub(super) fn finish_slice(&mut self, offset: usize, ids: &mut [i64], xs: &mut [f32]) -> Result<(f64, f64)> {
+        check_slots("ids", ids.len(), self.k)?;
+        check_slots("values", xs.len(), self.k)?;
+        let TopKStream { k, isa, row, blocks, cand, thr, tail } = self;
+        blocks.flush(&mut |start, x, n, ahead| topk_block(*k, *isa, *row, cand, thr, tail, start, x, n, ahead))?;
+        select(*k, cand, tail);
+        cand.sort_unstable_by(|a, b| b.cmp(a));
+        for (i, (id, x)) in ids.iter_mut().zip(xs.iter_mut()).enumerate() {
+            (*id, *x) = match cand.get(i) {
+                Some(&c) => ((key_id(c) as usize + offset) as i64, key_value(c)),
+                None => (-1, NEG_INF),
+            };
+        }
+        Ok((tail.max, tail.sum))
+    }
+}
+
+/// [`TopKStream::finish_slice`] for every row of `logits`, this rank's columns
+/// `offset .. offset + cols` of the vocabulary: `ids_out`/`values_out` `[rows, k]`, and
+/// `stats_out` `[rows, 3]`: the tail's `(max, sum)` and a status, 0, or 1 for a row holding
+/// +inf and 2 for NaN (reported, not raised, so that every rank can raise together).
+#[allow(clippy::too_many_arguments)]
+pub fn compress_topk_slice<E: Elem>(
+    logits: Rows<E>,
+    k: usize,
+    temperature: f32,
+    offset: usize,
+    ids_out: &mut [i64],
+    values_out: &mut [f32],
+    stats_out: &mut [f64],
+    isa: Isa,
+    num_threads: usize,
+) -> Result<()> {
+    let rows = logits.rows;
+    TopKStream::new(k, temperature, isa, 0)?;
+    check_outputs(rows, k, &[("ids", ids_out.len()), ("values", values_out.len())], None)?;
+    check_outputs(rows, 3, &[("stats", stats_out.len())], None)?;
+    let run = RUN_ROWS.saturating_mul(k);
+    let mut items: Vec<_> = ids_out.chunks_mut(run).zip(values_out.chunks_mut(run)).zip(stats_out.chunks_mut(3 * RUN_ROWS)).collect();
+    threads::for_each_item(&mut items, num_threads, |i, ((ids, xs), stats)| {
+        let r0 = i * RUN_ROWS;
+        let mut s = TopKStream::new(k, temperature, isa, r0)?;
+        for (j, ((ids, xs), st)) in ids.chunks_mut(k).zip(xs.chunks_mut(k)).zip(stats.chunks_mut(3)).enumerate() {
+            s.restart(r0 + j);
+            let done = s.push(0, logits.row(r0 + j)).and_then(|()| s.finish_slice(offset, ids, xs));
+            match done {
+                Ok((max, sum)) => st.copy_from_slice(&[max, sum, 0.0]),
+                Err(KdError::NonFiniteRow { detail, .. }) => {
+                    ids.fill(-1);
+                    xs.fill(NEG_INF);
+                    st.copy_from_slice(&[f64::NEG_INFINITY, 0.0, if detail.contains("NaN") { 2.0 } else { 1.0 }]);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The candidate `(x, id)` as one integer whose order is the rank order ([`by_rank`]: larger
 /// `x` first, then lower id): `x`'s bits mapped monotonically (as `f32::total_cmp` orders them)
 /// above `!id`. Selections compare single integers.
