@@ -221,11 +221,12 @@ def _check_compress(rank, world, split, group):
             t[3, 33] = 2.0  # one finite logit, on the last slice
             t[4, sum(split[:1]):] = float("-inf")  # every slice but the first is -inf
             want = kdfast.compress_topk(t, k, temperature=temperature)
-            got = kdfast.compress_topk(_slice(t, rank, split).contiguous(), k, temperature=temperature,
-                                       process_group=group)
-            assert torch.equal(got.indices, want.indices), (k, ties, dtype)
-            torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-6)
-            torch.testing.assert_close(got.tail_logprob, want.tail_logprob, rtol=1e-5, atol=2e-6)
+            for backend in ("auto", "torch"):
+                got = kdfast.compress_topk(_slice(t, rank, split).contiguous(), k, temperature=temperature,
+                                           process_group=group, backend=backend)
+                assert torch.equal(got.indices, want.indices), (k, ties, dtype, backend)
+                torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-6)
+                torch.testing.assert_close(got.tail_logprob, want.tail_logprob, rtol=1e-5, atol=2e-6)
     for dtype in (torch.float32, torch.float64):
         with pytest.raises(ValueError, match="teacher_logits: row 1 is entirely -inf"):
             bad = torch.zeros(2, 37, dtype=dtype)
@@ -239,6 +240,11 @@ def _check_compress(rank, world, split, group):
         bad[1, 0] = 0.0
         with pytest.raises(ValueError, match="teacher_logits: row 2 contains NaN"):
             kdfast.compress_topk(_slice(bad, rank, split).contiguous(), 3, process_group=group)
+    x = _slice(torch.zeros(2, 37, dtype=torch.float64), rank, split).contiguous()
+    with pytest.raises(ValueError, match="backend: 'rust' reads CPU float32/bfloat16/float16 slices"):
+        kdfast.compress_topk(x, 3, process_group=group, backend="rust")
+    with pytest.raises(ValueError, match="backend: .*'auto' or 'rust' or 'torch', got 'triton'"):
+        kdfast.compress_topk(x, 3, process_group=group, backend="triton")
 
 
 CHECKS.append(_check_compress)

@@ -72,8 +72,9 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
         process_group: the ``torch.distributed`` group over which the vocabulary is sharded
             (api.md §6): ``teacher_logits`` is this rank's contiguous slice; every rank gets the
             whole row's targets (global ids, the same ids as one pass over the row) after one
-            all-gather of k candidates per rank. A ``DTensor`` sharded on its last dimension
-            needs none. Computed with PyTorch operations (``backend`` "auto" or "torch").
+            all-gather of k candidates per rank and its tail's statistics. A ``DTensor``
+            sharded on its last dimension needs none. ``backend`` "auto" (the Rust top-k of a
+            CPU float32/bf16/fp16 slice, else PyTorch operations), "rust" or "torch".
     """
     if is_sharded(process_group, teacher_logits):
         return _compress_topk_sharded(teacher_logits, k, temperature, backend, process_group)
@@ -95,11 +96,14 @@ def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> Sp
     from .parallel.compress import compress_topk_rows
 
     teacher_logits, group = as_local(teacher_logits, group)
-    check_backend(backend)
+    check_backend(backend, allowed=("auto", "rust", "torch"))
     x2 = check_logits(teacher_logits, "teacher_logits").detach()
+    if backend == "rust" and (x2.device.type != "cpu" or x2.dtype not in _native.NATIVE_DTYPES):
+        raise ValueError(f"backend: 'rust' reads CPU float32/bfloat16/float16 slices, got a {x2.dtype} tensor "
+                         f"on {x2.device}")
     k, t = check_count(k, "k"), check_temperature(temperature)
     lead = x2.shape[:-1]
-    ids, lp, tail = compress_topk_rows(x2.reshape(-1, x2.shape[-1]), k, t, group)
+    ids, lp, tail = compress_topk_rows(x2.reshape(-1, x2.shape[-1]), k, t, group, rust=backend != "torch")
     return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
                          tail_logprob=tail.reshape(lead), temperature=t, method="topk")
 

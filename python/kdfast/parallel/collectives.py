@@ -147,7 +147,7 @@ def check_backend(backend: str, allowed=("auto", "torch")) -> None:
     """The backends a vocabulary-parallel path runs: PyTorch operations on the local slices
     unless ``allowed`` says otherwise."""
     if backend not in allowed:
-        runs = "the Rust sampler" if "rust" in allowed else "PyTorch operations"
+        runs = "PyTorch operations" if "rust" not in allowed else "Rust kernels" if "torch" in allowed else "the Rust sampler"
         raise ValueError(f"backend: this vocabulary-parallel path runs {runs} on the local slices; "
                          f"expected {' or '.join(map(repr, allowed))}, got {backend!r}")
 

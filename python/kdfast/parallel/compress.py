@@ -39,12 +39,12 @@ def _local_best(x: torch.Tensor, k: int):
     return vals, torch.where(vals == NEG_INF, -1, ids)
 
 
-def _slice_part(z: torch.Tensor, k: int, temperature: float, offset: int) -> torch.Tensor:
+def _slice_part(z: torch.Tensor, k: int, temperature: float, offset: int, rust: bool) -> torch.Tensor:
     """This rank's ``[N, k + 2, 2]`` float64 part: ``k`` (value, global id) candidates best first
     (id -1 unused), the tail's (max, sum) and (status, 0) — status 1 for +inf, 2 for NaN."""
     n = z.shape[0]
     part = torch.zeros(n, k + 2, 2, dtype=torch.float64, device=z.device)
-    if z.device.type == "cpu" and z.dtype in _native.NATIVE_DTYPES:
+    if rust and z.device.type == "cpu" and z.dtype in _native.NATIVE_DTYPES:
         ids, vals, stats = _native.compress_topk_slice(z, k, temperature, offset)
         part[:, :k, 0], part[:, :k, 1] = vals.double(), ids.double()
         part[:, k], part[:, k + 1, 0] = stats[:, :2], stats[:, 2]
@@ -64,11 +64,12 @@ def _slice_part(z: torch.Tensor, k: int, temperature: float, offset: int) -> tor
     return part
 
 
-def compress_topk_rows(z: torch.Tensor, k: int, temperature: float, group):
+def compress_topk_rows(z: torch.Tensor, k: int, temperature: float, group, rust: bool = True):
     """``(ids, logprobs, tail)`` of the whole vocabulary's top-k for the local slice ``z``
-    ``[N, V_local]`` (global ids), the same on every rank."""
+    ``[N, V_local]`` (global ids), the same on every rank (``rust``: the Rust top-k where it
+    can read ``z``)."""
     offset, _ = slice_bounds(group, z.shape[1], z.device)
-    mine = _slice_part(z, k, temperature, offset)
+    mine = _slice_part(z, k, temperature, offset, rust)
     _, size = world(group)
     everyone = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(everyone, mine, group=group)
