@@ -40,7 +40,7 @@ def compress_topk_rows(z: torch.Tensor, k: int, temperature: float, group):
     ``[N, V_local]`` (global ids), the same on every rank."""
     from .collectives import slice_bounds
 
-    offset, total = slice_bounds(group, z.shape[1], z.device)
+    offset, total = slice_bounds(group, z.shape[1], z.device, "teacher_logits")
     x = z.float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
     n = x.shape[0]
     vals, ids = _local_best(x, k)
@@ -63,7 +63,7 @@ def compress_topk_rows(z: torch.Tensor, k: int, temperature: float, group):
     local = top_id - offset
     mask = used & (local >= 0) & (local < x.shape[1])
     kept.scatter_(1, torch.where(mask, local, x.shape[1]), True)
-    (lse_tail,) = global_lse(group, x.double().masked_fill(kept[:, :-1], NEG_INF))
+    (lse_tail,) = global_lse(group, x.double().masked_fill(kept[:, :-1], NEG_INF), what="teacher_logits")
     lse_top = torch.logsumexp(torch.where(used, top_x, NEG_INF), dim=-1)
     lse_all = torch.logaddexp(lse_top, lse_tail)
     bad = ~torch.isfinite(lse_all)
