@@ -25,7 +25,10 @@ _F32_MAX = float(torch.finfo(torch.float32).max)
 MAX_COUNT = 1 << 32
 
 
-def check_logits(x, name: str) -> torch.Tensor:
+def check_logits(x, name: str, *, empty_ok: bool = False) -> torch.Tensor:
+    """Logits ``[..., V]`` of a dtype the kernels or the reference read. ``empty_ok``: V may be 0
+    (a rank's slice of a vocabulary sharded across a group, whose whole vocabulary is checked
+    after the group's first all-reduce, on every rank together)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of logits, got {type(x).__name__}")
     if x.dtype not in LOGIT_DTYPES:
@@ -34,9 +37,14 @@ def check_logits(x, name: str) -> torch.Tensor:
         )
     if x.dim() == 0:
         raise ValueError(f"{name}: expected logits of shape [..., V], got a 0-d tensor")
-    if x.shape[-1] == 0:
+    if x.shape[-1] == 0 and not empty_ok:
         raise ValueError(f"{name}: empty vocabulary (last dimension is 0) in shape {tuple(x.shape)}")
     return x
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` as ``[N, V]`` rows (a view when the layout allows), also when V is 0."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def check_real(value, name: str, *, low: float, high: float, high_open: bool = False,
@@ -181,9 +189,9 @@ def check_labels(labels, lead: torch.Size, device: torch.device) -> Optional[tor
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
-def check_pair(student, teacher, *, vocab_size, labels) -> Pair:
-    student = check_logits(student, "student_logits")
-    teacher = check_logits(teacher, "teacher_logits")
+def check_pair(student, teacher, *, vocab_size, labels, empty_ok: bool = False) -> Pair:
+    student = check_logits(student, "student_logits", empty_ok=empty_ok)
+    teacher = check_logits(teacher, "teacher_logits", empty_ok=empty_ok)
     if student.device != teacher.device:
         raise ValueError(
             f"teacher_logits: expected the device of student_logits ({student.device}), got {teacher.device}"
@@ -197,8 +205,8 @@ def check_pair(student, teacher, *, vocab_size, labels) -> Pair:
     vs, vt = student.shape[-1], teacher.shape[-1]
     v = check_vocab(vocab_size, vs, vt)
     labels = check_labels(labels, lead, student.device)
-    s_rows = student.reshape(-1, vs)
-    t2 = teacher.reshape(-1, vt)[:, :v]
+    s_rows = as_rows(student)
+    t2 = as_rows(teacher)[:, :v]
     return Pair(student, s_rows, s_rows[:, :v], t2, labels, lead, v)
 
 

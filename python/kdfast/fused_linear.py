@@ -40,10 +40,10 @@ from ._errors import DtypeError
 from ._reduction import Reduction
 from ._registry import LOSSES, param_names
 from ._registry import get as get_loss
-from ._validate import LOGIT_DTYPES, check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
+from ._validate import LOGIT_DTYPES, as_rows, check_flag, check_int, check_labels, check_temperature, check_vocab, reject_unknown
 from .losses import COMMON_KWARGS
-from .parallel.collectives import check_backend, local_vocab, slice_bounds
-from .parallel.fused import Plan, fused_loss
+from .parallel.collectives import check_backend, local_vocab
+from .parallel.fused import Plan, fused_loss, head_slices
 from .sparse_losses import check_sparse_loss, prepare_sparse
 
 __all__ = ["fused_linear_distill_loss"]
@@ -341,9 +341,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
     labels = check_labels(loss_kwargs.get("labels"), lead, h.device)  # int64 [N] or None
     v_s = w.shape[0]
     group = loss_kwargs.get("process_group")
-    if group is not None:  # the heads' rows are this rank's slice of the vocabulary
+    if group is not None:  # the heads' rows are this rank's slice of the vocabulary (possibly empty)
         check_backend(loss_kwargs.get("backend", "auto"))
-        offset, v_global = slice_bounds(group, v_s, h.device)
 
     th = tw = tb = tlog = ids = lp = sw = tail_lp = None
     mode, param = "", 0.0
@@ -354,6 +353,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
                 raise TypeError(f"fused_linear_distill_loss: {key!r} does not apply to sparse targets")
         loss, param = check_sparse_loss("forward_kl" if loss == "sparse_kl" else loss, loss_kwargs.get("beta"),
                                         what="fused_linear_distill_loss")
+        if group is not None:
+            offset, v_global, widest = head_slices(group, v_s, v_s, h.device)
         prep = prepare_sparse(targets, lead, v_s if group is None else v_global, h.device, tail=loss_kwargs.get("tail", "bucket"),
                               temperature=loss_kwargs.get("temperature"), name="student_hidden", loss=loss)
         ids, lp, sw, tail_lp, mode, t = prep.ids, prep.lp, prep.w, prep.tail, prep.mode, prep.temperature
@@ -373,7 +374,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
             if tlog.device != h.device:
                 raise ValueError(f"teacher_logits: expected device {h.device}, got {tlog.device}")
             v_t = tlog.shape[-1]
-            tlog = tlog.detach().reshape(-1, v_t)
+            tlog = as_rows(tlog.detach())
         else:
             if teacher_hidden is None or teacher_weight is None:
                 raise ValueError("teacher_hidden and teacher_weight: expected both (the teacher's hidden states and head)")
@@ -392,10 +393,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
             v_t = tw.shape[0]
         if group is None:
             vocab = check_vocab(loss_kwargs.get("vocab_size"), v_s, v_t, what="the student head", other="the teacher")
-        elif v_s != v_t:
-            raise ValueError(f"process_group: the student's and the teacher's slices of the vocabulary must match; "
-                             f"this rank holds {v_s} student head rows and {v_t} of the teacher")
-        else:
+        else:  # the slices' sizes, and that they match, decided on every rank together
+            offset, v_global, widest = head_slices(group, v_s, v_t, h.device)
             vocab = local_vocab(loss_kwargs.get("vocab_size"), offset, v_global, v_s)
 
     n = h.numel() // h_dim if h_dim else 0
@@ -409,7 +408,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, *, teacher_hidden=
         zero = (h2.sum() * 0.0 + w.sum() * 0.0).to(out_dtype)
         return zero.expand(lead) if red.per_row else zero
     if chunk_size is None:
-        chunk = max(1, _CHUNK_ELEMS.get(h.device.type, 1 << 24) // max(1, vocab))
+        # with a group, from the widest slice: every rank must run the same chunks (collectives)
+        chunk = max(1, _CHUNK_ELEMS.get(h.device.type, 1 << 24) // max(1, vocab if group is None else widest))
     else:
         chunk = check_int(chunk_size, "chunk_size")
         if chunk < 1:

@@ -85,10 +85,10 @@ def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale:
     from .parallel.dense import dense_rows
 
     check_backend(backend)
-    pair = check_pair(student, teacher, vocab_size=None, labels=labels)
+    pair = check_pair(student, teacher, vocab_size=None, labels=labels, empty_ok=True)  # a slice may be empty
     s2, t2 = pair.s2, pair.t2
     if vocab_size is not None:  # global: cut each slice where the padded columns begin
-        keep = local_vocab(vocab_size, *slice_bounds(group, s2.shape[1], s2.device), s2.shape[1])
+        keep = local_vocab(vocab_size, *slice_bounds(group, s2.shape[1], s2.device, "student_logits"), s2.shape[1])
         s2, t2 = s2[:, :keep], t2[:, :keep]
     spec, param = spec.canonical(param)
     if pair.labels is None:

@@ -29,7 +29,7 @@ import torch
 from . import _dispatch, _native, _triton
 from . import reference_sparse as _ref
 from ._errors import DtypeError
-from ._validate import check_count, check_int, check_logits, check_temperature
+from ._validate import as_rows, check_count, check_int, check_logits, check_temperature
 from .parallel.collectives import as_local, check_backend, is_sharded
 from .sparse_losses import SPARSE_LOSSES, TAILS, SparseInputs, prepare_sparse, sparse_kl, sparse_loss
 from .targets import SparseTargets
@@ -97,13 +97,13 @@ def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> Sp
 
     teacher_logits, group = as_local(teacher_logits, group)
     check_backend(backend, allowed=("auto", "rust", "torch"))
-    x2 = check_logits(teacher_logits, "teacher_logits").detach()
+    x2 = check_logits(teacher_logits, "teacher_logits", empty_ok=True).detach()  # a slice may be empty
     if backend == "rust" and (x2.device.type != "cpu" or x2.dtype not in _native.NATIVE_DTYPES):
         raise ValueError(f"backend: 'rust' reads CPU float32/bfloat16/float16 slices, got a {x2.dtype} tensor "
                          f"on {x2.device}")
     k, t = check_count(k, "k"), check_temperature(temperature)
     lead = x2.shape[:-1]
-    ids, lp, tail = compress_topk_rows(x2.reshape(-1, x2.shape[-1]), k, t, group, rust=backend != "torch")
+    ids, lp, tail = compress_topk_rows(as_rows(x2), k, t, group, rust=backend != "torch")
     return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
                          tail_logprob=tail.reshape(lead), temperature=t, method="topk")
 
@@ -164,7 +164,7 @@ def _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row
 
     teacher_logits, group = as_local(teacher_logits, group)
     check_backend(backend, allowed=("auto", "rust"))
-    x2 = check_logits(teacher_logits, "teacher_logits").detach()
+    x2 = check_logits(teacher_logits, "teacher_logits", empty_ok=True).detach()  # a slice may be empty
     if x2.dtype not in _native.NATIVE_DTYPES:
         raise DtypeError(f"teacher_logits: vocabulary-parallel sampling runs the Rust sampler; expected dtype "
                          f"float32, bfloat16 or float16, got {x2.dtype}")
@@ -172,6 +172,6 @@ def _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row
     seed = check_int(seed, "seed", low=0, high=2**64 - 1)
     row_offset = check_int(row_offset, "row_offset", low=0, high=2**64 - 1)
     lead = x2.shape[:-1]
-    ids, lp, w = compress_sample_rows(x2.reshape(-1, x2.shape[-1]), n_s, t, seed, row_offset, group)
+    ids, lp, w = compress_sample_rows(as_rows(x2), n_s, t, seed, row_offset, group)
     return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
                          weights=w.reshape(*lead, n_s), temperature=t, method="sample")

@@ -33,7 +33,7 @@ from . import _dispatch, _ops
 from . import reference_sparse as _ref
 from ._reduction import Reduction
 from ._registry import get as _get_spec
-from ._validate import check_flag, check_labels, check_logits, check_temperature
+from ._validate import as_rows, check_flag, check_labels, check_logits, check_temperature
 from .parallel.collectives import as_local, check_backend, is_sharded, slice_bounds
 from .targets import SparseTargets
 
@@ -237,7 +237,7 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
     loss, param = check_sparse_loss(loss, None if beta is _BETA else beta)
     if is_sharded(process_group, student_logits):
         student_logits, process_group = as_local(student_logits, process_group)
-    student_logits = check_logits(student_logits, "student_logits")
+    student_logits = check_logits(student_logits, "student_logits", empty_ok=process_group is not None)
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     t2_scale = check_flag(t2_scale, "t2_scale")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
@@ -246,10 +246,10 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
     offset = 0
     if process_group is not None:
         check_backend(backend)
-        offset, v_total = slice_bounds(process_group, v, student_logits.device)
+        offset, v_total = slice_bounds(process_group, v, student_logits.device, "student_logits")
     prep = prepare_sparse(targets, lead, v if process_group is None else v_total, student_logits.device, tail=tail,
                           temperature=temperature, labels=labels, float_dtype=float_dtype, loss=loss)
-    s = student_logits.reshape(-1, v)
+    s = as_rows(student_logits)
     if process_group is not None:
         rows = _sharded_rows(s, prep, red, loss, param, offset, v_total, process_group)
         if t2_scale:

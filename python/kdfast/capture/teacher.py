@@ -78,7 +78,7 @@ def vocab_size(model, group=None, device="cpu") -> int:
 
     sliced = torch.tensor([int(configured is not None and rows < int(configured))], device=device)
     torch.distributed.all_reduce(sliced, group=group)  # every rank decides the same
-    return slice_bounds(group, rows, device)[1] if int(sliced) else rows
+    return slice_bounds(group, rows, device, "model")[1] if int(sliced) else rows
 
 
 def eos_ids(tokenizer, model) -> List[int]:

@@ -11,6 +11,10 @@ autograd:
   backward all-reduces the upstream gradient once (each rank holds only its slice's part of
   ``∂L/∂lse``) and multiplies by the local ``softmax``.
 
+A rank's slice may be empty (V_local = 0: more ranks than ids, or an uneven split); it still
+makes every collective, so the whole vocabulary's emptiness is decided after one of them, on
+every rank together (:func:`require_vocabulary`).
+
 So a loss ``Σ_v f(log p_v, log q_v)`` costs three all-reduces in forward (maxima, sums, the
 row's partial sums) and one in backward, never a gather of ``[N, V]`` logits. The log-sum-exp
 must enter only per-slice computations that :func:`sum_over_ranks` then adds up (a replicated
@@ -62,9 +66,13 @@ class _GlobalLSE(torch.autograd.Function):
     backward does not add it up over the ranks."""
 
     @staticmethod
-    def forward(ctx, group, replicated, *xs: torch.Tensor):
+    def forward(ctx, group, replicated, what, *xs: torch.Tensor):
         m = torch.stack([_local_max(x) for x in xs])
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        # the widest slice rides along with the maxima: 0 on every rank is an empty vocabulary
+        both = torch.cat([m.flatten(), m.new_full((1,), float(max(x.shape[-1] for x in xs)))])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        m = both[:-1].view_as(m)
+        require_vocabulary(bool(both[-1] > 0), what)
         shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         sums = torch.stack([torch.exp(x - c[:, None]).sum(-1) for x, c in zip(xs, shift)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
@@ -76,9 +84,9 @@ class _GlobalLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         *xs, lse = ctx.saved_tensors
-        needed = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[2 + i]]
+        needed = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[3 + i]]
         if not needed:
-            return (None, None) + (None,) * len(xs)
+            return (None, None, None) + (None,) * len(xs)
         g = torch.stack([grads[i] for i in needed])
         if not ctx.replicated:
             g = g.contiguous()
@@ -87,30 +95,51 @@ class _GlobalLSE(torch.autograd.Function):
         for row, i in enumerate(needed):
             safe = torch.where(torch.isfinite(lse[i]), lse[i], torch.zeros_like(lse[i]))
             out[i] = g[row][:, None] * torch.exp(xs[i] - safe[:, None])
-        return (None, None, *out)
+        return (None, None, None, *out)
 
 
-def global_lse(group, differentiable: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def global_lse(group, differentiable: torch.Tensor, *others: torch.Tensor, what: str = "logits"
+               ) -> Tuple[torch.Tensor, ...]:
     """``log Σ_v exp(x_v)`` over the whole vocabulary for each row of each ``[N, V_local]``
     argument (the first differentiable; use it only in per-slice terms), ``-inf`` for a row
-    that is ``-inf`` everywhere."""
-    return _GlobalLSE.apply(group, False, differentiable, *[o.detach() for o in others])
+    that is ``-inf`` everywhere. A slice may be empty (V_local = 0); the whole vocabulary may
+    not (:func:`require_vocabulary`, naming ``what``, on every rank together)."""
+    return _GlobalLSE.apply(group, False, what, differentiable, *[o.detach() for o in others])
 
 
-def replicated_lse(group, *xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def replicated_lse(group, *xs: torch.Tensor, what: str = "logits") -> Tuple[torch.Tensor, ...]:
     """:func:`global_lse` of every argument, differentiably, for use after the ranks' sums (in
     computations every rank repeats identically)."""
-    return _GlobalLSE.apply(group, True, *xs)
+    return _GlobalLSE.apply(group, True, what, *xs)
 
 
-def slice_bounds(group, local: int, device) -> Tuple[int, int]:
-    """``(offset, total)``: where this rank's slice of ``local`` ids starts in the vocabulary,
-    and the vocabulary size (one all-reduce of one integer per rank)."""
+def require_vocabulary(nonempty: bool, what: str) -> None:
+    """The whole vocabulary needs an id: ``nonempty`` is decided after an all-reduce, so every
+    rank raises together (a rank's own slice may be empty)."""
+    if not nonempty:
+        raise ValueError(f"{what}: empty vocabulary: the slices of every rank in the process group are empty "
+                         f"(last dimensions of 0 on all ranks); the whole vocabulary needs at least one id")
+
+
+def slice_sizes(group, device, what: str, *locals_: int) -> torch.Tensor:
+    """Each of ``locals_`` (this rank's sizes, e.g. its student and teacher slices) on every rank:
+    int64 ``[len(locals_), world]`` on the CPU, in one all-reduce; the first must add up to a
+    non-empty vocabulary (:func:`require_vocabulary`, naming ``what``)."""
     rank, size = world(group)
-    sizes = torch.zeros(size, dtype=torch.int64, device=device)
-    sizes[rank] = local
+    sizes = torch.zeros(len(locals_), size, dtype=torch.int64, device=device)
+    sizes[:, rank] = torch.tensor(locals_, dtype=torch.int64)
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
-    return int(sizes[:rank].sum()), int(sizes.sum())
+    sizes = sizes.cpu()
+    require_vocabulary(int(sizes[0].sum()) > 0, what)
+    return sizes
+
+
+def slice_bounds(group, local: int, device, what: str) -> Tuple[int, int]:
+    """``(offset, total)``: where this rank's slice of ``local`` ids starts in the vocabulary,
+    and the vocabulary size (one all-reduce of one integer per rank); an empty vocabulary is a
+    ``ValueError`` naming ``what`` on every rank together."""
+    sizes = slice_sizes(group, device, what, local)[0]
+    return int(sizes[:dist.get_rank(group)].sum()), int(sizes.sum())
 
 
 def local_vocab(vocab_size, offset: int, total: int, local: int) -> int:

@@ -68,7 +68,7 @@ def compress_topk_rows(z: torch.Tensor, k: int, temperature: float, group, rust:
     """``(ids, logprobs, tail)`` of the whole vocabulary's top-k for the local slice ``z``
     ``[N, V_local]`` (global ids), the same on every rank (``rust``: the Rust top-k where it
     can read ``z``)."""
-    offset, _ = slice_bounds(group, z.shape[1], z.device)
+    offset, _ = slice_bounds(group, z.shape[1], z.device, "teacher_logits")
     mine = _slice_part(z, k, temperature, offset, rust)
     _, size = world(group)
     everyone = [torch.empty_like(mine) for _ in range(size)]

@@ -67,9 +67,9 @@ def dense_rows(name: str, param, student: torch.Tensor, teacher: torch.Tensor, t
     mix = None
     if name == "taid":
         mix = ref.taid_logits(student, teacher, param).to(xs.dtype) / temperature
-        lse_s, lse_t, lse_mix = global_lse(group, xs, xt, mix)
+        lse_s, lse_t, lse_mix = global_lse(group, xs, xt, mix, what="student_logits")
     else:
-        lse_s, lse_t = global_lse(group, xs, xt)
+        lse_s, lse_t = global_lse(group, xs, xt, what="student_logits")
     _check_rows(lse_s.detach(), "student_logits")
     _check_rows(lse_t, "teacher_logits")
     lq = xs - lse_s[:, None]

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from .. import reference_sparse as ref_sparse
 from .._head import float_copy, logits_f32, mm_f32
+from .collectives import slice_sizes, world
 from .dense import dense_rows
 from .sparse import sparse_rows
 
@@ -58,6 +59,21 @@ class Plan:
     offset: int
     total: int
     group: object
+
+
+def head_slices(group, student: int, teacher: int, device) -> Tuple[int, int, int]:
+    """``(offset, total, widest)`` of this rank's ``student`` head rows in the whole vocabulary
+    (``widest``: the largest slice, which sizes the chunks every rank must share), in one
+    all-reduce; the teacher's ``teacher`` rows (or logit columns) must match on every rank. Both
+    rules raise ``ValueError`` on every rank together (a rank's slice may be empty)."""
+    sizes = slice_sizes(group, device, "student_weight", student, teacher)
+    bad = (sizes[0] != sizes[1]).nonzero()
+    if bad.numel():
+        r = int(bad[0])
+        raise ValueError(f"process_group: the student's and the teacher's slices of the vocabulary must match; "
+                         f"rank {r} holds {int(sizes[0, r])} student head rows and {int(sizes[1, r])} of the teacher")
+    rank, _ = world(group)
+    return int(sizes[0, :rank].sum()), int(sizes[0].sum()), int(sizes[0].max())
 
 
 def fused_loss(h: Tensor, w: Tensor, b: Optional[Tensor], row_weight: Tensor, plan: Plan, reduce: bool) -> Tensor:

@@ -53,7 +53,7 @@ def compress_sample_rows(z: torch.Tensor, num_samples: int, temperature: float, 
     """``(ids, logprobs, weights)`` ``[N, num_samples]`` of the whole vocabulary's draws for the
     local slice ``z`` ``[N, V_local]`` (global ids), the same on every rank."""
     device = z.device
-    offset, vocab = slice_bounds(group, z.shape[1], device)
+    offset, vocab = slice_bounds(group, z.shape[1], device, "teacher_logits")
     rank, size = world(group)
     x = _native.as_rows(z.detach().cpu())
     rows = x.shape[0]

@@ -35,7 +35,8 @@ class ShardedStudent:
 
     def _both(self):
         if self._lses is None:  # the row's and the unlisted ids' log-sum-exps, in one pair of all-reduces
-            self._lses = replicated_lse(self.group, self.a, self.a.masked_fill(self._listed, NEG_INF))
+            self._lses = replicated_lse(self.group, self.a, self.a.masked_fill(self._listed, NEG_INF),
+                                        what="student_logits")
         return self._lses
 
     def lse(self) -> torch.Tensor:
