@@ -49,6 +49,9 @@ def dense_loss(
     grad_out: Optional[Tensor],
     runtime: Runtime,
 ) -> None: ...
+def slice_forward_kl(step: int, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                     lse: Optional[Tensor], grad_scale: float, out: Tensor, grad_out: Optional[Tensor],
+                     runtime: Runtime) -> None: ...
 
 # ---- sparse-target losses (rust/kdfast-py/src/sparse.rs)
 

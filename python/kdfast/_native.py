@@ -254,3 +254,9 @@ def compress_topk_slice(x2: torch.Tensor, k: int, temperature: float, offset: in
     out = _empty("k", k, ((n, k), torch.int64), ((n, k), torch.float32), ((n, 3), torch.float64))
     _kdfast.compress_topk_slice(_kdfast.TopK(k, temperature), x2, offset, out, _runtime())
     return out
+
+
+def slice_forward_kl(step: int, s2: torch.Tensor, t2: torch.Tensor, temperature: float, out: torch.Tensor,
+                     lse=None, grad=None, grad_scale: float = 1.0) -> None:
+    """A step of forward KL on this rank's vocabulary slices (kdfast-py ``dense::slice_forward_kl``)."""
+    _kdfast.slice_forward_kl(step, s2, t2, temperature, lse, grad_scale, out, grad, _runtime())

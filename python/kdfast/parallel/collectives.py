@@ -153,6 +153,16 @@ def local_vocab(vocab_size, offset: int, total: int, local: int) -> int:
     return min(max(vocab_size - offset, 0), local)
 
 
+def check_lse_rows(lse: torch.Tensor, what: str) -> None:
+    """The rule of the kernels: every row needs a finite logit and no +inf or NaN (decided on the
+    global log-sum-exp, so every rank raises together)."""
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        raise ValueError(f"{what}: row {r} is entirely -inf or holds +inf or NaN (over the whole "
+                         f"vocabulary); every unmasked row needs at least one finite logit and no +inf or NaN")
+
+
 def raise_bad_rows(nan: torch.Tensor, inf: torch.Tensor, empty: Optional[torch.Tensor] = None,
                    name: str = "teacher_logits") -> None:
     """The kernels' rule for rows of logits, decided on data every rank holds (so that every

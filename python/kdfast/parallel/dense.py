@@ -7,7 +7,8 @@ slice's terms from the global log-sum-exps (:func:`.collectives.global_lse`) and
 their partial sums (:func:`.collectives.sum_over_ranks`), with the entries that make a KL
 ``+inf`` counted alongside. AKL's head, a prefix of the teacher's mass ordering, is found by
 :mod:`.akl`. Computed in float32 (float64 for float64 logits) with PyTorch operations on the
-local slices, differentiable by autograd; every rank returns the same rows.
+local slices, differentiable by autograd; every rank returns the same rows. Forward KL on CPU
+float32/bf16/fp16 slices runs the Rust kernels instead (:mod:`.kernels`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from .. import reference as ref
 from .akl import akl_rows
-from .collectives import global_lse, sum_over_ranks
+from . import kernels
+from .collectives import check_lse_rows, global_lse, sum_over_ranks
 
 NEG_INF = float("-inf")
 
@@ -47,21 +49,13 @@ def _terms(name: str, lq: torch.Tensor, lp: torch.Tensor, param):
     raise ValueError(f"loss: {name!r} has no vocabulary-parallel form")
 
 
-def _check_rows(lse: torch.Tensor, what: str) -> None:
-    """The rule of the kernels: every row needs a finite logit and no +inf or NaN (decided on the
-    global log-sum-exp, so every rank raises together)."""
-    bad = ~torch.isfinite(lse)
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0])
-        raise ValueError(f"{what}: row {r} is entirely -inf or holds +inf or NaN (over the whole "
-                         f"vocabulary); every unmasked row needs at least one finite logit and no +inf or NaN")
-
-
 def dense_rows(name: str, param, student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                group) -> torch.Tensor:
     """Per-row ℓ ``[N]`` of the dense loss ``name`` between the local vocabulary slices
     ``student`` and ``teacher`` ``[N, V_local]``: the whole vocabulary's value, the same on every
     rank, differentiable w.r.t. the local student slice."""
+    if name == "forward_kl" and kernels.applies(student, teacher):
+        return kernels.forward_kl_rows(student, teacher, temperature, group)
     xs = _scaled(student, temperature)
     xt = _scaled(teacher.detach(), temperature).to(xs.dtype)
     mix = None
@@ -70,8 +64,8 @@ def dense_rows(name: str, param, student: torch.Tensor, teacher: torch.Tensor, t
         lse_s, lse_t, lse_mix = global_lse(group, xs, xt, mix, what="student_logits")
     else:
         lse_s, lse_t = global_lse(group, xs, xt, what="student_logits")
-    _check_rows(lse_s.detach(), "student_logits")
-    _check_rows(lse_t, "teacher_logits")
+    check_lse_rows(lse_s.detach(), "student_logits")
+    check_lse_rows(lse_t, "teacher_logits")
     lq = xs - lse_s[:, None]
     if name == "akl":
         return akl_rows(lq, xt - lse_t[:, None], param, group)

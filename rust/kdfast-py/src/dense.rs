@@ -3,6 +3,7 @@
 use crate::error::Error;
 use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
+use kdfast_core::dense::slice::{slice_forward_kl as core_slice_forward_kl, slice_lse};
 use kdfast_core::{dense_loss as core_dense_loss, Divergence};
 use pyo3::prelude::*;
 
@@ -68,6 +69,48 @@ pub fn dense_loss(
         let t = teacher_logits.rows::<T>("teacher_logits")?;
         let grad = grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, grad_cols)).transpose()?;
         py.detach(|| core_dense_loss(s, t, labels, &cfg, loss, grad, runtime.isa, runtime.num_threads))?;
+    });
+    Ok(())
+}
+
+/// Forward KL over a vocabulary sharded across ranks (kdfast-core `dense::slice`), this rank's
+/// slices `student_logits`/`teacher_logits` (`[N, V_local]`). `step` 1 writes `out` = the slices'
+/// `(max, sum)` of `s / T` and `t / T` (float64 `[N, 4]`); step 2 reads `lse` (float64 `[N, 2]`,
+/// the whole rows' log-sum-exps) and writes `out` = the slices' `Σ p (y − x)` (float64 `[N]`) and,
+/// if given, `grad_out` = `grad_scale · (q − p) / T` (`[N, V_local]`, the student's dtype).
+#[pyfunction]
+#[pyo3(signature = (step, student_logits, teacher_logits, temperature, lse, grad_scale, out, grad_out, runtime))]
+#[allow(clippy::too_many_arguments)]
+pub fn slice_forward_kl(
+    py: Python<'_>,
+    step: u8,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: f32,
+    lse: Option<Tensor>,
+    grad_scale: f32,
+    mut out: Tensor,
+    mut grad_out: Option<Tensor>,
+    runtime: Runtime,
+) -> Result<(), Error> {
+    disjoint(&[("out", Some(&out)), ("grad_out", grad_out.as_ref())], &[Some(&student_logits), Some(&teacher_logits), lse.as_ref()])?;
+    let (rows, cols) = student_logits.shape();
+    dispatch_float!(S = (student_logits, "student_logits"), T = (teacher_logits, "teacher_logits") => {
+        let s = student_logits.rows::<S>("student_logits")?;
+        let t = teacher_logits.rows::<T>("teacher_logits")?;
+        match step {
+            1 => {
+                let stats = out.matrix_mut::<f64>("out", rows, 4)?;
+                py.detach(|| slice_lse(s, t, temperature, stats, runtime.isa, runtime.num_threads))?;
+            }
+            2 => {
+                let lse = lse.as_ref().ok_or_else(|| Error::arg("lse", "a tensor for step 2", "None"))?.matrix::<f64>("lse", rows, 2)?;
+                let partial = out.vector_mut::<f64>("out", rows)?;
+                let grad = grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, cols)).transpose()?;
+                py.detach(|| core_slice_forward_kl(s, t, temperature, lse, grad_scale, partial, grad, runtime.isa, runtime.num_threads))?;
+            }
+            _ => return Err(Error::arg("step", "1 or 2", &step.to_string())),
+        }
     });
     Ok(())
 }

@@ -27,6 +27,7 @@
 mod akl;
 mod head;
 mod pointwise;
+pub mod slice;
 
 use crate::divergence::{Akl, Divergence, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Taid, Tvd};
 use crate::elem::Elem;
