@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,12 +37,11 @@ def _rank_main(rank, world, port, out, checks, split):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, world, checks, split, timeout=300):
-    """Run ``checks`` in ``world`` forked ranks, rank r holding ``split[r]`` vocabulary ids."""
+def fork(target, world, *args, timeout=300):
+    """Fork ``world`` processes ``target(rank, *args)``; their exit codes (one left waiting past
+    ``timeout``, e.g. by a dead peer, is killed, as torchrun would)."""
     ctx = multiprocessing.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(tmp_path), checks, split))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -50,6 +49,13 @@ def run_ranks(tmp_path, world, checks, split, timeout=300):
     for p in procs:
         if p.is_alive():
             p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+            p.join()
+    return [p.exitcode for p in procs]
+
+
+def run_ranks(tmp_path, world, checks, split, timeout=300):
+    """Run ``checks`` in ``world`` forked ranks, rank r holding ``split[r]`` vocabulary ids."""
+    codes = fork(_rank_main, world, world, free_port(), str(tmp_path), checks, split, timeout=timeout)
+    assert all(c == 0 for c in codes), codes
     reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
     assert reports == [""] * world, "\n".join(reports)

@@ -5,7 +5,6 @@ sequence, what one process captures — the same ids and draws."""
 
 import multiprocessing
 import os
-import socket
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ from kdfast.cache import TeacherCache  # noqa: E402
 from kdfast.capture import capture  # noqa: E402
 
 import _tiny_models as tm  # noqa: E402
+from _gloo import fork, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork()")]
@@ -33,12 +33,6 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def docs_txt(tmp_path_factory):
     return tm.write_txt(tmp_path_factory.mktemp("data") / "docs.txt")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sliced_head(model, rank, split):
@@ -77,18 +71,7 @@ def _rank_main(rank, world, port, kwargs, split, die):
 
 
 def _run(world, kwargs, split=None, die=None, timeout=120):
-    ctx = multiprocessing.get_context("fork")
-    port = _port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, kwargs, split, die)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    for p in procs:
-        if p.is_alive():  # left waiting by a dead peer (torchrun would kill it)
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]
+    return fork(_rank_main, world, world, free_port(), kwargs, split, die, timeout=timeout)
 
 
 def _same_as_one_process(out, tmp_path, teacher_dir, docs_txt, **kw):

@@ -10,9 +10,7 @@ parameters. SGD, so that the parameters compare the gradients of every step."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import socket
 import traceback
 
 import pytest
@@ -21,18 +19,14 @@ import torch.distributed as dist
 
 import kdfast
 
+from _gloo import fork, free_port
+
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
 VOCAB, SEQ, B = 40, 7, 2  # B: the per-rank micro-batch; the global one is WORLD * B
 STEPS, ACCUM = 3, 2
 LR = 0.5
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(seed=0):
@@ -49,24 +43,10 @@ def _data(seed=0):
     return ids, labels
 
 
-def _launch(target, nprocs, *args, timeout=300):
-    """Forks ``nprocs`` processes ``target(rank, *args)`` and returns their exit codes."""
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(nprocs)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return [p.exitcode for p in procs]
-
-
 def _reported(target, nprocs, out, *args):
     """Runs ``target(rank, out, *args)`` in forked processes that write their tracebacks to
     ``out/rank{r}.txt``, and fails with them."""
-    codes = _launch(_guarded, nprocs, target, str(out), *args)
+    codes = fork(_guarded, nprocs, target, str(out), *args)
     reports = [(out / f"rank{r}.txt").read_text() if (out / f"rank{r}.txt").exists() else "no report"
                for r in range(nprocs)]
     assert reports == [""] * nprocs and codes == [0] * nprocs, (codes, "\n".join(reports))
@@ -161,7 +141,7 @@ def _assert_same_params(got, want):
 
 def _plain_case(tmp_path, wrap):
     _reported(_plain_single, 1, tmp_path)
-    _reported(_plain_ddp, WORLD, tmp_path, _free_port(), wrap)
+    _reported(_plain_ddp, WORLD, tmp_path, free_port(), wrap)
     want = torch.load(tmp_path / "single.pt")
     got = torch.load(tmp_path / f"{wrap}.pt")
     _assert_same_params(got, want)
@@ -275,7 +255,7 @@ def test_distillation_trainer_ddp_equals_one_process_with_the_global_batch(tmp_p
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     _reported(_trainer_run, 1, tmp_path, 1, 0, student_name, fused)
-    _reported(_trainer_run, WORLD, tmp_path, WORLD, _free_port(), student_name, fused)
+    _reported(_trainer_run, WORLD, tmp_path, WORLD, free_port(), student_name, fused)
     want = torch.load(tmp_path / "trainer1.pt")
     got = torch.load(tmp_path / f"trainer{WORLD}.pt")
     _assert_same_params(got, want)

@@ -5,17 +5,14 @@ are generated identically on every rank, which keeps its own (uneven) slice of t
 Values and gradients are checked against the unsharded float64 reference."""
 
 import math
-import multiprocessing
-import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import kdfast
 from kdfast import reference as ref
+
+from _gloo import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -24,12 +21,6 @@ LOSSES = [("forward_kl", None), ("reverse_kl", None), ("jsd", 0.3), ("jsd", 0.0)
           ("taid", 0.0)]
 PARAM = {"jsd": "beta", "skew_forward_kl": "skew", "skew_reverse_kl": "skew", "akl": "head_mass", "taid": "t"}
 SPLITS = {2: [9, 28], 3: [5, 20, 12]}  # uneven slices of V = 37
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _logits(seed, n=6, v=37, ties=False):
@@ -138,38 +129,9 @@ def _check_errors(rank, world, split, group):
 CHECKS = [_check_losses, _check_options, _check_dtensor, _check_errors]
 
 
-def _rank_main(rank, world, port, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    failures = []
-    try:
-        for check in CHECKS:
-            try:
-                check(rank, world, SPLITS[world], dist.group.WORLD)
-            except Exception:  # noqa: BLE001 - reported to the test process
-                failures.append(f"{check.__name__}: {traceback.format_exc()}")
-            dist.barrier()
-    finally:
-        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write("\n".join(failures))
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_losses_equal_the_unsharded_reference(tmp_path, world):
-    ctx = multiprocessing.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
-    assert reports == [""] * world, "\n".join(reports)
+    run_ranks(tmp_path, world, CHECKS, SPLITS[world])
 
 
 def _check_sparse(rank, world, split, group):

@@ -42,19 +42,11 @@ def _runtime() -> _kdfast.Runtime:
     return _runtime_of(isa(), num_threads())
 
 
-def _no_columns(rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[rows, 0]`` with row stride 0, as the binding reads rows without elements (a rank's
-    empty slice of the vocabulary): PyTorch's own ``[rows, 0]`` tensors keep a row stride."""
-    return torch.empty(0, dtype=dtype).as_strided((rows, 0), (0, 1))
-
-
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """A 2-D CPU tensor whose rows the kernels can read in place (unit column stride)."""
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1])
     rows, cols = x.shape
-    if cols == 0 and rows > 1:
-        return _no_columns(rows, x.dtype)
     if (cols > 1 and x.stride(1) != 1) or (rows > 1 and x.stride(0) < cols):
         x = x.contiguous()  # transposed or broadcast (stride-0) rows: the kernels need unit stride
     return x
@@ -224,8 +216,6 @@ def checkpoints_buffer(x2: torch.Tensor, offset: int, vocab: int) -> torch.Tenso
     (``C`` = 256 per 4096-id block the slice has a part of: an eighth of float32 logits)."""
     rows, cols = x2.shape
     per_row = slice_plan(offset, cols, vocab)[1]
-    if per_row == 0:  # an empty slice
-        return _no_columns(rows, torch.float64)
     (cps,) = _empty("teacher_logits", f"{rows} × {cols}", ((rows, per_row), torch.float64))
     return cps
 

@@ -76,23 +76,24 @@ def compress_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
             sharded on its last dimension needs none. ``backend`` "auto" (the Rust top-k of a
             CPU float32/bf16/fp16 slice, else PyTorch operations), "rust" or "torch".
     """
+    k, t = check_count(k, "k"), check_temperature(temperature)
     if is_sharded(process_group, teacher_logits):
-        return _compress_topk_sharded(teacher_logits, k, temperature, backend, process_group)
-    x2, backend = _teacher_rows(teacher_logits, backend, "compress_topk")
-    k = check_count(k, "k")
-    t = check_temperature(temperature)
-    lead = teacher_logits.shape[:-1]
-    if backend == "torch" or x2.shape[0] == 0:
-        ids, lp, tail = _ref.compress_topk(x2, k, t)
-    elif backend == "triton":
-        ids, lp, tail = _triton.kernels("compress").compress_topk(x2, k, t)
+        lead, (ids, lp, tail) = _compress_topk_sharded(teacher_logits, k, t, backend, process_group)
     else:
-        ids, lp, tail = _native.compress_topk(x2, k, t)
+        x2, backend = _teacher_rows(teacher_logits, backend, "compress_topk")
+        lead = teacher_logits.shape[:-1]
+        if backend == "torch" or x2.shape[0] == 0:
+            ids, lp, tail = _ref.compress_topk(x2, k, t)
+        elif backend == "triton":
+            ids, lp, tail = _triton.kernels("compress").compress_topk(x2, k, t)
+        else:
+            ids, lp, tail = _native.compress_topk(x2, k, t)
     return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
                          tail_logprob=tail.reshape(lead), temperature=t, method="topk")
 
 
-def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> SparseTargets:
+def _compress_topk_sharded(teacher_logits, k: int, t: float, backend, group):
+    """``(lead shape, (ids, logprobs, tail))`` of this rank's slice (api.md §6)."""
     from .parallel.compress import compress_topk_rows
 
     teacher_logits, group = as_local(teacher_logits, group)
@@ -101,11 +102,7 @@ def _compress_topk_sharded(teacher_logits, k, temperature, backend, group) -> Sp
     if backend == "rust" and (x2.device.type != "cpu" or x2.dtype not in _native.NATIVE_DTYPES):
         raise ValueError(f"backend: 'rust' reads CPU float32/bfloat16/float16 slices, got a {x2.dtype} tensor "
                          f"on {x2.device}")
-    k, t = check_count(k, "k"), check_temperature(temperature)
-    lead = x2.shape[:-1]
-    ids, lp, tail = compress_topk_rows(as_rows(x2), k, t, group, rust=backend != "torch")
-    return SparseTargets(indices=ids.reshape(*lead, k), logprobs=lp.reshape(*lead, k),
-                         tail_logprob=tail.reshape(lead), temperature=t, method="topk")
+    return x2.shape[:-1], compress_topk_rows(as_rows(x2), k, t, group, rust=backend != "torch")
 
 
 def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperature: float = 1.0,
@@ -140,26 +137,27 @@ def compress_sample(teacher_logits: torch.Tensor, num_samples: int, *, temperatu
             CUDA slices are read on the CPU (the collectives stay on their device). A
             ``DTensor`` sharded on its last dimension needs none. ``backend`` "auto" or "rust".
     """
-    if is_sharded(process_group, teacher_logits):
-        return _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row_offset, backend,
-                                        process_group)
-    x2, backend = _teacher_rows(teacher_logits, backend, "compress_sample")
-    n_s = check_count(num_samples, "num_samples")
-    t = check_temperature(temperature)
+    n_s, t = check_count(num_samples, "num_samples"), check_temperature(temperature)
     seed = check_int(seed, "seed", low=0, high=2**64 - 1)
     row_offset = check_int(row_offset, "row_offset", low=0, high=2**64 - 1)
-    lead = teacher_logits.shape[:-1]
-    if backend == "torch" or x2.shape[0] == 0:
-        ids, lp, w = _ref.compress_sample(x2, n_s, t, seed, row_offset)
-    elif backend == "triton":
-        ids, lp, w = _triton.kernels("compress").compress_sample(x2, n_s, t, seed, row_offset)
+    if is_sharded(process_group, teacher_logits):
+        lead, (ids, lp, w) = _compress_sample_sharded(teacher_logits, n_s, t, seed, row_offset, backend,
+                                                      process_group)
     else:
-        ids, lp, w = _native.compress_sample(x2, n_s, t, seed, row_offset)
+        x2, backend = _teacher_rows(teacher_logits, backend, "compress_sample")
+        lead = teacher_logits.shape[:-1]
+        if backend == "torch" or x2.shape[0] == 0:
+            ids, lp, w = _ref.compress_sample(x2, n_s, t, seed, row_offset)
+        elif backend == "triton":
+            ids, lp, w = _triton.kernels("compress").compress_sample(x2, n_s, t, seed, row_offset)
+        else:
+            ids, lp, w = _native.compress_sample(x2, n_s, t, seed, row_offset)
     return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
                          weights=w.reshape(*lead, n_s), temperature=t, method="sample")
 
 
-def _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row_offset, backend, group):
+def _compress_sample_sharded(teacher_logits, n_s: int, t: float, seed: int, row_offset: int, backend, group):
+    """``(lead shape, (ids, logprobs, weights))`` of this rank's slice (api.md §6)."""
     from .parallel.sample import compress_sample_rows
 
     teacher_logits, group = as_local(teacher_logits, group)
@@ -168,10 +166,4 @@ def _compress_sample_sharded(teacher_logits, num_samples, temperature, seed, row
     if x2.dtype not in _native.NATIVE_DTYPES:
         raise DtypeError(f"teacher_logits: vocabulary-parallel sampling runs the Rust sampler; expected dtype "
                          f"float32, bfloat16 or float16, got {x2.dtype}")
-    n_s, t = check_count(num_samples, "num_samples"), check_temperature(temperature)
-    seed = check_int(seed, "seed", low=0, high=2**64 - 1)
-    row_offset = check_int(row_offset, "row_offset", low=0, high=2**64 - 1)
-    lead = x2.shape[:-1]
-    ids, lp, w = compress_sample_rows(as_rows(x2), n_s, t, seed, row_offset, group)
-    return SparseTargets(indices=ids.reshape(*lead, n_s), logprobs=lp.reshape(*lead, n_s),
-                         weights=w.reshape(*lead, n_s), temperature=t, method="sample")
+    return x2.shape[:-1], compress_sample_rows(as_rows(x2), n_s, t, seed, row_offset, group)

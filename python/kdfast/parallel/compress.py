@@ -51,12 +51,14 @@ def _slice_part(z: torch.Tensor, k: int, temperature: float, offset: int, rust: 
         return part
     x = z.float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
     nan, inf = torch.isnan(x).any(-1), (x == float("inf")).any(-1)
-    x = x.masked_fill((nan | inf)[:, None], NEG_INF)
+    x.masked_fill_((nan | inf)[:, None], NEG_INF)  # x is this call's own scaled copy
     vals, ids = _local_best(x, k)
     kk = vals.shape[1]
     part[:, :k, 0], part[:, :k, 1] = NEG_INF, -1.0
     part[:, :kk, 0], part[:, :kk, 1] = vals.double(), torch.where(ids >= 0, ids + offset, -1).double()
-    rest = x.double().scatter(1, ids.clamp(min=0), NEG_INF) if kk else x.double()
+    rest = x.double()
+    if kk:
+        rest.scatter_(1, ids.clamp(min=0), NEG_INF)  # id -1: a slice of < k finite entries, all kept
     top = rest.amax(-1) if rest.shape[1] else rest.new_full((n,), NEG_INF)
     shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     part[:, k, 0], part[:, k, 1] = top, torch.exp(rest - shift[:, None]).sum(-1)

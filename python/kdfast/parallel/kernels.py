@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _native
+from .._buffers import gradient
 from .collectives import check_lse_rows, require_vocabulary, world
 
 
@@ -29,7 +30,7 @@ def applies(student: torch.Tensor, teacher: torch.Tensor) -> bool:
 def _merged(stats: torch.Tensor) -> torch.Tensor:
     """``log Σ_r sum_r e^(max_r)`` over the ranks of ``(max, sum)`` pairs ``[ranks, N, 2]``."""
     mx, sm = stats[..., 0], stats[..., 1]
-    terms = torch.where(sm > 0, mx + sm.log(), torch.where(torch.isnan(mx) | (mx == float("inf")), mx, -torch.inf))
+    terms = torch.where(sm == 0, -torch.inf, mx + sm.log())  # a NaN or +inf stays one
     return torch.logsumexp(terms, dim=0)
 
 
@@ -50,7 +51,7 @@ class _ForwardKL(torch.autograd.Function):
         lse = torch.stack([_merged(ranks[..., :2]), _merged(ranks[..., 2:])], 1)  # [N, 2]: L_x, L_y
         check_lse_rows(lse[:, 0], "student_logits")
         check_lse_rows(lse[:, 1], "teacher_logits")
-        grad = torch.empty_like(s2) if ctx.needs_input_grad[0] else None
+        grad = gradient(tuple(s2.shape), s2.dtype, s2.device) if ctx.needs_input_grad[0] else None
         partial = torch.empty(n, dtype=torch.float64)
         _native.slice_forward_kl(2, s2, t2, temperature, partial, lse=lse.contiguous(), grad=grad)
         dist.all_reduce(partial, group=group)

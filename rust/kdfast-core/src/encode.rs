@@ -23,7 +23,7 @@
 //!   overstated by at most that much, in absolute terms;
 //! * `−inf` round-trips exactly. NaN is an error.
 
-use crate::error::{KdError, Result};
+use crate::error::{check_len, KdError, Result};
 use crate::threads;
 
 /// Codes per nat: a code unit is `1 / 2048` nat.
@@ -267,13 +267,6 @@ pub fn decode(layout: &Layout, rows: usize, data: &[u8], ids: &mut [i64], logpro
             tail.as_deref_mut().map(|t| &mut t[r]),
             r,
         )?;
-    }
-    Ok(())
-}
-
-fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(KdError::ShapeMismatch { what: format!("{name} has {got} elements, expected {want}") });
     }
     Ok(())
 }

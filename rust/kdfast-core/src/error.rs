@@ -45,6 +45,23 @@ impl std::error::Error for KdError {}
 
 pub type Result<T> = std::result::Result<T, KdError>;
 
+/// `name` (a flat buffer) must hold `want` elements.
+pub fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(KdError::ShapeMismatch { what: format!("{name} has {got} elements, expected {want}") });
+    }
+    Ok(())
+}
+
+/// A temperature must be a finite number > 0.
+pub fn check_temperature(t: f32) -> Result<()> {
+    if t.is_finite() && t > 0.0 {
+        Ok(())
+    } else {
+        Err(KdError::InvalidArgument { name: "temperature", expected: "a finite number > 0".into(), got: format!("{t}") })
+    }
+}
+
 /// Make room for `additional` more elements in `v` (amortised growth, like `Vec::reserve`), or
 /// fail with [`KdError::Alloc`] charged to the argument `name` whose value asked for that much:
 /// buffers sized by a caller's number must never abort the process.

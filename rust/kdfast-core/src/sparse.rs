@@ -47,7 +47,7 @@ use crate::categories::{category_loss, CatGrad, CatLoss, Category};
 use crate::dense::{Rows, BLOCK};
 use crate::divergence::Divergence;
 use crate::elem::Elem;
-use crate::error::{KdError, Result};
+use crate::error::{check_temperature, KdError, Result};
 use crate::isa::{Isa, Kernel};
 use crate::math::Math;
 use crate::stats::{LseStats, LANES};
@@ -165,9 +165,7 @@ fn validate<S: Elem>(
     loss_out: &[f32],
     grad_out: Option<&[S]>,
 ) -> Result<()> {
-    if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        return Err(KdError::InvalidArgument { name: "temperature", expected: "a finite number > 0".into(), got: format!("{}", cfg.temperature) });
-    }
+    check_temperature(cfg.temperature)?;
     let n = student.rows;
     let mismatch = |what: String| Err(KdError::ShapeMismatch { what });
     if student.cols == 0 {

@@ -152,7 +152,8 @@ impl<'py> FromPyObject<'_, 'py> for Tensor {
         let strides: Vec<usize> = ob.call_method0(intern!(py, "stride"))?.extract()?;
         let (rows, cols, row_stride, col_stride) = match (&shape[..], &strides[..]) {
             (&[n], &[s]) => (1, n, n, s),
-            (&[r, c], &[rs, cs]) => (r, c, if r > 1 { rs } else { c }, cs),
+            // Rows without elements have no layout to honour: their row stride is their width.
+            (&[r, c], &[rs, cs]) => (r, c, if r > 1 && c > 0 { rs } else { c }, cs),
             _ => return Err(bad("tensor", "a 1-D or 2-D tensor", format!("shape {shape:?}"))),
         };
         if cols > 1 && col_stride != 1 {

@@ -68,7 +68,7 @@
 
 use crate::dense::Rows;
 use crate::elem::Elem;
-use crate::error::{try_reserve, KdError, Result};
+use crate::error::{check_len, check_temperature, try_reserve, KdError, Result};
 use crate::isa::{Isa, Kernel};
 use crate::math::Math;
 use crate::stats::LANES;
@@ -197,14 +197,6 @@ fn check_num_samples(n: usize) -> Result<()> {
         return Err(KdError::InvalidArgument { name: "num_samples", expected: "an integer in [1, 2^32)".into(), got: n.to_string() });
     }
     Ok(())
-}
-
-fn check_temperature(t: f32) -> Result<()> {
-    if t.is_finite() && t > 0.0 {
-        Ok(())
-    } else {
-        Err(KdError::InvalidArgument { name: "temperature", expected: "a finite number > 0".into(), got: format!("{t}") })
-    }
 }
 
 /// Max and NaN flag of a padded block, and the log-sum-exp of its entries `≤ thr`.

@@ -107,13 +107,6 @@ impl VocabSlice {
 /// Rows of one work item.
 const CHUNK: usize = 16;
 
-fn check_len(name: &'static str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(KdError::ShapeMismatch { what: format!("{name} has {got} elements, expected {want}") });
-    }
-    Ok(())
-}
-
 fn check_slice<E>(logits: &Rows<E>, slice: &VocabSlice) -> Result<()> {
     if logits.cols != slice.len {
         return Err(KdError::ShapeMismatch { what: format!("teacher_logits has {} columns for a slice of {} ids", logits.cols, slice.len) });

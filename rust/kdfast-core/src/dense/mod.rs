@@ -31,7 +31,7 @@ pub mod slice;
 
 use crate::divergence::{Akl, Divergence, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Taid, Tvd};
 use crate::elem::Elem;
-use crate::error::{KdError, Result};
+use crate::error::{check_temperature, KdError, Result};
 use crate::isa::{Isa, Kernel};
 use crate::math::Math;
 use crate::threads;
@@ -130,13 +130,7 @@ fn validate<S: Elem, T: Elem>(
     grad_out: Option<&[S]>,
 ) -> Result<()> {
     cfg.divergence.validate()?;
-    if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        return Err(KdError::InvalidArgument {
-            name: "temperature",
-            expected: "a finite number > 0".into(),
-            got: format!("{}", cfg.temperature),
-        });
-    }
+    check_temperature(cfg.temperature)?;
     let n = student.rows;
     let mismatch = |what: String| Err(KdError::ShapeMismatch { what });
     if teacher.rows != n || loss_out.len() != n {

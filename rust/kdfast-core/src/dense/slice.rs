@@ -8,18 +8,19 @@
 //!     KL(p‖q) = Σ_v p_v (y_v − x_v) − L_y + L_x        (Σ_v p_v = 1 over the whole row)
 //! ```
 //!
-//! 1. [`slice_lse`]: per row the slice's `(max, Σ e^(· − max))` of `x` and of `y` (f32 lanes in
-//!    a block, f64 across blocks), which the caller merges over the ranks into `L_x`, `L_y`;
+//! 1. [`slice_lse`]: per row the slice's `(max, Σ e^(· − max))` of `x` and of `y` (the kernels'
+//!    [`LseStats`] of each block, merged in f64 across blocks), which the caller merges over the
+//!    ranks into `L_x`, `L_y`;
 //! 2. [`slice_forward_kl`]: the slice's `Σ p (y − x)` (f64; `+inf` where `p > 0` and
 //!    `x = −inf`, 0 where `p = 0`) and the gradient `∂KL/∂s = (q − p) / T` of the slice, which
 //!    needs nothing else: the caller adds the partial sums over the ranks.
 
 use super::{Rows, BLOCK};
 use crate::elem::Elem;
-use crate::error::{KdError, Result};
+use crate::error::{check_len, check_temperature, KdError, Result};
 use crate::isa::{Isa, Kernel};
 use crate::math::Math;
-use crate::stats::LANES;
+use crate::stats::{LseStats, LANES};
 use crate::threads;
 
 const NEG_INF: f32 = f32::NEG_INFINITY;
@@ -35,60 +36,23 @@ fn check_pair<S, T>(s: &Rows<S>, t: &Rows<T>) -> Result<()> {
     Ok(())
 }
 
-fn check_len(name: &'static str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(KdError::ShapeMismatch { what: format!("{name} has {got} elements, expected {want}") });
-    }
-    Ok(())
-}
-
-fn inv_temperature(t: f32) -> Result<f32> {
-    if t.is_finite() && t > 0.0 {
-        Ok(1.0 / t)
-    } else {
-        Err(KdError::InvalidArgument { name: "temperature", expected: "a finite number > 0".into(), got: format!("{t}") })
-    }
-}
-
-/// `(max, Σ e^(x − max))` of one block; `(−inf, 0)` when it is all −inf. A NaN or +inf makes
-/// the max non-finite (the caller's row check sees it). In [`LANES`] lanes, so it vectorises.
+/// The stats of one block padded with −inf to whole [`LANES`] (NaN or +inf make them non-finite,
+/// which the caller's row check sees), compiled per instruction set.
 struct BlockLse<'a>(&'a [f32]);
 
 impl Kernel for BlockLse<'_> {
-    type Output = (f32, f32);
+    type Output = LseStats;
     #[inline(always)]
-    fn run<M: Math>(self) -> (f32, f32) {
-        let (body, rest) = self.0.split_at(self.0.len() / LANES * LANES);
-        let mut mx = [NEG_INF; LANES];
-        let mut nan = [false; LANES];
-        for c in body.chunks_exact(LANES) {
-            for l in 0..LANES {
-                mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
-                nan[l] |= c[l].is_nan();
-            }
-        }
-        let m = rest.iter().chain(&mx).copied().fold(NEG_INF, f32::max);
-        if nan.iter().any(|&b| b) || rest.iter().any(|v| v.is_nan()) {
-            return (f32::NAN, 1.0);
-        }
-        if !m.is_finite() {
-            return (m, if m == NEG_INF { 0.0 } else { 1.0 });
-        }
-        let mut acc = [0.0f32; LANES];
-        for c in body.chunks_exact(LANES) {
-            for l in 0..LANES {
-                acc[l] += M::exp(c[l] - m);
-            }
-        }
-        (m, acc.iter().sum::<f32>() + rest.iter().map(|&v| M::exp(v - m)).sum::<f32>())
+    fn run<M: Math>(self) -> LseStats {
+        LseStats::of_block::<M>(self.0)
     }
 }
 
-/// Merge `(max, sum)` statistics in f64.
-fn merge(a: (f64, f64), b: (f32, f32)) -> (f64, f64) {
-    let (bm, bs) = (b.0 as f64, b.1 as f64);
+/// `a` merged with a block's `b` in f64 (a NaN or +inf in either is kept).
+fn merge(a: (f64, f64), b: LseStats) -> (f64, f64) {
+    let (bm, bs) = (b.max as f64, b.sum as f64);
     if bs == 0.0 || (!a.0.is_finite() && a.1 != 0.0) {
-        return a; // nothing to add, or `a` already holds a NaN or +inf (kept)
+        return a;
     }
     if a.1 == 0.0 || !bm.is_finite() {
         return if a.1 == 0.0 { (bm, bs) } else { (bm, a.1 + bs) };
@@ -97,11 +61,20 @@ fn merge(a: (f64, f64), b: (f32, f32)) -> (f64, f64) {
     (m, a.1 * (a.0 - m).exp() + bs * (bm - m).exp())
 }
 
+/// `x[..n]` scaled into `buf`, padded with −inf to whole lanes: the padded block.
+fn load_block<'b, E: Elem>(x: &[E], inv_t: f32, buf: &'b mut [f32]) -> &'b [f32] {
+    let (n, padded) = (x.len(), x.len().div_ceil(LANES) * LANES);
+    E::load_scaled(x, &mut buf[..n], inv_t);
+    buf[n..padded].fill(NEG_INF);
+    &buf[..padded]
+}
+
 /// Pass 1: `stats` (`[rows, 4]`): the slice's `(max, sum)` of `x = s / T`, then of `y = t / T`
 /// (`(−inf, 0)` for an all −inf or empty slice).
 pub fn slice_lse<S: Elem, T: Elem>(s: Rows<S>, t: Rows<T>, temperature: f32, stats: &mut [f64], isa: Isa, num_threads: usize) -> Result<()> {
     check_pair(&s, &t)?;
-    let inv_t = inv_temperature(temperature)?;
+    check_temperature(temperature)?;
+    let inv_t = 1.0 / temperature;
     check_len("stats", stats.len(), s.rows * 4)?;
     let mut items: Vec<_> = stats.chunks_mut(CHUNK * 4).collect();
     threads::for_each_item(&mut items, num_threads, |i, out| {
@@ -111,10 +84,8 @@ pub fn slice_lse<S: Elem, T: Elem>(s: Rows<S>, t: Rows<T>, temperature: f32, sta
             let (mut a, mut b) = ((f64::NEG_INFINITY, 0.0), (f64::NEG_INFINITY, 0.0));
             for c0 in (0..s.cols).step_by(BLOCK) {
                 let n = BLOCK.min(s.cols - c0);
-                S::load_scaled(&s.row(r)[c0..c0 + n], &mut buf[..n], inv_t);
-                a = merge(a, isa.run(BlockLse(&buf[..n])));
-                T::load_scaled(&t.row(r)[c0..c0 + n], &mut buf[..n], inv_t);
-                b = merge(b, isa.run(BlockLse(&buf[..n])));
+                a = merge(a, isa.run(BlockLse(load_block(&s.row(r)[c0..c0 + n], inv_t, &mut buf))));
+                b = merge(b, isa.run(BlockLse(load_block(&t.row(r)[c0..c0 + n], inv_t, &mut buf))));
             }
             st.copy_from_slice(&[a.0, a.1, b.0, b.1]);
         }
@@ -187,7 +158,8 @@ pub fn slice_forward_kl<S: Elem, T: Elem>(
     num_threads: usize,
 ) -> Result<()> {
     check_pair(&s, &t)?;
-    let inv_t = inv_temperature(temperature)?;
+    check_temperature(temperature)?;
+    let inv_t = 1.0 / temperature;
     let (rows, cols) = (s.rows, s.cols);
     check_len("lse", lse.len(), rows * 2)?;
     check_len("partial", partial.len(), rows)?;
@@ -274,6 +246,18 @@ mod tests {
             let want: f64 = x.iter().zip(&y).filter(|(_, &b)| b > f64::NEG_INFINITY).map(|(a, b)| (b - ly).exp() * ((b - ly) - (a - lx))).sum();
             let got = total[r] - lses[r * 2 + 1] + lses[r * 2];
             assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "row {r}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn nan_and_inf_make_the_statistics_non_finite() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![0.5f32; 3000];
+            x[2100] = bad;
+            let mut st = vec![0.0; 4];
+            let rows = Rows::new(&x, 1, 3000, 3000, "s").unwrap();
+            slice_lse(rows, rows, 1.0, &mut st, Isa::detect(), 1).unwrap();
+            assert!(!(st[0] + st[1].ln()).is_finite() && !(st[2] + st[3].ln()).is_finite(), "{bad}: {st:?}");
         }
     }
 }
