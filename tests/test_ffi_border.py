@@ -294,3 +294,58 @@ def test_sharded_sampling_steps_check_their_arguments():
         _native.merge_sample_draws(picked, torch.zeros(1, dtype=torch.float64), 2)
     ids, lp, w = _native.merge_sample_draws(picked, torch.zeros(1, dtype=torch.float64), 1)
     assert ids.tolist() == [[3]] and lp.tolist() == [[0.5]] and w.tolist() == [[1.0]]
+
+
+def test_sliced_dense_steps_check_their_arguments():
+    s, t = torch.randn(3, 10), torch.randn(3, 10)
+    f64 = functools.partial(torch.zeros, dtype=torch.float64)
+    step = functools.partial(_native.slice_dense, s2=s, t2=t, temperature=1.0)
+    step(1, "jsd", 0.5, out=f64(3, 6))
+    with pytest.raises(ValueError, match="^step: expected 1, 2 or 3"):
+        step(4, "jsd", 0.5, out=f64(3, 6))
+    with pytest.raises(ValueError, match="^out: expected a tensor for this step"):
+        step(1, "jsd", 0.5)
+    with pytest.raises(ValueError, match="out"):
+        step(1, "jsd", 0.5, out=f64(3, 4))
+    with pytest.raises(ValueError, match="^loss: expected a loss other than akl"):
+        step(1, "akl", 0.5, out=f64(3, 6))
+    with pytest.raises(ValueError, match="^beta"):
+        step(1, "jsd", 1.5, out=f64(3, 6))
+    with pytest.raises(ValueError, match="^softmax: expected a tensor for this step"):
+        step(2, "tvd", 0.0, out=f64(3, 2))
+    with pytest.raises(ValueError, match="^sums: expected a tensor for this step"):
+        step(3, "tvd", 0.0, softmax=f64(3, 4), grad=torch.empty(3, 10))
+    with pytest.raises(ValueError, match="^grad_out: expected a tensor for this step"):
+        step(3, "tvd", 0.0, softmax=f64(3, 4), sums=f64(3, 2))
+    with pytest.raises(kdfast.DtypeError, match="^softmax: expected dtype float64, got float32"):
+        step(2, "tvd", 0.0, out=f64(3, 2), softmax=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="grad_out: expected an output tensor that shares no memory"):
+        step(2, "forward_kl", 0.0, out=f64(3, 2), softmax=f64(3, 4), grad=s)
+    with pytest.raises(ValueError, match="student slice \\[3, 10\\], teacher slice \\[3, 9\\]"):
+        _native.slice_dense(1, "tvd", 0.0, s, t[:, :9], 1.0, out=f64(3, 6))
+    with pytest.raises(ValueError, match="^temperature"):
+        step(1, "tvd", 0.0, out=f64(3, 6), temperature=0.0)
+
+
+def test_sharded_student_steps_check_their_arguments():
+    s = torch.randn(3, 10)
+    ids = torch.tensor([[0, 4, -1], [9, -1, -1], [-1, -1, -1]])
+    stats, at = _native.listed_stats(s, ids, 2.0)
+    assert at[:, 3].tolist() == [2.0, 1.0, 0.0] and at[0, 1] == s[0, 4] / 2
+    for bad in (10, -2):
+        with pytest.raises(ValueError, match="^ids: expected columns in \\[0, 10\\) of the slice, or -1"):
+            _native.listed_stats(s, torch.tensor([[0, bad, -1]] * 3), 1.0)
+    with pytest.raises(ValueError, match="^temperature"):
+        _native.listed_stats(s, ids, -1.0)
+    with pytest.raises(ValueError, match="ids"):
+        _native.listed_stats(s, ids[:2], 1.0)
+    softmax = torch.zeros(3, 4, dtype=torch.float64)
+    coef, g_at, grad = torch.zeros(3, 2), torch.zeros(3, 3), torch.empty(3, 10)
+    _native.listed_gradient(s, ids, 1.0, softmax, coef, g_at, grad)
+    assert torch.equal(grad, torch.zeros(3, 10))
+    with pytest.raises(kdfast.DtypeError, match="^coef: expected dtype float32, got float64"):
+        _native.listed_gradient(s, ids, 1.0, softmax, coef.double(), g_at, grad)
+    with pytest.raises(ValueError, match="g_at"):
+        _native.listed_gradient(s, ids, 1.0, softmax, coef, g_at[:, :2], grad)
+    with pytest.raises(ValueError, match="grad_out: expected an output tensor that shares no memory"):
+        _native.listed_gradient(s, ids, 1.0, softmax, coef, g_at, s)

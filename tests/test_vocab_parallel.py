@@ -126,12 +126,52 @@ def _check_errors(rank, world, split, group):
                    process_group=group)
 
 
-CHECKS = [_check_losses, _check_options, _check_dtensor, _check_errors]
+BIG = {2: [1100, 1437], 3: [5, 2049, 483]}  # V = 2537: slices across the kernels' 1024-id blocks
+
+
+def _check_hostile(rank, world, split, group):
+    """The Rust slice kernels on wide rows: randn × 20, T = 0.05 and 10, half-precision slices,
+    -inf runs across a slice boundary, and a TAID row whose mixture is -inf everywhere."""
+    split = BIG[world]
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(5, 2537, generator=g, dtype=torch.float64) * 20
+    t = torch.randn(5, 2537, generator=g, dtype=torch.float64) * 20
+    t[0, 1000:1200] = float("-inf")
+    s[1, 2000] = float("-inf")
+    s[3, :1300], t[3, 1300:] = float("-inf"), float("-inf")  # no id finite in both
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sd, td = s.to(dtype), t.to(dtype)
+        for name, param in LOSSES:
+            for temperature in (0.05, 10.0):
+                s64 = sd.double().requires_grad_(True)
+                want = _reference(name, param, s64, td.double(), temperature)
+                finite = torch.isfinite(want)
+                torch.where(finite, want, 0.0).sum().backward()
+                local = _slice(sd, rank, split).contiguous().requires_grad_(True)
+                kw = {} if param is None else {PARAM[name]: param}
+                got = getattr(kdfast, name)(local, _slice(td, rank, split), temperature=temperature,
+                                            reduction="none", process_group=group, **kw)
+                what = f"{name}({param}) T={temperature} {dtype}"
+                assert torch.equal(torch.isinf(got), ~finite), (what, got, want)
+                torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-4, atol=1e-4, msg=what)
+                torch.where(torch.isfinite(got), got, 0.0).sum().backward()
+                tol = 1e-4 if dtype == torch.float32 else 1e-2  # half-precision gradients round to ~3 digits
+                torch.testing.assert_close(local.grad.double(), _slice(s64.grad, rank, split),
+                                           rtol=tol, atol=1e-4 / temperature, msg=what)
+
+
+CHECKS = [_check_losses, _check_options, _check_dtensor, _check_errors, _check_hostile]
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_losses_equal_the_unsharded_reference(tmp_path, world):
     run_ranks(tmp_path, world, CHECKS, SPLITS[world])
+
+
+def _sparse_options(loss, tail, beta, **kw):
+    """``sparse_loss`` keywords of a case (``reduction="none"``)."""
+    kw |= {"tail": tail} if tail is not None else {}
+    return kw | ({"beta": beta} if beta is not None else {}) | {"loss": loss, "reduction": "none"}
 
 
 def _check_sparse(rank, world, split, group):
@@ -144,11 +184,7 @@ def _check_sparse(rank, world, split, group):
     for method, k, tail, loss, beta in cases:
         targets = kdfast.compress_topk(t.float(), k, temperature=1.5) if method == "topk" else \
             kdfast.compress_sample(t.float(), k, temperature=1.5, seed=5)
-        kw = dict(loss=loss, labels=labels, reduction="none")
-        if tail is not None:
-            kw["tail"] = tail
-        if beta is not None:
-            kw["beta"] = beta
+        kw = _sparse_options(loss, tail, beta, labels=labels)
         s64 = s.clone().requires_grad_(True)
         want = kdfast.sparse_loss(s64, targets, backend="torch", **kw)
         want.sum().backward()
@@ -170,6 +206,42 @@ def _check_sparse(rank, world, split, group):
 
 
 CHECKS.append(_check_sparse)
+
+
+def _check_sparse_wide(rank, world, split, group):
+    """The Rust sharded student on wide rows: listed ids in several of the kernels' blocks and on
+    every rank, randn × 20, T = 0.05 and 10, half-precision slices, -inf runs, every id listed."""
+    split = BIG[world]
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(4, 2537, generator=g, dtype=torch.float64) * 20
+    t = (torch.randn(4, 2537, generator=g) * 20).float()
+    s[0, 1000:1200] = float("-inf")
+    cases = [("topk", 64, "bucket", "forward_kl", None), ("topk", 64, "renorm", "jsd", 0.4),
+             ("topk", 2537, "bucket", "reverse_kl", None), ("topk", 40, "bucket", "tvd", None),
+             ("sample", 50, None, "forward_kl", None)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sd = s.to(dtype)
+        for temperature in (0.05, 10.0):
+            for method, k, tail, loss, beta in cases:
+                targets = kdfast.compress_topk(t, k, temperature=temperature) if method == "topk" else \
+                    kdfast.compress_sample(t, k, temperature=temperature, seed=5)
+                kw = _sparse_options(loss, tail, beta, temperature=temperature)
+                s64 = sd.double().requires_grad_(True)
+                want = kdfast.sparse_loss(s64, targets, backend="torch", **kw)
+                finite = torch.isfinite(want)
+                torch.where(finite, want, 0.0).sum().backward()
+                local = _slice(sd, rank, split).contiguous().requires_grad_(True)
+                got = kdfast.sparse_loss(local, targets, process_group=group, **kw)
+                what = f"{method} k={k} {tail} {loss} T={temperature} {dtype}"
+                assert torch.equal(torch.isinf(got), ~finite), what
+                torch.testing.assert_close(got[finite].double(), want[finite].detach(), rtol=1e-4, atol=1e-4, msg=what)
+                torch.where(torch.isfinite(got), got, 0.0).sum().backward()
+                tol = 1e-4 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(local.grad.double(), _slice(s64.grad, rank, split), rtol=tol,
+                                           atol=1e-4 / temperature, msg=what)
+
+
+CHECKS.append(_check_sparse_wide)
 
 
 def _check_compress(rank, world, split, group):
@@ -217,7 +289,10 @@ def test_benchmark_counts_the_collectives(capsys):
 
     assert parallel.main(["--n", "16", "--v", "300", "--ranks", "2", "--dtypes", "fp32", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
-    # forward_kl on CPU slices (the Rust kernels): the slices' 4 log-sum-exp statistics in one
-    # all-gather (with one extra row: the slice's width), the rows' partial sums in one
-    # all-reduce, nothing in backward: 40 bytes per row + 32 per call (42 at N = 16)
-    assert "| forward_kl | fp32 | 2 |" in table and "| 2 | 42 | 1200 |" in table
+    # the dense losses on CPU slices (the Rust kernels): the slices' 4 softmax statistics in one
+    # all-gather (with one extra row: the slice's width), the rows' 2 partial sums in one
+    # all-reduce, nothing in backward: 48 bytes per row + 32 per call (50 at N = 16); TAID's
+    # mixture adds 2 statistics (67)
+    lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if "| fp32 | 2 |" in line}
+    for loss, sent in (("forward_kl", 50), ("reverse_kl", 50), ("jsd", 50), ("tvd", 50), ("taid", 67)):
+        assert lines[loss].endswith(f"| 2 | {sent} | 1200 |"), lines[loss]

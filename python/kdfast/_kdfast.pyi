@@ -49,9 +49,9 @@ def dense_loss(
     grad_out: Optional[Tensor],
     runtime: Runtime,
 ) -> None: ...
-def slice_forward_kl(step: int, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-                     lse: Optional[Tensor], grad_scale: float, out: Tensor, grad_out: Optional[Tensor],
-                     runtime: Runtime) -> None: ...
+def slice_dense(step: int, config: DenseConfig, student_logits: Tensor, teacher_logits: Tensor,
+                softmax: Optional[Tensor], sums: Optional[Tensor], out: Optional[Tensor],
+                grad_out: Optional[Tensor], runtime: Runtime) -> None: ...
 
 # ---- sparse-target losses (rust/kdfast-py/src/sparse.rs)
 
@@ -76,6 +76,10 @@ def sparse_loss(
     grad_out: Optional[Tensor],
     runtime: Runtime,
 ) -> None: ...
+def listed_stats(student_logits: Tensor, ids: Tensor, temperature: float, stats: Tensor, at: Tensor,
+                 runtime: Runtime) -> None: ...
+def listed_gradient(student_logits: Tensor, ids: Tensor, temperature: float, softmax: Tensor, coef: Tensor,
+                    g_at: Tensor, grad_out: Tensor, runtime: Runtime) -> None: ...
 
 # ---- compression (rust/kdfast-py/src/compress.rs)
 

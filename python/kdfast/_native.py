@@ -246,7 +246,23 @@ def compress_topk_slice(x2: torch.Tensor, k: int, temperature: float, offset: in
     return out
 
 
-def slice_forward_kl(step: int, s2: torch.Tensor, t2: torch.Tensor, temperature: float, out: torch.Tensor,
-                     lse=None, grad=None, grad_scale: float = 1.0) -> None:
-    """A step of forward KL on this rank's vocabulary slices (kdfast-py ``dense::slice_forward_kl``)."""
-    _kdfast.slice_forward_kl(step, s2, t2, temperature, lse, grad_scale, out, grad, _runtime())
+def listed_stats(s2: torch.Tensor, ids: torch.Tensor, temperature: float):
+    """A sparse loss's view of this rank's student slice (kdfast-py ``sparse::listed_stats``):
+    ``(stats float64 [N, 4], at float32 [N, k + 1])``."""
+    n, k = ids.shape
+    stats, at = torch.empty(n, 4, dtype=torch.float64), torch.empty(n, k + 1, dtype=torch.float32)
+    _kdfast.listed_stats(s2, ids, temperature, stats, at, _runtime())
+    return stats, at
+
+
+def listed_gradient(s2: torch.Tensor, ids: torch.Tensor, temperature: float, softmax: torch.Tensor,
+                    coef: torch.Tensor, g_at: torch.Tensor, grad: torch.Tensor) -> None:
+    """The slice's gradient of a sparse loss into ``grad`` (kdfast-py ``sparse::listed_gradient``)."""
+    _kdfast.listed_gradient(s2, ids, temperature, softmax, coef, g_at, grad, _runtime())
+
+
+def slice_dense(step: int, loss: str, param: float, s2: torch.Tensor, t2: torch.Tensor, temperature: float,
+                out=None, softmax=None, sums=None, grad=None) -> None:
+    """A step of a dense loss on this rank's vocabulary slices (kdfast-py ``dense::slice_dense``)."""
+    cfg = _kdfast.DenseConfig(loss, param, temperature)
+    _kdfast.slice_dense(step, cfg, s2, t2, softmax, sums, out, grad, _runtime())

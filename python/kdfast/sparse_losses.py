@@ -309,12 +309,12 @@ def _sharded_rows(s2: torch.Tensor, prep: SparseInputs, red: Reduction, loss: st
     from .parallel.sparse import sparse_rows as sharded
 
     _ref.check_target_values(prep.ids, prep.lp, prep.w, prep.tail, prep.mode)
-    a = _ref.scaled(s2, prep.temperature)
+    t = prep.temperature
     if prep.labels is None:
-        return sharded(a, offset, total, group, prep.ids, prep.lp, prep.w, prep.tail, prep.mode, loss, param)
+        return sharded(s2, t, offset, total, group, prep.ids, prep.lp, prep.w, prep.tail, prep.mode, loss, param)
     keep = red.keep(prep.labels).nonzero().squeeze(1)
     sel = (lambda x: None if x is None else x[keep])
-    vals = sharded(a[keep], offset, total, group, prep.ids[keep], prep.lp[keep], sel(prep.w), sel(prep.tail),
+    vals = sharded(s2[keep], t, offset, total, group, prep.ids[keep], prep.lp[keep], sel(prep.w), sel(prep.tail),
                    prep.mode, loss, param)
     return vals.new_zeros(s2.shape[0]).index_put((keep,), vals)
 

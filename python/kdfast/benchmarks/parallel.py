@@ -1,7 +1,7 @@
 """Vocabulary-parallel losses on gloo ranks of this machine (issue 11): time and communication.
 
 For W ranks (forked, gloo on loopback, one thread each), each holding ``V / W`` columns of
-``N × V`` logits: the median time of ``forward_kl`` (forward + backward), ``sparse_kl`` against
+``N × V`` logits: the median time of each dense loss (forward + backward), ``sparse_kl`` against
 top-64 targets (forward + backward), ``compress_topk(k=64)`` and ``compress_sample(N=50)`` with ``process_group`` (the
 slowest rank), beside the unsharded call in one process (kdfast's Rust kernels, all threads),
 and per row the bytes each rank sends into the collectives and their number (counted by
@@ -25,7 +25,10 @@ import torch
 from . import harness, tables
 
 MODULE = "kdfast.benchmarks.parallel"
-OPS = ("forward_kl", "sparse_kl", "compress_topk", "compress_sample")
+#: The dense losses with the option each runs at.
+DENSE = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.5}, "skew_forward_kl": {"skew": 0.1},
+         "skew_reverse_kl": {"skew": 0.1}, "tvd": {}, "akl": {"head_mass": 0.5}, "taid": {"t": 0.5}}
+OPS = (*DENSE, "sparse_kl", "compress_topk", "compress_sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -64,8 +67,8 @@ def _op(name, s, t, group, targets):
         return lambda: kdfast.compress_topk(t, 64, process_group=group)
     if name == "compress_sample":
         return lambda: kdfast.compress_sample(t, 50, process_group=group)
-    if name == "forward_kl":
-        return lambda: kdfast.forward_kl(s, t, process_group=group).backward()
+    if name in DENSE:
+        return lambda: getattr(kdfast, name)(s, t, process_group=group, **DENSE[name]).backward()
     return lambda: kdfast.sparse_kl(s, targets, process_group=group).backward()
 
 
@@ -131,8 +134,8 @@ def run_single(spec: dict) -> dict:
     s = (torch.randn(n, v, generator=g) * 3).to(dtype).requires_grad_(True)
     t = (torch.randn(n, v, generator=g) * 3).to(dtype)
     targets = kdfast.compress_topk(t, 64)
-    ops = {"forward_kl": lambda: kdfast.forward_kl(s, t).backward(),
-           "sparse_kl": lambda: kdfast.sparse_kl(s, targets).backward(),
+    ops = {name: (lambda name=name: getattr(kdfast, name)(s, t, **DENSE[name]).backward()) for name in DENSE}
+    ops |= {"sparse_kl": lambda: kdfast.sparse_kl(s, targets).backward(),
            "compress_topk": lambda: kdfast.compress_topk(t, 64),
            "compress_sample": lambda: kdfast.compress_sample(t, 50)}
     out = {}

@@ -113,6 +113,24 @@ def replicated_lse(group, *xs: torch.Tensor, what: str = "logits") -> Tuple[torc
     return _GlobalLSE.apply(group, True, what, *xs)
 
 
+def gathered_lse(ranks: torch.Tensor) -> torch.Tensor:
+    """``log Σ_r sum_r e^(max_r)`` of the ranks' ``(max, sum)`` pairs ``[ranks, N, 2]`` (the Rust
+    slice kernels' statistics, all-gathered): a NaN or +inf in any rank stays one."""
+    mx, sm = ranks[..., 0], ranks[..., 1]
+    return torch.logsumexp(torch.where(sm == 0, -torch.inf, mx + sm.log()), dim=0)
+
+
+def gathered_softmax(ranks: torch.Tensor) -> torch.Tensor:
+    """``(M, ln Z)`` ``[N, 2]`` of the ranks' ``(max, sum)`` pairs ``[ranks, N, 2]``, with
+    ``M = max_r max_r`` and ``Z = Σ_r sum_r e^(max_r − M)`` (``(−inf, −inf)`` for an empty row);
+    for rows checked finite, so that ``log q = (a − M) − ln Z`` keeps the digits of a small ``ln Z``."""
+    mx, sm = ranks[..., 0], ranks[..., 1]
+    m = mx.amax(0)
+    shift = torch.where(torch.isfinite(m), m, 0.0)
+    z = (sm * torch.where(sm == 0, 0.0, (mx - shift).exp())).sum(0)
+    return torch.stack([m, z.log()], 1)
+
+
 def require_vocabulary(nonempty: bool, what: str) -> None:
     """The whole vocabulary needs an id: ``nonempty`` is decided after an all-reduce, so every
     rank raises together (a rank's own slice may be empty)."""

@@ -7,8 +7,8 @@ slice's terms from the global log-sum-exps (:func:`.collectives.global_lse`) and
 their partial sums (:func:`.collectives.sum_over_ranks`), with the entries that make a KL
 ``+inf`` counted alongside. AKL's head, a prefix of the teacher's mass ordering, is found by
 :mod:`.akl`. Computed in float32 (float64 for float64 logits) with PyTorch operations on the
-local slices, differentiable by autograd; every rank returns the same rows. Forward KL on CPU
-float32/bf16/fp16 slices runs the Rust kernels instead (:mod:`.kernels`).
+local slices, differentiable by autograd; every rank returns the same rows. Every loss but AKL
+on CPU float32/bf16/fp16 slices runs the Rust kernels instead (:mod:`.kernels`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def dense_rows(name: str, param, student: torch.Tensor, teacher: torch.Tensor, t
     """Per-row ℓ ``[N]`` of the dense loss ``name`` between the local vocabulary slices
     ``student`` and ``teacher`` ``[N, V_local]``: the whole vocabulary's value, the same on every
     rank, differentiable w.r.t. the local student slice."""
-    if name == "forward_kl" and kernels.applies(student, teacher):
-        return kernels.forward_kl_rows(student, teacher, temperature, group)
+    if kernels.applies(name, student, teacher):
+        return kernels.dense_rows(name, param, student, teacher, temperature, group)
     xs = _scaled(student, temperature)
     xt = _scaled(teacher.detach(), temperature).to(xs.dtype)
     mix = None

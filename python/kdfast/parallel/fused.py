@@ -184,8 +184,7 @@ def _chunk_rows(z: Tensor, teacher, plan: Plan) -> Tensor:
     loss, mode, param, temperature, t2_scale, _ = plan.spec
     if mode:
         ids, lp, sw, tail = teacher
-        a = ref_sparse.scaled(z, temperature)
-        rows = sparse_rows(a, plan.offset, plan.total, plan.group, ids, lp, sw, tail, mode, loss, param)
+        rows = sparse_rows(z, temperature, plan.offset, plan.total, plan.group, ids, lp, sw, tail, mode, loss, param)
     else:
         rows = dense_rows(loss, param, z, teacher, temperature, plan.group)
     return rows * (temperature * temperature) if t2_scale else rows

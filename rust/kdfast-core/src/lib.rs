@@ -15,6 +15,7 @@ pub mod encode;
 pub mod error;
 pub mod isa;
 pub mod math;
+pub mod sharded_student;
 pub mod sparse;
 pub mod stats;
 pub mod threads;

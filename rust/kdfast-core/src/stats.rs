@@ -5,6 +5,7 @@
 //! all-reduced with [`LseStats::merge`], and the later passes run per slice with the global
 //! log-sum-exp.
 
+use crate::isa::Kernel;
 use crate::math::Math;
 
 /// `max = max_i x_i` and `sum = Σ_i exp(x_i − max)`, so `logsumexp(x) = max + ln(sum)`.
@@ -65,6 +66,32 @@ impl LseStats {
         }
         LseStats { max, sum: acc.iter().sum() }
     }
+}
+
+/// [`LseStats::of_block`] of one block padded with −inf to whole [`LANES`], as a kernel compiled
+/// per instruction set.
+pub struct BlockLse<'a>(pub &'a [f32]);
+
+impl Kernel for BlockLse<'_> {
+    type Output = LseStats;
+    #[inline(always)]
+    fn run<M: Math>(self) -> LseStats {
+        LseStats::of_block::<M>(self.0)
+    }
+}
+
+/// `(max, sum)` statistics `a` kept in f64, merged with `b` (a block's, or a single value's):
+/// the vocabulary-sharded kernels' running stats of a row. A NaN or +inf in either is kept.
+pub fn merge_wide(a: (f64, f64), b: LseStats) -> (f64, f64) {
+    let (bm, bs) = (b.max as f64, b.sum as f64);
+    if bs == 0.0 || (!a.0.is_finite() && a.1 != 0.0) {
+        return a;
+    }
+    if a.1 == 0.0 || !bm.is_finite() {
+        return if a.1 == 0.0 { (bm, bs) } else { (bm, a.1 + bs) };
+    }
+    let m = a.0.max(bm);
+    (m, a.1 * (a.0 - m).exp() + bs * (bm - m).exp())
 }
 
 /// Lanes of the accumulators in the vectorised loops (a multiple of every SIMD width we target).

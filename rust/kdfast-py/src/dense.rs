@@ -3,7 +3,7 @@
 use crate::error::Error;
 use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
-use kdfast_core::dense::slice::{slice_forward_kl as core_slice_forward_kl, slice_lse};
+use kdfast_core::dense::slice::{slice_dense as slice_dense_core, SliceStep, STATS};
 use kdfast_core::{dense_loss as core_dense_loss, Divergence};
 use pyo3::prelude::*;
 
@@ -73,44 +73,50 @@ pub fn dense_loss(
     Ok(())
 }
 
-/// Forward KL over a vocabulary sharded across ranks (kdfast-core `dense::slice`), this rank's
-/// slices `student_logits`/`teacher_logits` (`[N, V_local]`). `step` 1 writes `out` = the slices'
-/// `(max, sum)` of `s / T` and `t / T` (float64 `[N, 4]`); step 2 reads `lse` (float64 `[N, 2]`,
-/// the whole rows' log-sum-exps) and writes `out` = the slices' `Σ p (y − x)` (float64 `[N]`) and,
-/// if given, `grad_out` = `grad_scale · (q − p) / T` (`[N, V_local]`, the student's dtype).
+/// One step of a dense loss over a vocabulary sharded across ranks (kdfast-core
+/// `dense::slice`), on this rank's slices `student_logits`/`teacher_logits` (`[N, V_local]`),
+/// with `config`'s loss, temperature and `grad_scale`. `step` 1 writes `out` = the slices'
+/// `(max, sum)` of `s / T`, `t / T` and the loss's teacher (float64 `[N, 6]`); step 2 reads
+/// `softmax` (float64 `[N, 4]`: the whole rows' `M_a, ln Z_a, M_b, ln Z_b`) and writes `out` = the
+/// slices' `(Σ t_i, Σ q_i h_i)` (float64 `[N, 2]`) and, for forward KL and TAID, `grad_out`;
+/// step 3 reads `softmax` and `sums` (the whole rows' step-2 sums) and writes `grad_out` for the
+/// other losses (`[N, V_local]`, the student's dtype).
 #[pyfunction]
-#[pyo3(signature = (step, student_logits, teacher_logits, temperature, lse, grad_scale, out, grad_out, runtime))]
+#[pyo3(signature = (step, config, student_logits, teacher_logits, softmax, sums, out, grad_out, runtime))]
 #[allow(clippy::too_many_arguments)]
-pub fn slice_forward_kl(
+pub fn slice_dense(
     py: Python<'_>,
     step: u8,
+    config: DenseConfig,
     student_logits: Tensor,
     teacher_logits: Tensor,
-    temperature: f32,
-    lse: Option<Tensor>,
-    grad_scale: f32,
-    mut out: Tensor,
+    softmax: Option<Tensor>,
+    sums: Option<Tensor>,
+    mut out: Option<Tensor>,
     mut grad_out: Option<Tensor>,
     runtime: Runtime,
 ) -> Result<(), Error> {
-    disjoint(&[("out", Some(&out)), ("grad_out", grad_out.as_ref())], &[Some(&student_logits), Some(&teacher_logits), lse.as_ref()])?;
+    disjoint(&[("out", out.as_ref()), ("grad_out", grad_out.as_ref())], &[Some(&student_logits), Some(&teacher_logits), softmax.as_ref(), sums.as_ref()])?;
     let (rows, cols) = student_logits.shape();
+    let missing = |name: &'static str| Error::arg(name, "a tensor for this step", "None");
     dispatch_float!(S = (student_logits, "student_logits"), T = (teacher_logits, "teacher_logits") => {
         let s = student_logits.rows::<S>("student_logits")?;
         let t = teacher_logits.rows::<T>("teacher_logits")?;
-        match step {
-            1 => {
-                let stats = out.matrix_mut::<f64>("out", rows, 4)?;
-                py.detach(|| slice_lse(s, t, temperature, stats, runtime.isa, runtime.num_threads))?;
-            }
-            2 => {
-                let lse = lse.as_ref().ok_or_else(|| Error::arg("lse", "a tensor for step 2", "None"))?.matrix::<f64>("lse", rows, 2)?;
-                let partial = out.vector_mut::<f64>("out", rows)?;
-                let grad = grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, cols)).transpose()?;
-                py.detach(|| core_slice_forward_kl(s, t, temperature, lse, grad_scale, partial, grad, runtime.isa, runtime.num_threads))?;
-            }
-            _ => return Err(Error::arg("step", "1 or 2", &step.to_string())),
-        }
+        let step = match step {
+            1 => SliceStep::Stats { stats: out.as_mut().ok_or_else(|| missing("out"))?.matrix_mut::<f64>("out", rows, STATS)? },
+            2 => SliceStep::Sums {
+                softmax: softmax.as_ref().ok_or_else(|| missing("softmax"))?.matrix::<f64>("softmax", rows, 4)?,
+                sums: out.as_mut().ok_or_else(|| missing("out"))?.matrix_mut::<f64>("out", rows, 2)?,
+                grad: grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, cols)).transpose()?,
+            },
+            3 => SliceStep::Gradient {
+                softmax: softmax.as_ref().ok_or_else(|| missing("softmax"))?.matrix::<f64>("softmax", rows, 4)?,
+                sums: sums.as_ref().ok_or_else(|| missing("sums"))?.matrix::<f64>("sums", rows, 2)?,
+                grad: grad_out.as_mut().ok_or_else(|| missing("grad_out"))?.matrix_mut::<S>("grad_out", rows, cols)?,
+            },
+            _ => return Err(Error::arg("step", "1, 2 or 3", &step.to_string())),
+        };
+        py.detach(|| slice_dense_core(s, t, config.divergence, config.temperature, config.grad_scale, step, runtime.isa, runtime.num_threads))?;
     });
     Ok(())
 }

@@ -73,11 +73,11 @@ mod _kdfast {
     #[pymodule_export]
     use super::compress::{compress_sample, compress_topk, compress_topk_slice, merge_sample_draws, sharded_slice_plan, sharded_sample, Sampling, TopK};
     #[pymodule_export]
-    use super::dense::{dense_loss, slice_forward_kl, DenseConfig};
+    use super::dense::{dense_loss, slice_dense, DenseConfig};
     #[pymodule_export]
     use super::encode::{decode_targets, encode_targets, Layout};
     #[pymodule_export]
-    use super::sparse::{sparse_loss, SparseConfig};
+    use super::sparse::{listed_gradient, listed_stats, sparse_loss, SparseConfig};
 
     /// The instruction set `"auto"` resolves to on this CPU.
     #[pyfunction]

@@ -4,6 +4,7 @@
 use crate::error::Error;
 use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
+use kdfast_core::sharded_student::{listed_gradient as core_listed_gradient, listed_stats as core_listed_stats, Listed};
 use kdfast_core::sparse::{sparse_loss as core_sparse_loss, SparseMode, Targets};
 use kdfast_core::Divergence;
 use pyo3::prelude::*;
@@ -142,6 +143,58 @@ pub fn sparse_loss(
         let s = student_logits.rows::<S>("student_logits")?;
         let grad = grad_out.as_mut().map(|g| g.matrix_mut::<S>("grad_out", rows, grad_cols)).transpose()?;
         py.detach(|| core_sparse_loss(s, &targets, labels, &cfg, loss, grad, runtime.isa, runtime.num_threads))?;
+    });
+    Ok(())
+}
+
+/// A sparse loss's view of this rank's student slice `student_logits` (`[N, V_local]`) over a
+/// vocabulary sharded across ranks (kdfast-core `sharded_student`): `ids` (int64 `[N, k]`) holds
+/// each target slot's column in this slice, or −1. Writes `stats` (float64 `[N, 4]`: the slice's
+/// `(max, sum)` of `s / T` over all its ids, then over the unlisted ones) and `at` (float32
+/// `[N, k + 1]`: `s / T` at the owned slots, 0 elsewhere, then the count of listed columns).
+#[pyfunction]
+#[pyo3(signature = (student_logits, ids, temperature, stats, at, runtime))]
+pub fn listed_stats(py: Python<'_>, student_logits: Tensor, ids: Tensor, temperature: f32, mut stats: Tensor, mut at: Tensor, runtime: Runtime) -> Result<(), Error> {
+    disjoint(&[("stats", Some(&stats)), ("at", Some(&at))], &[Some(&student_logits), Some(&ids)])?;
+    let (rows, k) = (student_logits.shape().0, ids.shape().1);
+    let listed = Listed { ids: ids.matrix::<i64>("ids", rows, k)?, k };
+    let st = stats.matrix_mut::<f64>("stats", rows, 4)?;
+    let at = at.matrix_mut::<f32>("at", rows, k + 1)?;
+    dispatch_float!(S = (student_logits, "student_logits") => {
+        let s = student_logits.rows::<S>("student_logits")?;
+        py.detach(|| core_listed_stats(s, listed, temperature, st, at, runtime.isa, runtime.num_threads))?;
+    });
+    Ok(())
+}
+
+/// The gradient of a sparse loss w.r.t. this rank's student slice (kdfast-core
+/// `sharded_student::listed_gradient`) into `grad_out` (the student's dtype, `[N, V_local]`),
+/// from `softmax` (float64 `[N, 4]`: the whole rows' `M, ln Z` over all ids and over the
+/// unlisted ones), `coef` (float32 `[N, 2]`: `∂ℓ/∂L`, `∂ℓ/∂L_u`) and `g_at` (float32 `[N, k]`).
+#[pyfunction]
+#[pyo3(signature = (student_logits, ids, temperature, softmax, coef, g_at, grad_out, runtime))]
+#[allow(clippy::too_many_arguments)]
+pub fn listed_gradient(
+    py: Python<'_>,
+    student_logits: Tensor,
+    ids: Tensor,
+    temperature: f32,
+    softmax: Tensor,
+    coef: Tensor,
+    g_at: Tensor,
+    mut grad_out: Tensor,
+    runtime: Runtime,
+) -> Result<(), Error> {
+    disjoint(&[("grad_out", Some(&grad_out))], &[Some(&student_logits), Some(&ids), Some(&softmax), Some(&coef), Some(&g_at)])?;
+    let ((rows, cols), k) = (student_logits.shape(), ids.shape().1);
+    let listed = Listed { ids: ids.matrix::<i64>("ids", rows, k)?, k };
+    let softmax = softmax.matrix::<f64>("softmax", rows, 4)?;
+    let coef = coef.matrix::<f32>("coef", rows, 2)?;
+    let g_at = g_at.matrix::<f32>("g_at", rows, k)?;
+    dispatch_float!(S = (student_logits, "student_logits") => {
+        let s = student_logits.rows::<S>("student_logits")?;
+        let grad = grad_out.matrix_mut::<S>("grad_out", rows, cols)?;
+        py.detach(|| core_listed_gradient(s, listed, temperature, softmax, coef, g_at, grad, runtime.isa, runtime.num_threads))?;
     });
     Ok(())
 }

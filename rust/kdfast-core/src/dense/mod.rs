@@ -24,12 +24,55 @@
 //! (one per thread that runs rows), freed when it returns, so a call at a huge vocabulary does
 //! not leave gigabytes resident.
 
+/// Run `$body` with `$d` bound to the per-element math ([`Div`]) of `$div`; `$zero` for TAID at
+/// `t = 0` (the mixed teacher is the student: ℓ = 0, a zero gradient) and `$akl` for AKL (not a
+/// [`Div`]: its weights need the teacher's head). The one place where a parameter at the end of
+/// its range becomes the plain KL it equals (β = 0 and λ = 0 and t = 1 are forward KL, β = 1 and
+/// λ = 0 reverse KL, including their `+inf` rule), for every dense kernel.
+macro_rules! with_divergence {
+    ($div:expr, $d:ident => $body:expr, zero => $zero:expr, akl($h:ident) => $akl:expr $(,)?) => {{
+        use $crate::divergence::{Divergence as V, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Taid, Tvd};
+        match $div {
+            V::ForwardKl | V::Jsd { beta: 0.0 } | V::SkewForwardKl { skew: 0.0 } | V::Taid { t: 1.0 } => {
+                let $d = ForwardKl;
+                $body
+            }
+            V::ReverseKl | V::Jsd { beta: 1.0 } | V::SkewReverseKl { skew: 0.0 } => {
+                let $d = ReverseKl;
+                $body
+            }
+            V::Jsd { beta } => {
+                let $d = Jsd::new(beta);
+                $body
+            }
+            V::SkewForwardKl { skew } => {
+                let $d = SkewForwardKl::new(skew);
+                $body
+            }
+            V::SkewReverseKl { skew } => {
+                let $d = SkewReverseKl::new(skew);
+                $body
+            }
+            V::Tvd => {
+                let $d = Tvd;
+                $body
+            }
+            V::Taid { t: 0.0 } => $zero,
+            V::Taid { t } => {
+                let $d = Taid::new(t);
+                $body
+            }
+            V::Akl { head_mass: $h } => $akl,
+        }
+    }};
+}
+
 mod akl;
 mod head;
 mod pointwise;
 pub mod slice;
 
-use crate::divergence::{Akl, Divergence, ForwardKl, Jsd, ReverseKl, SkewForwardKl, SkewReverseKl, Taid, Tvd};
+use crate::divergence::{Akl, Divergence};
 use crate::elem::Elem;
 use crate::error::{check_temperature, KdError, Result};
 use crate::isa::{Isa, Kernel};
@@ -101,24 +144,11 @@ pub fn dense_loss<S: Elem, T: Elem>(
 ) -> Result<()> {
     validate(&student, &teacher, labels, cfg, loss_out, grad_out.as_deref())?;
     let call = Call { student, teacher, labels, cfg, isa, num_threads };
-    match cfg.divergence {
-        // β = 0, λ = 0 and t = 1 are the plain KLs exactly (including their +inf rule).
-        Divergence::ForwardKl
-        | Divergence::Jsd { beta: 0.0 }
-        | Divergence::SkewForwardKl { skew: 0.0 }
-        | Divergence::Taid { t: 1.0 } => call.run(ForwardKl, loss_out, grad_out),
-        Divergence::ReverseKl | Divergence::Jsd { beta: 1.0 } | Divergence::SkewReverseKl { skew: 0.0 } => {
-            call.run(ReverseKl, loss_out, grad_out)
-        }
-        Divergence::Jsd { beta } => call.run(Jsd::new(beta), loss_out, grad_out),
-        Divergence::SkewForwardKl { skew } => call.run(SkewForwardKl::new(skew), loss_out, grad_out),
-        Divergence::SkewReverseKl { skew } => call.run(SkewReverseKl::new(skew), loss_out, grad_out),
-        Divergence::Tvd => call.run(Tvd, loss_out, grad_out),
-        // t = 0: the mixed teacher is the student itself, ℓ = 0 and a zero gradient.
-        Divergence::Taid { t: 0.0 } => call.run(pointwise::Unmoved, loss_out, grad_out),
-        Divergence::Taid { t } => call.run(Taid::new(t), loss_out, grad_out),
-        Divergence::Akl { head_mass } => call.run(Akl { head_mass }, loss_out, grad_out),
-    }
+    with_divergence!(cfg.divergence,
+        d => call.run(d, loss_out, grad_out),
+        zero => call.run(pointwise::Unmoved, loss_out, grad_out),
+        akl(head_mass) => call.run(Akl { head_mass }, loss_out, grad_out),
+    )
 }
 
 fn validate<S: Elem, T: Elem>(

@@ -363,7 +363,7 @@ pub(super) fn load_pair<D: Div, S: Elem, T: Elem>(div: &D, s: &[S], t: &[T], a: 
 /// Convert `src` into `dst[..src.len()]` times `scale`, pad with `-inf` up to a multiple of
 /// [`LANES`], and return the padded length.
 #[inline(always)]
-fn load_scaled<E: Elem>(src: &[E], dst: &mut [f32; BLOCK], scale: f32) -> usize {
+pub(super) fn load_scaled<E: Elem>(src: &[E], dst: &mut [f32; BLOCK], scale: f32) -> usize {
     let n = src.len();
     E::load_scaled(src, &mut dst[..n], scale);
     let padded = n.div_ceil(LANES) * LANES;
