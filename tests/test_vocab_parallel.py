@@ -126,6 +126,28 @@ def _check_errors(rank, world, split, group):
                    process_group=group)
 
 
+def _check_disagreement(rank, world, split, group):
+    """A rank whose own arguments are wrong raises its error, and every other rank a ValueError
+    naming it, instead of waiting for it in a collective; the group stays usable."""
+    s, t = _logits(4)
+    sl, tl = _slice(s, rank, split).float(), _slice(t, rank, split).float()
+    odd = rank == world - 1
+    others = f"process_group: rank {world - 1} of the process group rejected its arguments"
+    labels = torch.zeros(5 if odd else 6, dtype=torch.long)  # 6 rows: the last rank's labels are wrong
+    with pytest.raises(ValueError, match="labels" if odd else others):
+        kdfast.jsd(sl, tl, labels=labels, process_group=group)
+    targets = kdfast.compress_topk(t.float(), 4)
+    bad = kdfast.compress_topk(t.float()[:5], 4) if odd else targets
+    with pytest.raises(ValueError, match="targets" if odd else others):
+        kdfast.sparse_kl(sl, bad, process_group=group)
+    with pytest.raises(ValueError, match="backend" if odd else others):
+        kdfast.compress_topk(tl, 4, backend="triton" if odd else "auto", process_group=group)
+    with pytest.raises((ValueError, TypeError), match="teacher_logits" if odd else others):
+        kdfast.compress_sample(tl[0, 0] if odd else tl, 4, process_group=group)
+    got = kdfast.jsd(sl, tl, reduction="none", process_group=group)  # the group still works
+    torch.testing.assert_close(got.double(), ref.jsd(s, t, 1.0, 0.5), rtol=2e-5, atol=2e-5)
+
+
 BIG = {2: [1100, 1437], 3: [5, 2049, 483]}  # V = 2537: slices across the kernels' 1024-id blocks
 
 
@@ -160,7 +182,7 @@ def _check_hostile(rank, world, split, group):
                                            rtol=tol, atol=1e-4 / temperature, msg=what)
 
 
-CHECKS = [_check_losses, _check_options, _check_dtensor, _check_errors, _check_hostile]
+CHECKS = [_check_losses, _check_options, _check_dtensor, _check_errors, _check_disagreement, _check_hostile]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -289,10 +311,10 @@ def test_benchmark_counts_the_collectives(capsys):
 
     assert parallel.main(["--n", "16", "--v", "300", "--ranks", "2", "--dtypes", "fp32", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
-    # the dense losses on CPU slices (the Rust kernels): the slices' 4 softmax statistics in one
-    # all-gather (with one extra row: the slice's width), the rows' 2 partial sums in one
-    # all-reduce, nothing in backward: 48 bytes per row + 32 per call (50 at N = 16); TAID's
-    # mixture adds 2 statistics (67)
+    # the dense losses on CPU slices (the Rust kernels): the ranks' agreement on their argument
+    # checks (one int64 flag per rank), the slices' 4 softmax statistics in one all-gather (with
+    # one extra row: the slice's width), the rows' 2 partial sums in one all-reduce, nothing in
+    # backward: 48 bytes per row + 48 per call (51 at N = 16); TAID's mixture adds 2 statistics (68)
     lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if "| fp32 | 2 |" in line}
-    for loss, sent in (("forward_kl", 50), ("reverse_kl", 50), ("jsd", 50), ("tvd", 50), ("taid", 67)):
-        assert lines[loss].endswith(f"| 2 | {sent} | 1200 |"), lines[loss]
+    for loss, sent in (("forward_kl", 51), ("reverse_kl", 51), ("jsd", 51), ("tvd", 51), ("taid", 68)):
+        assert lines[loss].endswith(f"| 3 | {sent} | 1200 |"), lines[loss]

@@ -261,6 +261,14 @@ def listed_gradient(s2: torch.Tensor, ids: torch.Tensor, temperature: float, sof
     _kdfast.listed_gradient(s2, ids, temperature, softmax, coef, g_at, grad, _runtime())
 
 
+def mass_at_least(p: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """float64 ``[N, m]``: per row the mass of ``p`` (CPU float32 ``[N, V]``) at or above each
+    probe of ``thresholds`` (int64 float32 bit patterns; kdfast-py ``dense::mass_at_least``)."""
+    out = torch.empty(thresholds.shape, dtype=torch.float64)
+    _kdfast.mass_at_least(as_rows(p), thresholds.contiguous(), out, _runtime())
+    return out
+
+
 def slice_dense(step: int, loss: str, param: float, s2: torch.Tensor, t2: torch.Tensor, temperature: float,
                 out=None, softmax=None, sums=None, grad=None) -> None:
     """A step of a dense loss on this rank's vocabulary slices (kdfast-py ``dense::slice_dense``)."""

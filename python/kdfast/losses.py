@@ -23,7 +23,7 @@ from . import _dispatch, _ops
 from ._reduction import Reduction
 from ._registry import LOSSES, LossSpec
 from ._validate import Pair, check_flag, check_pair, check_temperature, reject_unknown
-from .parallel.collectives import as_local, check_backend, is_sharded, local_vocab, slice_bounds
+from .parallel.collectives import agreed, as_local, check_backend, device_of, is_sharded, local_vocab, slice_bounds
 
 __all__ = ["dense_loss", *LOSSES]
 
@@ -39,7 +39,7 @@ def dense_loss(spec: LossSpec, student_logits, teacher_logits, *, param=None, te
     logits against the teacher's; the keywords are those of api.md §1 (``process_group``: §6)."""
     param = spec.check_param(spec.param.default if (param is None and spec.param) else param)
     student_logits, teacher_logits, process_group = _local_slices(student_logits, teacher_logits, process_group)
-    if isinstance(param, torch.Tensor) and param.device not in (torch.device("cpu"), _device_of(student_logits)):
+    if isinstance(param, torch.Tensor) and param.device not in (torch.device("cpu"), device_of(student_logits)):
         raise ValueError(f"{spec.param.name}: expected a tensor on the CPU or on the logits' device, got {param.device}")
     t = check_temperature(temperature)
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
@@ -84,8 +84,9 @@ def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale:
     """The loss over a vocabulary sharded across ``group`` (api.md §6; :mod:`kdfast.parallel`)."""
     from .parallel.dense import dense_rows
 
-    check_backend(backend)
-    pair = check_pair(student, teacher, vocab_size=None, labels=labels, empty_ok=True)  # a slice may be empty
+    # A slice may be empty; a rank whose own tensors are wrong must not leave the others waiting.
+    pair = agreed(group, device_of(student), lambda: (
+        check_backend(backend), check_pair(student, teacher, vocab_size=None, labels=labels, empty_ok=True))[1])
     s2, t2 = pair.s2, pair.t2
     if vocab_size is not None:  # global: cut each slice where the padded columns begin
         keep = local_vocab(vocab_size, *slice_bounds(group, s2.shape[1], s2.device, "student_logits"), s2.shape[1])
@@ -100,10 +101,6 @@ def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale:
     if t2_scale:
         rows = rows * (t * t)
     return red.apply(rows, pair.lead_shape, pair.labels)
-
-
-def _device_of(x) -> torch.device:
-    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
 def _reference_rows(spec: LossSpec, param: float, pair: Pair, t: float, red: Reduction) -> torch.Tensor:

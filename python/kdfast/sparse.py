@@ -30,7 +30,7 @@ from . import _dispatch, _native, _triton
 from . import reference_sparse as _ref
 from ._errors import DtypeError
 from ._validate import as_rows, check_count, check_int, check_logits, check_temperature
-from .parallel.collectives import as_local, check_backend, is_sharded
+from .parallel.collectives import agreed, as_local, check_backend, device_of, is_sharded
 from .sparse_losses import SPARSE_LOSSES, TAILS, SparseInputs, prepare_sparse, sparse_kl, sparse_loss
 from .targets import SparseTargets
 
@@ -97,11 +97,16 @@ def _compress_topk_sharded(teacher_logits, k: int, t: float, backend, group):
     from .parallel.compress import compress_topk_rows
 
     teacher_logits, group = as_local(teacher_logits, group)
-    check_backend(backend, allowed=("auto", "rust", "torch"))
-    x2 = check_logits(teacher_logits, "teacher_logits", empty_ok=True).detach()  # a slice may be empty
-    if backend == "rust" and (x2.device.type != "cpu" or x2.dtype not in _native.NATIVE_DTYPES):
-        raise ValueError(f"backend: 'rust' reads CPU float32/bfloat16/float16 slices, got a {x2.dtype} tensor "
-                         f"on {x2.device}")
+
+    def checked():
+        check_backend(backend, allowed=("auto", "rust", "torch"))
+        x2 = check_logits(teacher_logits, "teacher_logits", empty_ok=True).detach()  # a slice may be empty
+        if backend == "rust" and (x2.device.type != "cpu" or x2.dtype not in _native.NATIVE_DTYPES):
+            raise ValueError(f"backend: 'rust' reads CPU float32/bfloat16/float16 slices, got a {x2.dtype} tensor "
+                             f"on {x2.device}")
+        return x2
+
+    x2 = agreed(group, device_of(teacher_logits), checked)  # no rank left waiting for one that raised
     return x2.shape[:-1], compress_topk_rows(as_rows(x2), k, t, group, rust=backend != "torch")
 
 
@@ -161,9 +166,14 @@ def _compress_sample_sharded(teacher_logits, n_s: int, t: float, seed: int, row_
     from .parallel.sample import compress_sample_rows
 
     teacher_logits, group = as_local(teacher_logits, group)
-    check_backend(backend, allowed=("auto", "rust"))
-    x2 = check_logits(teacher_logits, "teacher_logits", empty_ok=True).detach()  # a slice may be empty
-    if x2.dtype not in _native.NATIVE_DTYPES:
-        raise DtypeError(f"teacher_logits: vocabulary-parallel sampling runs the Rust sampler; expected dtype "
-                         f"float32, bfloat16 or float16, got {x2.dtype}")
+
+    def checked():
+        check_backend(backend, allowed=("auto", "rust"))
+        x2 = check_logits(teacher_logits, "teacher_logits", empty_ok=True).detach()  # a slice may be empty
+        if x2.dtype not in _native.NATIVE_DTYPES:
+            raise DtypeError(f"teacher_logits: vocabulary-parallel sampling runs the Rust sampler; expected dtype "
+                             f"float32, bfloat16 or float16, got {x2.dtype}")
+        return x2
+
+    x2 = agreed(group, device_of(teacher_logits), checked)  # no rank left waiting for one that raised
     return x2.shape[:-1], compress_sample_rows(as_rows(x2), n_s, t, seed, row_offset, group)

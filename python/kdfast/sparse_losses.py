@@ -34,7 +34,7 @@ from . import reference_sparse as _ref
 from ._reduction import Reduction
 from ._registry import get as _get_spec
 from ._validate import as_rows, check_flag, check_labels, check_logits, check_temperature
-from .parallel.collectives import as_local, check_backend, is_sharded, slice_bounds
+from .parallel.collectives import agreed, as_local, check_backend, device_of, is_sharded, slice_bounds
 from .targets import SparseTargets
 
 __all__ = ["sparse_loss", "sparse_kl", "prepare_sparse", "check_sparse_loss", "SparseInputs", "TAILS",
@@ -227,34 +227,25 @@ def sparse_loss(student_logits: torch.Tensor, targets: SparseTargets, *, loss: s
         process_group: the ``torch.distributed`` group over which the student's vocabulary is
             sharded (api.md §6): ``student_logits`` is this rank's contiguous slice, the target
             ids are global; every rank gets the whole vocabulary's loss and its slice's gradient.
-            A ``DTensor`` student sharded on its last dimension needs none. Computed with PyTorch
-            operations (``backend`` "auto" or "torch").
+            A ``DTensor`` student sharded on its last dimension needs none. The Rust kernels read a
+            CPU float32/bf16/fp16 slice, PyTorch operations any other (``backend`` "auto" or "torch").
 
     Returns:
         float32 loss (float64 for float64 students on the torch backend); the gradient w.r.t.
         ``student_logits`` has its dtype. The targets never receive a gradient.
     """
     loss, param = check_sparse_loss(loss, None if beta is _BETA else beta)
-    if is_sharded(process_group, student_logits):
-        student_logits, process_group = as_local(student_logits, process_group)
-    student_logits = check_logits(student_logits, "student_logits", empty_ok=process_group is not None)
     red = Reduction(reduction, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     t2_scale = check_flag(t2_scale, "t2_scale")
+    target_kw = dict(tail=tail, temperature=temperature, labels=labels, loss=loss)
+    if process_group is not None or is_sharded(process_group, student_logits):
+        return _sharded_loss(student_logits, targets, target_kw, red, param, t2_scale, backend, process_group)
+    student_logits = check_logits(student_logits, "student_logits")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     dtype = student_logits.dtype
     float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    offset = 0
-    if process_group is not None:
-        check_backend(backend)
-        offset, v_total = slice_bounds(process_group, v, student_logits.device, "student_logits")
-    prep = prepare_sparse(targets, lead, v if process_group is None else v_total, student_logits.device, tail=tail,
-                          temperature=temperature, labels=labels, float_dtype=float_dtype, loss=loss)
+    prep = prepare_sparse(targets, lead, v, student_logits.device, float_dtype=float_dtype, **target_kw)
     s = as_rows(student_logits)
-    if process_group is not None:
-        rows = _sharded_rows(s, prep, red, loss, param, offset, v_total, process_group)
-        if t2_scale:
-            rows = rows * (prep.temperature ** 2)
-        return red.apply(rows, lead, prep.labels)
     backend = _dispatch.resolve(backend, s.device, (dtype,), op="sparse_loss")
     n = s.shape[0]
     if n == 0:
@@ -303,12 +294,40 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, *, tail: str
                        process_group=process_group)
 
 
+def _sharded_loss(student_logits, targets, target_kw: dict, red: Reduction, param: float, t2_scale: bool, backend,
+                  group) -> torch.Tensor:
+    """:func:`sparse_loss` over a vocabulary sharded across ``group`` (api.md §6). Each rank's own
+    arguments are checked and agreed on before the ranks compute (no rank is left waiting)."""
+    if is_sharded(group, student_logits):
+        student_logits, group = as_local(student_logits, group)
+    device = device_of(student_logits)
+    try:
+        student_logits, error = check_logits(student_logits, "student_logits", empty_ok=True), None  # may be empty
+        check_backend(backend)
+    except Exception as e:  # noqa: BLE001 - raised by slice_bounds, on every rank together
+        error = e
+    v = 0 if error is not None else student_logits.shape[-1]
+    offset, v_total = slice_bounds(group, v, device, "student_logits", error=error)
+    lead = student_logits.shape[:-1]
+    float_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+
+    def prepared() -> SparseInputs:
+        prep = prepare_sparse(targets, lead, v_total, device, float_dtype=float_dtype, **target_kw)
+        _ref.check_target_values(prep.ids, prep.lp, prep.w, prep.tail, prep.mode)
+        return prep
+
+    prep = agreed(group, device, prepared)
+    rows = _sharded_rows(as_rows(student_logits), prep, red, target_kw["loss"], param, offset, v_total, group)
+    if t2_scale:
+        rows = rows * (prep.temperature ** 2)
+    return red.apply(rows, lead, prep.labels)
+
+
 def _sharded_rows(s2: torch.Tensor, prep: SparseInputs, red: Reduction, loss: str, param: float, offset: int,
                   total: int, group) -> torch.Tensor:
     """Per-row ℓ over a vocabulary sharded across ``group`` (:mod:`kdfast.parallel.sparse`)."""
     from .parallel.sparse import sparse_rows as sharded
 
-    _ref.check_target_values(prep.ids, prep.lp, prep.w, prep.tail, prep.mode)
     t = prep.temperature
     if prep.labels is None:
         return sharded(s2, t, offset, total, group, prep.ids, prep.lp, prep.w, prep.tail, prep.mode, loss, param)

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .. import _native
 from .. import reference as ref
 from .collectives import sum_over_ranks, world
 
@@ -33,8 +34,11 @@ def _bits(p: torch.Tensor) -> torch.Tensor:
     return p.float().contiguous().view(torch.int32).to(torch.int64)
 
 
-def _mass_at_least(p64: torch.Tensor, bits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """``Σ_{bits_v ≥ τ} p_v`` per row for each threshold ``τ`` ``[N, m]`` → ``[N, m]`` (local)."""
+def _mass_at_least(p: torch.Tensor, p64: torch.Tensor, bits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``Σ_{bits_v ≥ τ} p_v`` per row for each threshold ``τ`` ``[N, m]`` → ``[N, m]`` (local):
+    one pass of the Rust kernel over a CPU float32 slice, else one PyTorch pass per threshold."""
+    if p.device.type == "cpu" and p.dtype == torch.float32:
+        return _native.mass_at_least(p, thresholds)
     out = torch.empty(thresholds.shape, dtype=torch.float64, device=p64.device)
     for j in range(thresholds.shape[1]):
         out[:, j] = torch.where(bits >= thresholds[:, j:j + 1], p64, 0.0).sum(-1)
@@ -54,7 +58,7 @@ def head_mask(p: torch.Tensor, head_mass: float, group) -> torch.Tensor:
     for _ in range(_ROUNDS):
         step = torch.clamp((hi - lo + _ARY - 2) // (_ARY - 1), min=1)
         probes = torch.minimum(lo[:, None] + step[:, None] * offsets, hi[:, None])
-        mass = _mass_at_least(p64, bits, probes)
+        mass = _mass_at_least(p, p64, bits, probes)
         dist.all_reduce(mass, op=dist.ReduceOp.SUM, group=group)
         fits = mass <= limit  # False ... False True ... True
         any_fit, all_fit = fits.any(1), fits.all(1)

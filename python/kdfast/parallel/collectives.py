@@ -23,12 +23,13 @@ use would be counted once per rank in backward).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 NEG_INF = float("-inf")
+T = TypeVar("T")
 
 
 def world(group) -> Tuple[int, int]:
@@ -139,25 +140,65 @@ def require_vocabulary(nonempty: bool, what: str) -> None:
                          f"(last dimensions of 0 on all ranks); the whole vocabulary needs at least one id")
 
 
-def slice_sizes(group, device, what: str, *locals_: int) -> torch.Tensor:
+def slice_sizes(group, device, what: str, *locals_: int, error: Optional[BaseException] = None) -> torch.Tensor:
     """Each of ``locals_`` (this rank's sizes, e.g. its student and teacher slices) on every rank:
     int64 ``[len(locals_), world]`` on the CPU, in one all-reduce; the first must add up to a
-    non-empty vocabulary (:func:`require_vocabulary`, naming ``what``)."""
+    non-empty vocabulary (:func:`require_vocabulary`, naming ``what``). ``error``: this rank's
+    argument checks failed (``locals_`` are then ignored), which the same all-reduce tells every
+    rank (:func:`agreed`)."""
     rank, size = world(group)
-    sizes = torch.zeros(len(locals_), size, dtype=torch.int64, device=device)
-    sizes[:, rank] = torch.tensor(locals_, dtype=torch.int64)
+    sizes = torch.zeros(len(locals_) + 1, size, dtype=torch.int64, device=device)
+    if error is None:
+        sizes[:-1, rank] = torch.tensor(locals_, dtype=torch.int64)
+    sizes[-1, rank] = error is not None
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
     sizes = sizes.cpu()
+    _raise_disagreement(sizes[-1], error)
     require_vocabulary(int(sizes[0].sum()) > 0, what)
-    return sizes
+    return sizes[:-1]
 
 
-def slice_bounds(group, local: int, device, what: str) -> Tuple[int, int]:
+def slice_bounds(group, local: int, device, what: str, error: Optional[BaseException] = None) -> Tuple[int, int]:
     """``(offset, total)``: where this rank's slice of ``local`` ids starts in the vocabulary,
     and the vocabulary size (one all-reduce of one integer per rank); an empty vocabulary is a
-    ``ValueError`` naming ``what`` on every rank together."""
-    sizes = slice_sizes(group, device, what, local)[0]
+    ``ValueError`` naming ``what`` on every rank together, and so is ``error`` (see
+    :func:`slice_sizes`)."""
+    sizes = slice_sizes(group, device, what, local, error=error)[0]
     return int(sizes[:dist.get_rank(group)].sum()), int(sizes.sum())
+
+
+def device_of(x) -> torch.device:
+    """The device of a tensor argument (the CPU for anything else: the checks then raise)."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def agreed(group, device, check: Callable[[], T]) -> T:
+    """``check()`` — this rank's checks of its own arguments — agreed over ``group`` in one
+    all-reduce of one flag per rank, before any other collective: the rank whose check raised
+    re-raises its error, and every other rank raises a ``ValueError`` naming that rank, instead
+    of waiting in the next collective for a rank that has left it (a hang until the backend's
+    timeout)."""
+    try:
+        out, error = check(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        out, error = None, e
+    rank, size = world(group)
+    flags = torch.zeros(size, dtype=torch.int64, device=device)
+    flags[rank] = error is not None
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
+    _raise_disagreement(flags.cpu(), error)
+    return out
+
+
+def _raise_disagreement(failed: torch.Tensor, error: Optional[BaseException]) -> None:
+    """This rank's ``error``, or a ``ValueError`` naming the ranks whose ``failed`` flag is set."""
+    if error is not None:
+        raise error
+    bad = failed.nonzero().flatten().tolist()
+    if bad:
+        who = f"rank {bad[0]}" if len(bad) == 1 else "ranks " + ", ".join(map(str, bad))
+        raise ValueError(f"process_group: {who} of the process group rejected its arguments (its own error says "
+                         f"why); every rank raises instead of waiting in a collective for it")
 
 
 def local_vocab(vocab_size, offset: int, total: int, local: int) -> int:

@@ -3,6 +3,7 @@
 use crate::error::Error;
 use crate::tensor::{disjoint, dispatch_float, Tensor};
 use crate::Runtime;
+use kdfast_core::dense::head_mass::mass_at_least as core_mass_at_least;
 use kdfast_core::dense::slice::{slice_dense as slice_dense_core, SliceStep, STATS};
 use kdfast_core::{dense_loss as core_dense_loss, Divergence};
 use pyo3::prelude::*;
@@ -118,5 +119,20 @@ pub fn slice_dense(
         };
         py.detach(|| slice_dense_core(s, t, config.divergence, config.temperature, config.grad_scale, step, runtime.isa, runtime.num_threads))?;
     });
+    Ok(())
+}
+
+/// AKL's head search over a sharded vocabulary (kdfast-core `dense::head_mass`): per row of the
+/// teacher probabilities `p` (float32 `[N, V_local]`) and probe of `thresholds` (int64 `[N, m]`,
+/// float32 bit patterns), the slice's mass at or above the probe into `out` (float64 `[N, m]`).
+#[pyfunction]
+#[pyo3(signature = (p, thresholds, out, runtime))]
+pub fn mass_at_least(py: Python<'_>, p: Tensor, thresholds: Tensor, mut out: Tensor, runtime: Runtime) -> Result<(), Error> {
+    disjoint(&[("out", Some(&out))], &[Some(&p), Some(&thresholds)])?;
+    let (rows, m) = (p.shape().0, thresholds.shape().1);
+    let rows_p = p.rows::<f32>("p")?;
+    let th = thresholds.matrix::<i64>("thresholds", rows, m)?;
+    let o = out.matrix_mut::<f64>("out", rows, m)?;
+    py.detach(|| core_mass_at_least(rows_p, th, m, o, runtime.isa, runtime.num_threads))?;
     Ok(())
 }

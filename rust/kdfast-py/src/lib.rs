@@ -73,7 +73,7 @@ mod _kdfast {
     #[pymodule_export]
     use super::compress::{compress_sample, compress_topk, compress_topk_slice, merge_sample_draws, sharded_slice_plan, sharded_sample, Sampling, TopK};
     #[pymodule_export]
-    use super::dense::{dense_loss, slice_dense, DenseConfig};
+    use super::dense::{dense_loss, mass_at_least, slice_dense, DenseConfig};
     #[pymodule_export]
     use super::encode::{decode_targets, encode_targets, Layout};
     #[pymodule_export]

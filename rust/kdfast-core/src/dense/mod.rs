@@ -70,6 +70,7 @@ macro_rules! with_divergence {
 mod akl;
 mod head;
 mod pointwise;
+pub mod head_mass;
 pub mod slice;
 
 use crate::divergence::{Akl, Divergence};
