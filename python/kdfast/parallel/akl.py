@@ -30,18 +30,21 @@ _ROUNDS = 8  # 15^8 > 2^31 bit patterns
 
 
 def _bits(p: torch.Tensor) -> torch.Tensor:
-    """The float32 bit patterns of non-negative ``p`` as int64 (monotone in the value)."""
-    return p.float().contiguous().view(torch.int32).to(torch.int64)
+    """The float32 bit patterns of non-negative ``p`` as int32 (monotone in the value; a view of
+    float32 ``p``, no copy)."""
+    return p.float().contiguous().view(torch.int32)
 
 
-def _mass_at_least(p: torch.Tensor, p64: torch.Tensor, bits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """``Σ_{bits_v ≥ τ} p_v`` per row for each threshold ``τ`` ``[N, m]`` → ``[N, m]`` (local):
-    one pass of the Rust kernel over a CPU float32 slice, else one PyTorch pass per threshold."""
+def _mass_at_least(p: torch.Tensor, bits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``Σ_{bits_v ≥ τ} p_v`` per row for each threshold ``τ`` ``[N, m]`` → float64 ``[N, m]``
+    (local): one pass of the Rust kernel over a CPU float32 slice, else one PyTorch pass per
+    threshold."""
     if p.device.type == "cpu" and p.dtype == torch.float32:
         return _native.mass_at_least(p, thresholds)
-    out = torch.empty(thresholds.shape, dtype=torch.float64, device=p64.device)
+    p64 = p.double()
+    out = torch.empty(thresholds.shape, dtype=torch.float64, device=p.device)
     for j in range(thresholds.shape[1]):
-        out[:, j] = torch.where(bits >= thresholds[:, j:j + 1], p64, 0.0).sum(-1)
+        out[:, j] = torch.where(bits >= thresholds[:, j:j + 1].to(torch.int32), p64, 0.0).sum(-1)
     return out
 
 
@@ -49,7 +52,7 @@ def head_mask(p: torch.Tensor, head_mass: float, group) -> torch.Tensor:
     """The local slice's AKL head ``[N, V_local]`` (bool) for teacher probabilities ``p``."""
     limit = head_mass + ref.HEAD_TOLERANCE
     n, dev = p.shape[0], p.device
-    p64, bits = p.double(), _bits(p)
+    bits = _bits(p)
     # x* = min{b : F(b) ≤ limit} lies in [lo, hi]; F(hi) = 0 (above +inf: no id). Each round
     # probes lo, lo + step, ..., lo + 14 step and keeps (last miss, first fit]: R → < R / 15.
     lo = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -58,7 +61,7 @@ def head_mask(p: torch.Tensor, head_mass: float, group) -> torch.Tensor:
     for _ in range(_ROUNDS):
         step = torch.clamp((hi - lo + _ARY - 2) // (_ARY - 1), min=1)
         probes = torch.minimum(lo[:, None] + step[:, None] * offsets, hi[:, None])
-        mass = _mass_at_least(p, p64, bits, probes)
+        mass = _mass_at_least(p, bits, probes)
         dist.all_reduce(mass, op=dist.ReduceOp.SUM, group=group)
         fits = mass <= limit  # False ... False True ... True
         any_fit, all_fit = fits.any(1), fits.all(1)
@@ -66,22 +69,28 @@ def head_mask(p: torch.Tensor, head_mass: float, group) -> torch.Tensor:
         last_miss = probes.gather(1, (_ARY - 2 - fits.flip(1).int().argmin(1, keepdim=True))).squeeze(1)
         hi = torch.where(any_fit, first_fit, hi)
         lo = torch.where(all_fit, lo, last_miss + 1)
-    full = bits >= hi[:, None]
+    full = bits >= hi.to(torch.int32)[:, None]
     below = torch.where(full, -1, bits)
-    x_next = below.amax(-1) if below.shape[-1] else torch.full((n,), -1, dtype=torch.int64, device=dev)
+    x_next = below.amax(-1).long() if below.shape[-1] else torch.full((n,), -1, dtype=torch.int64, device=dev)
+    del below
     dist.all_reduce(x_next, op=dist.ReduceOp.MAX, group=group)  # x' (−1: none)
-    tie = (bits == x_next[:, None]) & (x_next[:, None] >= 0)
+    tie = (bits == x_next.to(torch.int32)[:, None]) & (x_next[:, None] >= 0)
     rank, size = world(group)
     sums = torch.zeros(n, 1 + size, dtype=torch.float64, device=dev)  # F(x*) and the ties per rank
-    sums[:, 0] = torch.where(full, p64, 0.0).sum(-1)
+    sums[:, 0] = _mass_at_least(p, bits, hi[:, None])[:, 0]
     sums[:, 1 + rank] = tie.sum(-1).double()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     a = sums[:, 0]
-    j = sums[:, 1:1 + rank].sum(-1)[:, None] + tie.double().cumsum(-1)  # global rank among the ties, from 1
+    # The ties (rare): each one's global rank among its row's ties, from 1, in id order.
+    r, c = tie.nonzero(as_tuple=True)  # row-major: a row's ties in id order
+    counts = tie.sum(-1)
+    start = torch.cumsum(counts, 0) - counts
+    j = (sums[:, 1:1 + rank].sum(-1)[r] + (torch.arange(r.numel(), device=dev) - start[r] + 1)).double()
     value = torch.where(x_next >= 0, x_next, 0).to(torch.int32).view(torch.float32).double()
-    partial = tie & (a[:, None] + j * value[:, None] <= limit)
-    first = tie & (j == 1) & (a[:, None] == 0)  # the first id is always in the head
-    return full | partial | first
+    enter = (a[r] + j * value[r] <= limit) | ((j == 1) & (a[r] == 0))  # the first id is always in the head
+    head = full
+    head[r[enter], c[enter]] = True
+    return head
 
 
 def akl_rows(lq: torch.Tensor, lp: torch.Tensor, head_mass: float, group) -> torch.Tensor:
