@@ -84,9 +84,11 @@ def _vocab_parallel(spec: LossSpec, param, student, teacher, t: float, t2_scale:
     """The loss over a vocabulary sharded across ``group`` (api.md §6; :mod:`kdfast.parallel`)."""
     from .parallel.dense import dense_rows
 
-    # A slice may be empty; a rank whose own tensors are wrong must not leave the others waiting.
-    pair = agreed(group, device_of(student), lambda: (
-        check_backend(backend), check_pair(student, teacher, vocab_size=None, labels=labels, empty_ok=True))[1])
+    def checked() -> Pair:
+        check_backend(backend)
+        return check_pair(student, teacher, vocab_size=None, labels=labels, empty_ok=True)  # a slice may be empty
+
+    pair = agreed(group, device_of(student), checked)  # no rank left waiting for one whose tensors are wrong
     s2, t2 = pair.s2, pair.t2
     if vocab_size is not None:  # global: cut each slice where the padded columns begin
         keep = local_vocab(vocab_size, *slice_bounds(group, s2.shape[1], s2.device, "student_logits"), s2.shape[1])

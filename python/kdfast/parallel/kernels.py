@@ -69,8 +69,7 @@ class _SlicedLoss(torch.autograd.Function):
         dist.all_reduce(sums, group=group)
         sums[dead, 0] = torch.inf
         if grad is not None:
-            step(3, softmax=softmax, sums=sums, grad=grad)
-            grad[torch.isinf(sums[:, 0])] = 0  # no finite descent direction
+            step(3, softmax=softmax, sums=sums, grad=grad)  # zero rows where ℓ = +inf
             ctx.save_for_backward(grad)
         ctx.shape = student.shape
         return sums[:, 0].float()

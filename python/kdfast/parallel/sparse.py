@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .. import _native
 from .. import reference_sparse as ref_sparse
+from .._buffers import gradient
 from .collectives import gathered_lse, gathered_softmax, replicated_lse, sum_over_ranks, world
 
 NEG_INF = float("-inf")
@@ -92,7 +93,7 @@ class _Listed(torch.autograd.Function):
         student, ids, softmax = ctx.saved_tensors
         s2 = _native.as_rows(student.detach())
         coef = torch.stack([g_lse, g_unlisted], 1).float().contiguous()
-        grad = torch.empty(s2.shape, dtype=s2.dtype)
+        grad = gradient(tuple(s2.shape), s2.dtype, s2.device)  # pooled pages: no fresh page faults
         _native.listed_gradient(s2, ids, ctx.temperature, softmax, coef, g_at.float().contiguous(), grad)
         return grad.reshape(student.shape), None, None, None
 

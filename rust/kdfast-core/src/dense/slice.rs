@@ -20,8 +20,8 @@
 //!    mixture can hide them);
 //! 2. **Sums**: the slice's `(Σ t_i, Σ q_i h_i)`, which the caller adds over the ranks. Forward
 //!    KL and TAID (`∂ℓ/∂a = q − p`, closed form) write the gradient here too;
-//! 3. **Gradient** (the other losses): `(q h − q S) · g` from the whole row's `S`, recomputing
-//!    the terms from the inputs (a zero row where the whole row's loss is `+inf`).
+//! 3. **Gradient**: for the other losses `(q h − q S) · g` from the whole row's `S`, recomputing
+//!    the terms from the inputs; for every loss a zero row where the whole row's loss is `+inf`.
 //!
 //! AKL is not here: its weights need the teacher's head, which the caller finds by a search
 //! over the ranks (`kdfast.parallel.akl`).
@@ -49,8 +49,8 @@ pub enum SliceStep<'a, S> {
     /// Reads `softmax` (`[rows, 4]`: the whole rows' `M_a, ln Z_a, M_b, ln Z_b`); writes `sums`
     /// (`[rows, 2]`: the slice's `Σ t_i`, `Σ q_i h_i`) and, for forward KL and TAID, `grad`.
     Sums { softmax: &'a [f64], sums: &'a mut [f64], grad: Option<&'a mut [S]> },
-    /// Reads `softmax` and the whole rows' `sums`; writes `grad` (a no-op for forward KL and
-    /// TAID, whose gradient step 2 wrote).
+    /// Reads `softmax` and the whole rows' `sums`; writes `grad` (forward KL and TAID, whose
+    /// gradient step 2 wrote: only the zero rows where the whole row's loss is `+inf`).
     Gradient { softmax: &'a [f64], sums: &'a [f64], grad: &'a mut [S] },
 }
 
@@ -113,7 +113,16 @@ impl<S: Elem, T: Elem> Call<'_, S, T> {
                 Some(grad) if closed => self.sweep::<D, WRITE_CLOSED>(&div, softmax, None, sums, Some(grad)),
                 _ => self.sweep::<D, WRITE_NONE>(&div, softmax, None, sums, None),
             },
-            SliceStep::Gradient { .. } if closed => Ok(()),
+            SliceStep::Gradient { sums, grad, .. } if closed => {
+                // Step 2 wrote the gradient; a row whose whole loss is +inf gets a zero row.
+                let cols = self.s.cols.max(1);
+                for (g, row) in grad.chunks_mut(cols).zip(sums.chunks(2)) {
+                    if row[0] == f64::INFINITY {
+                        g.fill(S::zero());
+                    }
+                }
+                Ok(())
+            }
             SliceStep::Gradient { softmax, sums, grad } => self.sweep::<D, WRITE_DEVIATION>(&div, softmax, Some(sums), &mut [], Some(grad)),
         }
     }
